@@ -1,0 +1,30 @@
+"""tokenformer_jax: TokenFormer models in JAX/Flax for TPU v4 pods."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tokenformer_jax",
+    version="0.1.0",
+    description="TokenFormer (Pattention) language models in JAX/Flax: train, grow by appending parameter "
+                "tokens, and launch the 124M → 1.4B ladder on TPU v4.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tokenformer_jax", "tokenformer_jax.*"]),
+    package_data={"tokenformer_jax": ["data/corpus/*"]},
+    # Lower bounds are the versions this project is tested with on Python 3.11; TPU users run newer.
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "sentencepiece>=0.2.3",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)

@@ -1,0 +1,270 @@
+"""Configuration as data: frozen dataclasses, and loading them from experiment files.
+
+An experiment file is plain Python (see `experiments/`); `load_config("experiments/paper.py:ladder_124m")`
+returns the object (or calls the function) named after the colon.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pathlib
+from typing import Any
+
+PROJECTIONS = ("query", "key", "value", "output", "ffn")
+NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamTokens:
+  """Number of key/value parameter tokens of each Pattention in a block (paper Eq. 7-10)."""
+  query: int
+  key: int
+  value: int
+  output: int
+  ffn: int
+
+  @classmethod
+  def uniform(cls, attention: int, ffn: int) -> ParamTokens:
+    return cls(attention, attention, attention, attention, ffn)
+
+  def as_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+  def total(self) -> int:
+    return sum(self.as_dict().values())
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A TokenFormer (architecture="tokenformer") or its dense baseline ("transformer")."""
+  name: str = "model"
+  architecture: str = "tokenformer"
+  vocab_size: int = 50277            # the tokenizer's; storage pads it to `vocab_multiple`
+  vocab_multiple: int = 128
+  d_model: int = 768
+  n_layers: int = 12
+  n_heads: int = 12
+  # TokenFormer only ------------------------------------------------------------------------------
+  param_tokens: ParamTokens | None = None
+  # Storage rounds every token count up to this multiple with inert (zero) rows, so the
+  # parameter-token axis divides the mesh; 1 means no padding.
+  token_multiple: int = 1
+  normalization: str = "l2_norm_gelu"
+  # "fixed": scale = sqrt(norm_scale_tokens), a constant that growth keeps (function-preserving).
+  # "live": scale = sqrt(current param_tokens), what the authors' code does.
+  norm_scale: str = "fixed"
+  norm_scale_tokens: ParamTokens | None = None   # None: the param_tokens of this config
+  approximate_gelu: bool = False                  # False: exact erf GeLU, as in the PyTorch reference
+  # "fan_in" (the authors' JAX ladder): keys N(0, 1/d_in), values N(0, 1/n), embedding N(0, 1).
+  # "neox" (the authors' PyTorch): keys N(0, 0.02^2), values std 2/(L sqrt d), embedding N(0, 0.02^2).
+  init: str = "fan_in"
+  # Transformer only ------------------------------------------------------------------------------
+  mlp_ratio: int = 4
+  # Shared ----------------------------------------------------------------------------------------
+  positions: str = "none"            # "none" (JAX ladder) or "rotary" (PyTorch Pile models)
+  rotary_fraction: float = 0.25
+  rotary_base: float = 10000.0
+  final_norm_params: bool = True     # final LayerNorm with scale and bias
+  logits_divide_by_sqrt_d: bool = True   # the JAX ladder; pairs with the N(0, 1) embedding of init="fan_in"
+  layer_norm_eps: float = 1e-5
+  dtype: str = "float32"             # compute dtype; parameters are always float32
+  remat: str = "none"                # none | full | dots | dots_no_batch
+  max_seq_len: int = 1024
+
+  def __post_init__(self):
+    def need(ok: bool, message: str):
+      if not ok:
+        raise ValueError(f"model config {self.name!r}: {message}")
+
+    need(self.architecture in ("tokenformer", "transformer"),
+         f"architecture must be 'tokenformer' or 'transformer', got {self.architecture!r}")
+    need(self.d_model % self.n_heads == 0,
+         f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+    need(self.positions in ("none", "rotary"), f"positions must be 'none' or 'rotary', got {self.positions!r}")
+    need(self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    need(self.remat in ("none", "full", "dots", "dots_no_batch"),
+         f"remat must be none|full|dots|dots_no_batch, got {self.remat!r}")
+    need(self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive")
+    if self.positions == "rotary":
+      need(self.rotary_dims >= 2, f"rotary_fraction={self.rotary_fraction} leaves fewer than 2 rotary dims")
+    if self.architecture == "tokenformer":
+      need(self.param_tokens is not None, "a tokenformer needs param_tokens")
+      need(all(n > 0 for n in self.param_tokens.as_dict().values()), "every param_tokens count must be > 0")
+      need(self.token_multiple > 0, "token_multiple must be positive")
+      need(self.normalization in NORMALIZATIONS,
+           f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+      need(self.norm_scale in ("fixed", "live"), f"norm_scale must be 'fixed' or 'live', got {self.norm_scale!r}")
+      need(self.init in ("fan_in", "neox"), f"init must be 'fan_in' or 'neox', got {self.init!r}")
+
+  # Derived sizes -------------------------------------------------------------------------------------
+  @property
+  def padded_vocab(self) -> int:
+    return round_up(self.vocab_size, self.vocab_multiple)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def rotary_dims(self) -> int:
+    """Rotary dims per head: the configured fraction, rounded down to an even number."""
+    return int(self.head_dim * self.rotary_fraction) // 2 * 2
+
+  def tokens(self, projection: str) -> int:
+    """The paper's (logical) number of parameter tokens of one projection."""
+    return getattr(self.param_tokens, projection)
+
+  def storage_tokens(self, projection: str) -> int:
+    """Rows actually stored: the logical count rounded up with inert rows."""
+    return round_up(self.tokens(projection), self.token_multiple)
+
+  def scale_tokens(self, projection: str) -> int:
+    """The n in the sqrt(n) factor of the L2 normalisation."""
+    if self.norm_scale == "fixed" and self.norm_scale_tokens is not None:
+      return getattr(self.norm_scale_tokens, projection)
+    return self.tokens(projection)
+
+  def replace(self, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+
+SHIPPED_CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "corpus" / "python-docs-slice.jsonl.gz"
+SHIPPED_TOKENIZER = pathlib.Path(__file__).resolve().parent / "data" / "corpus" / "python-docs-bpe2048.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it becomes [batch, seq_len + 1] token windows."""
+  train_files: tuple[str, ...] = (str(SHIPPED_CORPUS),)   # globs of .jsonl/.jsonl.gz/.txt, local or gs://
+  validation_files: tuple[str, ...] = ()                   # empty: hold out `validation_fraction` of documents
+  validation_fraction: float = 0.05
+  text_field: str = "text"                                 # the JSON key holding a document's text
+  tfds_name: str = ""                                      # a TFDS dataset instead of files ("name" or "name:version")
+  tfds_data_dir: str = ""
+  tfds_train_split: str = "train"
+  tfds_validation_split: str = "validation"
+  tokenizer: str = str(SHIPPED_TOKENIZER)                  # a SentencePiece .model, local or gs://
+  seq_len: int = 1024
+  shuffle_seed: int = 0
+  worker_count: int = 0                                    # grain worker processes per host (0: in-process)
+
+  def replace(self, **changes: Any) -> DataConfig:
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay to `min_lr_ratio` × peak (paper App. D/F defaults)."""
+  learning_rate: float = 6e-4
+  warmup_steps: int = 2000
+  schedule: str = "cosine"        # "cosine" or "constant" (after warmup)
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0          # global-norm clip; 0 disables
+  train_only_new_tokens: bool = False   # growth stages: update only the appended parameter tokens
+
+  def replace(self, **changes: Any) -> OptimConfig:
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes (-1: whatever is left of the devices) and the sharding preset (see sharding.py)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  preset: str = "dp"
+
+  def replace(self, **changes: Any) -> MeshConfig:
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run: model, data, optimiser, mesh, and the loop's cadence."""
+  model: ModelConfig
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  steps: int = 1000
+  global_batch: int = 512          # sequences per optimizer step, over all hosts
+  grad_accum: int = 1              # micro-batches per step (global_batch must divide by it)
+  eval_every: int = 500
+  eval_batches: int = 20
+  log_every: int = 10
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  seed: int = 0
+
+  def replace(self, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(self, **changes)
+
+
+def count_params(cfg: ModelConfig, *, storage: bool = True) -> dict[str, int]:
+  """Analytic parameter count: {"embedding", "non_embedding", "total"}.
+
+  `storage=True` counts the rows actually stored (with inert padding): it equals the initialised model
+  exactly. `storage=False` counts the paper's logical tokens (REFERENCE.md: 2·L·d·Σn + V·d).
+  """
+  d, layers = cfg.d_model, cfg.n_layers
+  embedding = cfg.padded_vocab * d
+  final_norm = 2 * d if cfg.final_norm_params else 0
+  if cfg.architecture == "tokenformer":
+    rows = cfg.storage_tokens if storage else cfg.tokens
+    per_layer = sum(2 * rows(p) * d for p in PROJECTIONS)
+  else:
+    hidden = cfg.mlp_ratio * d
+    attention = 4 * (d * d + d)
+    mlp = d * hidden + hidden + hidden * d + d
+    norms = 2 * 2 * d
+    per_layer = attention + mlp + norms
+  non_embedding = layers * per_layer + final_norm
+  return {"embedding": embedding, "non_embedding": non_embedding, "total": embedding + non_embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+  """Training FLOPs per token (forward + backward = 3 × forward), matmuls only.
+
+  Each stored parameter in a projection costs 2 FLOPs per token forward (a multiply and an add); token-token
+  attention costs 2·2·T·d per layer forward (scores and weighted sum, counted over the full square as XLA
+  computes it); the tied logits cost 2·V·d.
+  """
+  params = count_params(cfg)
+  matmul_params = params["non_embedding"] - (2 * cfg.d_model if cfg.final_norm_params else 0) + params["embedding"]
+  attention = cfg.n_layers * 2 * 2 * seq_len * cfg.d_model
+  return 3 * (2 * matmul_params + attention)
+
+
+# Loading experiment files ------------------------------------------------------------------------------
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(spec: str) -> Any:
+  """`path/to/file.py:NAME` → the object NAME in that file, called if it is a function.
+
+  A relative path is looked up from the working directory, then from the repository root.
+  """
+  path_text, sep, name = spec.partition(":")
+  if not sep or not name:
+    raise ValueError(f"config {spec!r} must look like 'experiments/FILE.py:NAME'")
+  path = pathlib.Path(path_text)
+  if not path.is_absolute() and not path.exists():
+    path = REPO_ROOT / path
+  if not path.is_file():
+    raise ValueError(f"config file {path_text!r} not found (tried it from the working directory and {REPO_ROOT})")
+  module_spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, name):
+    public = sorted(k for k in vars(module) if not k.startswith("_"))
+    raise ValueError(f"{path_text} has no config named {name!r}; it has: {', '.join(public)}")
+  value = getattr(module, name)
+  return value() if callable(value) and not isinstance(value, type) else value

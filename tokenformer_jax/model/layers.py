@@ -1,0 +1,60 @@
+"""Pieces both architectures share: LayerNorm, rotary positions, causal multi-head attention."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokenformer_jax.config import ModelConfig
+
+
+def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: jax.Array | None = None):
+  """LayerNorm over the last axis, computed in float32 and returned in x's dtype."""
+  y = x.astype(jnp.float32)
+  y = y - jnp.mean(y, axis=-1, keepdims=True)
+  y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + eps)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with a learned scale and bias (the final norm; the dense baseline's block norms)."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+    return layer_norm(x, self.eps, scale, bias)
+
+
+def apply_rotary(x: jax.Array, rotary_dims: int, base: float) -> jax.Array:
+  """GPT-NeoX rotary embedding on the first `rotary_dims` of each head.  x: [batch, length, heads, head_dim]."""
+  half = rotary_dims // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq[None, :]   # [length, half]
+  cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  rot, rest = x[..., :rotary_dims].astype(jnp.float32), x[..., rotary_dims:]
+  x1, x2 = rot[..., :half], rot[..., half:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return jnp.concatenate([rotated.astype(x.dtype), rest], axis=-1)
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Token-token attention (Eq. 8) with heads and a causal mask.  q, k, v, result: [batch, length, d]."""
+  batch, length, d = q.shape
+  split = lambda t: t.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+  q, k, v = split(q), split(k), split(v)
+  if cfg.positions == "rotary":
+    q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base)
+    k = apply_rotary(k, cfg.rotary_dims, cfg.rotary_base)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
+  return out.reshape(batch, length, d)

@@ -1,0 +1,74 @@
+"""The language model around a block: embedding → scanned blocks → final norm → logits tied to the embedding."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokenformer_jax.config import ModelConfig
+from tokenformer_jax.model.layers import LayerNorm, layer_norm
+from tokenformer_jax.model.tokenformer import TokenFormerBlock
+from tokenformer_jax.model.transformer import TransformerBlock
+
+BLOCKS = {"tokenformer": TokenFormerBlock, "transformer": TransformerBlock}
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def embedding_std(cfg: ModelConfig) -> float:
+  return 1.0 if cfg.architecture == "tokenformer" and cfg.init == "fan_in" else 0.02
+
+
+class LanguageModel(nn.Module):
+  """tokens [batch, length] int → logits [batch, length, padded_vocab] float32.
+
+  The layers are one `nn.scan` over a block, so parameters carry a leading "layers" axis and a 40-layer
+  model compiles as fast as a 1-layer one.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(embedding_std(cfg)), ("vocab", "embed")),
+        (cfg.padded_vocab, cfg.d_model), jnp.float32)
+    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+
+    block = BLOCKS[cfg.architecture]
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = layers(cfg, name="layers")(x, None)
+
+    if cfg.final_norm_params:
+      x = LayerNorm(cfg.layer_norm_eps, name="final_norm")(x)
+    else:
+      x = layer_norm(x, cfg.layer_norm_eps)
+    logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    if cfg.logits_divide_by_sqrt_d:
+      logits = logits / jnp.sqrt(cfg.d_model)
+    return logits
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh float32 parameters (a plain nested dict; logical-axis metadata stripped)."""
+  variables = LanguageModel(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))
+  return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """Shapes and dtypes of the parameters, computed without allocating them (works for any size)."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  """The logical axis names of every parameter, as a tree of PartitionSpecs."""
+  variables = jax.eval_shape(lambda: LanguageModel(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+  return nn.get_partition_spec(variables)["params"]

@@ -1,0 +1,46 @@
+"""The TokenFormer block (paper Eq. 5-10): every linear projection is a Pattention.
+
+    X_inter = X + Pattention_O(Attention(Pattention_Q(LN X), Pattention_K(LN X), Pattention_V(LN X)))
+    X_out   = X_inter + Pattention_FFN(LN X_inter)
+
+LayerNorms inside the block have no scale or bias (paper Table 5).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+
+from tokenformer_jax.config import ModelConfig
+from tokenformer_jax.model.layers import causal_self_attention, layer_norm
+from tokenformer_jax.model.pattention import Pattention
+
+
+def init_stds(cfg: ModelConfig, projection: str) -> tuple[float | None, float | None]:
+  """(key std, value std) of one projection; None means Pattention's fan-in default."""
+  if cfg.init == "neox":
+    return 0.02, 2.0 / (cfg.n_layers * math.sqrt(cfg.d_model))
+  return None, 1.0 / math.sqrt(cfg.tokens(projection))
+
+
+def make_pattention(cfg: ModelConfig, projection: str) -> Pattention:
+  key_std, value_std = init_stds(cfg, projection)
+  return Pattention(
+      n_tokens=cfg.tokens(projection), n_storage=cfg.storage_tokens(projection), d_out=cfg.d_model,
+      n_scale=cfg.scale_tokens(projection), normalization=cfg.normalization,
+      approximate_gelu=cfg.approximate_gelu, key_std=key_std, value_std=value_std,
+      dtype=cfg.dtype, name=projection)
+
+
+class TokenFormerBlock(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _=None):
+    cfg = self.cfg
+    h = layer_norm(x, cfg.layer_norm_eps)
+    q, k, v = (make_pattention(cfg, p)(h) for p in ("query", "key", "value"))
+    x = x + make_pattention(cfg, "output")(causal_self_attention(q, k, v, cfg))
+    x = x + make_pattention(cfg, "ffn")(layer_norm(x, cfg.layer_norm_eps))
+    return x, None

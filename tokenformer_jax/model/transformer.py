@@ -1,0 +1,34 @@
+"""The dense baseline: the same skeleton as TokenFormer with GPT-2's linear projections and 4d GeLU MLP."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+
+from tokenformer_jax.config import ModelConfig
+from tokenformer_jax.model.layers import LayerNorm, causal_self_attention
+
+
+def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float = 0.02) -> nn.Dense:
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype="float32", name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class TransformerBlock(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _=None):
+    cfg = self.cfg
+    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)   # GPT-2's scaled init of residual projections
+    h = LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x)
+    q, k, v = (dense(cfg, d, ("embed", "heads"), p)(h) for p in ("query", "key", "value"))
+    attended = causal_self_attention(q, k, v, cfg)
+    x = x + dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended)
+    h = LayerNorm(cfg.layer_norm_eps, name="mlp_norm")(x)
+    h = jax.nn.gelu(dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h), approximate=False)
+    x = x + dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h)
+    return x, None
