@@ -1,0 +1,227 @@
+"""The grain pipeline: documents → token stream → [seq_len + 1] windows → shuffle → host shard → batches.
+
+Token accounting (each corpus token is a target exactly once per epoch)
+-----------------------------------------------------------------------
+A split becomes ONE stream of ids: an eos, then every document followed by an eos,
+
+    stream = [eos] + doc_1 + [eos] + doc_2 + [eos] + ... + doc_n + [eos]
+
+so eos is the separator the model sees before every document, the first included. The corpus's tokens are
+`stream[1:]` (each document's tokens and its closing eos). Window k is `stream[k·S : k·S + S + 1]`
+(S = seq_len): consecutive windows share one boundary token, which is the last *target* of window k and the
+first *input* of window k + 1. The targets of window k are therefore `stream[k·S + 1 : (k + 1)·S + 1]`, and
+the windows' targets tile `stream[1:]` exactly: every corpus token is a target exactly once per epoch, and
+nothing else is. The last window is padded with pad_id (mask 0 there), and the number of windows is padded
+up to a multiple of `global_batch` with all-padding windows (mask all 0), so an epoch is a whole number of
+global batches and no token is dropped; at most global_batch - 1 such rows per epoch.
+
+Order and sharding
+------------------
+Windows are shuffled by grain's index shuffle (a permutation per epoch, seeded by seed + epoch: a new order
+every epoch, the same on every host and in every run). Global position i of the shuffled infinite sequence
+is the (i mod W)-th element of epoch i // W. Host p of P takes positions p, p + P, p + 2P, ... and batches
+`global_batch / P` of them, so step b's global batch is positions [b·G, (b + 1)·G) spread over the hosts
+(row r of host p is position b·G + r·P + p): the same rows for any number of hosts, each read by one host.
+
+Everything (tokenizing included) happens once when the iterator is made: this in-memory path is for corpora
+that fit in a host's memory (a 1 GB corpus is ~250M tokens, 1 GB of int32). For larger corpora, or to spare
+every TPU host the tokenizing, `pretokenize.py` writes the streams to array_record files once; train_files
+naming such files are read by random access instead, with the same windows, order and batches. Iterator state is grain's
+`{"next_index": ...}`: `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/Restore inside an
+Orbax Composite) resume at exactly the next batch.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from absl import logging
+
+from tokenformer_jax.config import DataConfig
+from tokenformer_jax.data import pretokenize, sources
+from tokenformer_jax.data.errors import DataError
+from tokenformer_jax.data.tokenizer import Tokenizer
+
+_ENCODE_CHUNK = 256   # documents per SentencePiece call
+
+
+class TokenStream:
+  """One split as a flat int32 stream `[eos] + doc + [eos] + doc + [eos] ...` (see the module docstring).
+
+  `ids` is a numpy array, or a pretokenize.ChunkedTokens reading array_record files (len and [a:b] slices).
+  """
+
+  def __init__(self, ids: np.ndarray, num_documents: int):
+    self.ids = ids
+    self.num_documents = num_documents
+
+  @property
+  def num_targets(self) -> int:
+    return max(len(self.ids) - 1, 0)
+
+  def num_windows(self, seq_len: int) -> int:
+    return -(-self.num_targets // seq_len)
+
+
+def tokenize_documents(documents: Sequence[sources.Document], tokenizer: Tokenizer) -> TokenStream:
+  eos = np.array([tokenizer.eos_id], np.int32)
+  pieces = [eos]
+  for start in range(0, len(documents), _ENCODE_CHUNK):
+    chunk = documents[start:start + _ENCODE_CHUNK]
+    for ids in tokenizer.encode_batch([doc.text for doc in chunk]):
+      pieces.append(np.asarray(ids, np.int32))
+      pieces.append(eos)
+  return TokenStream(np.concatenate(pieces) if documents else np.zeros(0, np.int32), len(documents))
+
+
+class Windows:
+  """Random-access [seq_len + 1] windows of a TokenStream (a grain data source): {"tokens", "mask"}.
+
+  `length` defaults to the stream's windows; indices past the last of them are all-padding windows (mask 0).
+  """
+
+  def __init__(self, stream: TokenStream, seq_len: int, pad_id: int, length: int | None = None):
+    if seq_len < 1:
+      raise DataError(f"seq_len must be positive, got {seq_len}")
+    self._ids = stream.ids
+    self._seq_len = seq_len
+    self._pad_id = pad_id
+    self.num_real = stream.num_windows(seq_len)
+    self._length = self.num_real if length is None else length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < self._length:
+      raise IndexError(f"window {index} out of range [0, {self._length})")
+    s = self._seq_len
+    chunk = self._ids[index * s: index * s + s + 1]
+    tokens = np.full(s + 1, self._pad_id, np.int32)
+    tokens[:len(chunk)] = chunk
+    mask = np.zeros(s, np.float32)
+    mask[:max(len(chunk) - 1, 0)] = 1.0
+    return {"tokens": tokens, "mask": mask}
+
+  def __repr__(self) -> str:  # grain logs sources by repr; keep it short
+    return f"Windows(real={self.num_real}, length={self._length}, seq_len={self._seq_len})"
+
+
+# Loading (cached: the trainer asks for the train iterator and the eval batches of the same data) ----------
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 2
+_CACHE_LOCK = threading.Lock()
+
+
+def load_token_streams(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenStream, TokenStream]:
+  """(train, validation) streams of `data`, tokenized once per process for the same files and tokenizer."""
+  key = (sources.fingerprint_inputs(data), tokenizer.fingerprint)
+  with _CACHE_LOCK:
+    if key in _CACHE:
+      _CACHE.move_to_end(key)
+      return _CACHE[key]
+  if not data.tfds_name and pretokenize.is_pretokenized(data.train_files):
+    train, validation = _pretokenized_streams(data, tokenizer)
+  else:
+    train_docs, validation_docs = sources.load_splits(data)
+    train = tokenize_documents(train_docs, tokenizer)
+    validation = tokenize_documents(validation_docs, tokenizer)
+  where = f"TFDS {data.tfds_name}" if data.tfds_name else ", ".join(data.train_files)
+  logging.info("data from %s: train %d documents, %d tokens (%d windows of %d+1); "
+               "validation %d documents, %d tokens (%d windows)", where,
+               train.num_documents, train.num_targets, train.num_windows(data.seq_len), data.seq_len,
+               validation.num_documents, validation.num_targets, validation.num_windows(data.seq_len))
+  with _CACHE_LOCK:
+    _CACHE[key] = (train, validation)
+    while len(_CACHE) > _CACHE_SIZE:
+      _CACHE.popitem(last=False)
+  return train, validation
+
+
+def _pretokenized_streams(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenStream, TokenStream]:
+  train = pretokenize.read_tokens(data.train_files, tokenizer, what="DataConfig.train_files")
+  streams = [TokenStream(train, train.header["num_documents"])]
+  if data.validation_files:
+    if not pretokenize.is_pretokenized(data.validation_files):
+      raise DataError("pre-tokenized train_files need pre-tokenized validation_files (or none)")
+    validation = pretokenize.read_tokens(data.validation_files, tokenizer, what="DataConfig.validation_files")
+    streams.append(TokenStream(validation, validation.header["num_documents"]))
+  else:   # documents are already merged: no fraction can be held out
+    streams.append(TokenStream(np.zeros(0, np.int32), 0))
+  return streams[0], streams[1]
+
+
+def _check_batch(global_batch: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if global_batch < 1 or global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} must be a positive multiple of the number of hosts "
+                    f"({process_count})")
+  return global_batch // process_count
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def train_windows(data: DataConfig, tokenizer: Tokenizer, global_batch: int) -> Windows:
+  """The training split as windows, padded to a whole number of global batches."""
+  train, _ = load_token_streams(data, tokenizer)
+  windows = Windows(train, data.seq_len, tokenizer.pad_id)
+  return Windows(train, data.seq_len, tokenizer.pad_id, _round_up(windows.num_real, global_batch))
+
+
+def make_train_iterator(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int, process_index: int = 0,
+                        process_count: int = 1, seed: int | None = None) -> grain.DatasetIterator:
+  """An endless iterator of this host's share of each global batch (see the module docstring).
+
+  Yields {"tokens": int32 [global_batch // process_count, seq_len + 1],
+          "mask": float32 [same, seq_len]}, mask[i, t] = 1 where tokens[i, t + 1] is a real target.
+  Epochs repeat forever, reshuffled each epoch from `seed` (default `data.shuffle_seed`).
+  """
+  local_batch = _check_batch(global_batch, process_index, process_count)
+  seed = data.shuffle_seed if seed is None else seed
+  if not 0 <= seed < 2**32:
+    raise DataError(f"shuffle seed must be in [0, 2**32), got {seed}")
+  windows = train_windows(data, tokenizer, global_batch)
+  logging.info("train iterator: %d windows per epoch (%d padding), %d steps of %d per epoch; host %d of %d "
+               "reads %d rows a step", len(windows), len(windows) - windows.num_real,
+               len(windows) // global_batch, global_batch, process_index, process_count, local_batch)
+  ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()   # repeat() reseeds the shuffle per epoch
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # In-memory windows cost microseconds each: a couple of threads and a short buffer are plenty.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  return iter(it)
+
+
+def steps_per_epoch(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int) -> int:
+  """Global batches per epoch of the training split."""
+  return len(train_windows(data, tokenizer, global_batch)) // global_batch
+
+
+def make_eval_batches(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int, max_batches: int,
+                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The validation split in order (no shuffle), as at most `max_batches` host batches of the train format.
+
+  The last batch is completed with all-padding rows (mask 0); rows are spread over hosts as in training.
+  Raises DataError if the split is empty.
+  """
+  local_batch = _check_batch(global_batch, process_index, process_count)
+  _, validation = load_token_streams(data, tokenizer)
+  if validation.num_targets == 0:
+    raise DataError("the validation split is empty: set DataConfig.validation_files, a validation_fraction "
+                    "> 0 with at least two documents, or a TFDS validation split")
+  real = validation.num_windows(data.seq_len)
+  num_batches = min(max_batches, -(-real // global_batch))
+  windows = Windows(validation, data.seq_len, tokenizer.pad_id, num_batches * global_batch)
+  batches = []
+  for b in range(num_batches):
+    rows = [windows[b * global_batch + r * process_count + process_index] for r in range(local_batch)]
+    batches.append({k: np.stack([row[k] for row in rows]) for k in ("tokens", "mask")})
+  return batches
