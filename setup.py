@@ -21,10 +21,12 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "sentencepiece>=0.2.3",
         "absl-py>=2.1",
+        "tensorboard>=2.16",   # its TF-free event writer for training logs, and the viewer for them
         "numpy>=1.26",
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        # gcsfs: gs:// paths for data, tokenizers and checkpoints without TensorFlow (through fsspec).
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs"],
     },
 )

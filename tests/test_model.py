@@ -1,5 +1,4 @@
 """The TokenFormer LM and the dense baseline: growth invariance, causality, inert padding, sizes."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import pathlib
+import typing
 from typing import Any
 
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
@@ -169,7 +169,6 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip: float = 1.0          # global-norm clip; 0 disables
-  train_only_new_tokens: bool = False   # growth stages: update only the appended parameter tokens
 
   def replace(self, **changes: Any) -> OptimConfig:
     return dataclasses.replace(self, **changes)
@@ -268,3 +267,70 @@ def load_config(spec: str) -> Any:
     raise ValueError(f"{path_text} has no config named {name!r}; it has: {', '.join(public)}")
   value = getattr(module, name)
   return value() if callable(value) and not isinstance(value, type) else value
+
+
+# Serialisation and overrides ---------------------------------------------------------------------------
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, values: dict):
+  """Rebuild a (nested) config dataclass from `to_dict`'s output, e.g. one read back from a checkpoint."""
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in values:
+      continue
+    value, kind = values[field.name], _dataclass_in(hints[field.name])
+    if kind is not None and isinstance(value, dict):
+      value = from_dict(kind, value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[field.name] = value
+  return cls(**kwargs)
+
+
+def _dataclass_in(hint):
+  """The dataclass type inside a hint such as `ParamTokens | None`, else None."""
+  for candidate in (hint, *typing.get_args(hint)):
+    if dataclasses.is_dataclass(candidate):
+      return candidate
+  return None
+
+
+def _parse_like(text: str, current: Any, where: str) -> Any:
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{where}: expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+  if isinstance(current, tuple):
+    return tuple(part for part in text.split(",") if part)
+  for kind in (int, float):
+    if isinstance(current, kind):
+      try:
+        return kind(text)
+      except ValueError:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {text!r}") from None
+  if isinstance(current, str):
+    return text
+  raise ValueError(f"{where}: cannot be set from the command line (it is {type(current).__name__})")
+
+
+def apply_overrides(cfg, overrides: typing.Iterable[str]):
+  """Apply `dotted.field=value` strings, typed by the field's current value: `optim.learning_rate=3e-4`."""
+  for override in overrides:
+    path, sep, text = override.partition("=")
+    if not sep:
+      raise ValueError(f"override {override!r} must look like 'field.subfield=value'")
+    cfg = _replace_path(cfg, path.strip().split("."), text.strip(), path)
+  return cfg
+
+
+def _replace_path(obj, parts: list[str], text: str, full: str):
+  name = parts[0]
+  if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+    fields = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else "none"
+    raise ValueError(f"override {full!r}: no field {name!r} here (fields: {fields})")
+  current = getattr(obj, name)
+  value = _replace_path(current, parts[1:], text, full) if len(parts) > 1 else _parse_like(text, current, full)
+  return dataclasses.replace(obj, **{name: value})

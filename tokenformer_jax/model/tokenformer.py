@@ -17,11 +17,11 @@ from tokenformer_jax.model.layers import causal_self_attention, layer_norm
 from tokenformer_jax.model.pattention import Pattention
 
 
-def init_stds(cfg: ModelConfig, projection: str) -> tuple[float | None, float | None]:
-  """(key std, value std) of one projection; None means Pattention's fan-in default."""
+def init_stds(cfg: ModelConfig, projection: str) -> tuple[float, float]:
+  """(key std, value std) of one projection's parameter tokens (every projection here has d_in = d_model)."""
   if cfg.init == "neox":
     return 0.02, 2.0 / (cfg.n_layers * math.sqrt(cfg.d_model))
-  return None, 1.0 / math.sqrt(cfg.tokens(projection))
+  return 1.0 / math.sqrt(cfg.d_model), 1.0 / math.sqrt(cfg.tokens(projection))
 
 
 def make_pattention(cfg: ModelConfig, projection: str) -> Pattention:

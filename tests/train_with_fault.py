@@ -1,0 +1,41 @@
+"""Run cli.train, sending this very process a signal before training step N (a deterministic preemption).
+
+  python tests/train_with_fault.py SIGNAL N [cli.train flags...]
+
+For SIGKILL it first waits until checkpoint 4 is complete, so the kill lands after a save (and may land
+while a later one is still being written).
+"""
+import os
+import pathlib
+import signal
+import sys
+import time
+
+from absl import app
+
+from tokenformer_jax.cli import train as train_cli
+from tokenformer_jax.train import steps
+
+signal_name, fault_step = sys.argv[1], int(sys.argv[2])
+workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
+make_train_step = steps.make_train_step
+
+
+def faulty_make_train_step(*args, **kwargs):
+  step_fn = make_train_step(*args, **kwargs)
+  calls = [0]
+
+  def step(state, batch):
+    calls[0] += 1
+    if calls[0] == fault_step:
+      if signal_name == "SIGKILL":
+        deadline = time.time() + 60
+        while not (pathlib.Path(workdir) / "checkpoints" / "4").exists() and time.time() < deadline:
+          time.sleep(0.05)
+      os.kill(os.getpid(), getattr(signal, signal_name))
+    return step_fn(state, batch)
+  return step
+
+
+steps.make_train_step = faulty_make_train_step
+app.run(train_cli.main, argv=[sys.argv[0]] + sys.argv[3:])

@@ -1,0 +1,235 @@
+"""The training loop, top to bottom: mesh → data → state (resumed, initialised from another run, or fresh)
+→ jitted step → loop with logging, evaluation, checkpoints and preemption.
+
+Resuming is exact: parameters, optimizer state, step and the data iterator's position are all restored
+(the step has no randomness of its own: there is no dropout), so a resumed run computes the same losses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+from tokenformer_jax import sharding
+from tokenformer_jax.checkpoint import RunCheckpoints
+from tokenformer_jax.config import ParamTokens, TrainConfig, flops_per_token, to_dict
+from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
+from tokenformer_jax.data.tokenizer import Tokenizer
+from tokenformer_jax.train import steps
+from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
+from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a NaN loss, a workdir of another model, ...); the message says what to do."""
+
+
+class StopSignal:
+  """Turns SIGTERM (how TPU VMs announce preemption) into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+    self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def everywhere(self) -> bool:
+    """Every host stops at the same step when any host was asked to."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self.previous)
+
+
+def check_batch_layout(cfg: TrainConfig, mesh) -> None:
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.global_batch % cfg.grad_accum:
+    raise TrainingError(f"global_batch={cfg.global_batch} is not divisible by grad_accum={cfg.grad_accum}")
+  micro = cfg.global_batch // cfg.grad_accum
+  if micro % data_parallel:
+    raise TrainingError(f"each micro-batch has {micro} sequences, which does not split over the "
+                        f"{data_parallel} data-parallel devices; make global_batch / grad_accum a multiple of it")
+  if cfg.global_batch % jax.process_count():
+    raise TrainingError(f"global_batch={cfg.global_batch} does not split over {jax.process_count()} hosts")
+
+
+def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
+  saved_model, model = saved.get("model", {}), to_dict(cfg.model)
+  differing = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
+  if differing:
+    details = ", ".join(f"{k}: {saved_model.get(k)!r} there, {model.get(k)!r} here" for k in differing[:4])
+    raise TrainingError(f"{workdir} holds a checkpoint of a different model ({details}); use a new --workdir, "
+                        "or --init_from to start from its parameters")
+
+
+def write_json_atomically(path: epath.Path, value: dict) -> None:
+  temporary = path.parent / (path.name + ".tmp")
+  temporary.write_text(json.dumps(value, indent=2) + "\n")
+  temporary.replace(path)   # atomic on POSIX; rename() refuses an existing target
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+  total, count = 0.0, 0.0
+  for batch in batches:
+    loss_sum, targets = jax.device_get(eval_step(params, to_global(batch, mesh)))
+    total, count = total + float(loss_sum), count + float(targets)
+  loss = total / max(count, 1.0)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def to_global(host_batch: dict, mesh) -> dict:
+  """This host's rows → one jax.Array per field, split over the data-parallel axes of the whole mesh."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in host_batch.items()}
+
+
+def starting_state(cfg: TrainConfig, tx, abstract, shardings, checkpoints: RunCheckpoints, latest: int | None,
+                   train_batches, init_from: str | None) -> tuple[steps.TrainState, str]:
+  """Resume the workdir's latest checkpoint, else take --init_from's parameters, else start fresh."""
+  if latest is not None:
+    check_same_model(checkpoints.read_json(latest), cfg, checkpoints.directory.parent)
+    params, rest = checkpoints.restore(latest, abstract.params,
+                                       {"step": abstract.step, "opt_state": abstract.opt_state}, train_batches)
+    state = steps.TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
+    return state, f"resumed {checkpoints.directory.parent} at step {latest}"
+  if init_from:
+    params = RunCheckpoints(init_from, read_only=True).restore_params(abstract.params)
+    state = steps.init_state(cfg.model, tx, shardings, cfg.seed, params=params)
+    return state, f"initialised parameters from {init_from}; fresh optimizer and schedule"
+  return steps.init_state(cfg.model, tx, shardings, cfg.seed), f"new run in {checkpoints.directory.parent}"
+
+
+def adopt_norm_scale(cfg: TrainConfig, init_from: str) -> tuple[TrainConfig, str | None]:
+  """A grown checkpoint stores the norm scale its function depends on; a config that leaves the scale unset
+  takes it (else training would switch to sqrt(new n) and undo the function-preserving growth)."""
+  saved = RunCheckpoints(init_from, read_only=True).read_json().get("model", {}).get("norm_scale_tokens")
+  current = cfg.model.norm_scale_tokens
+  if saved is None or cfg.model.norm_scale != "fixed":
+    return cfg, None
+  if current is None:
+    model = cfg.model.replace(norm_scale_tokens=ParamTokens(**saved))
+    return cfg.replace(model=model), f"norm scale taken from {init_from}: sqrt of {saved}"
+  if to_dict(current) != saved:
+    raise TrainingError(f"{init_from} was grown with norm_scale_tokens={saved} but the config sets "
+                        f"{to_dict(current)}; leave model.norm_scale_tokens unset to use the checkpoint's")
+  return cfg, None
+
+
+def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
+  """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
+  workdir = epath.Path(workdir)
+  writer = jax.process_index() == 0
+  adopted = None
+  if init_from:
+    cfg, adopted = adopt_norm_scale(cfg, init_from)
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_layout(cfg, mesh)
+
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  if tokenizer.vocab_size != cfg.model.vocab_size:
+    raise TrainingError(f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces but "
+                        f"model.vocab_size is {cfg.model.vocab_size}; make them equal "
+                        f"(--set model.vocab_size={tokenizer.vocab_size}, or another tokenizer)")
+  host = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_batches = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch, seed=cfg.data.shuffle_seed,
+                                      **host)
+  eval_batches = make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch,
+                                   max_batches=cfg.eval_batches, **host)
+
+  schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+  tx = make_optimizer(cfg.optim, cfg.steps)
+  abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
+  checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
+  latest = checkpoints.latest_step()
+  state, how = starting_state(cfg, tx, abstract, shardings, checkpoints, latest, train_batches, init_from)
+  log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
+  log.say(how)
+  if adopted:
+    log.say(adopted)
+  if writer:
+    write_json_atomically(workdir / "config.json", to_dict(cfg))
+
+  train_step = steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum)
+  eval_step = steps.make_eval_step(cfg.model, shardings, mesh)
+  config_json = to_dict(cfg)
+  tokens_per_step = cfg.global_batch * cfg.data.seq_len
+  flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+  peak = peak_flops_per_device()
+  stop = StopSignal()
+
+  def save(step: int):
+    checkpoints.save(step, params=state.params, opt_state={"step": state.step, "opt_state": state.opt_state},
+                     data_iterator=train_batches, config=config_json)
+
+  step = int(jax.device_get(state.step))
+  log.say(f"training {cfg.model.name} ({sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M parameters) "
+          f"from step {step} to {cfg.steps} on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
+          f"{tokens_per_step} tokens per step")
+  pending: list[tuple[int, dict]] = []
+  window_start, window_steps, last_saved = time.time(), 0, latest
+  started = time.time()
+  final: dict[str, float] = {}
+  try:
+    while step < cfg.steps:
+      state, metrics = train_step(state, to_global(next(train_batches), mesh))
+      step += 1
+      window_steps += 1
+      pending.append((step, metrics))
+      stopping = stop.everywhere()
+      evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+      saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
+      logging_now = step % cfg.log_every == 0 or evaluating or saving
+      if logging_now:
+        fetched = jax.device_get(pending)
+        pending = []
+        for s, m in fetched:
+          if not math.isfinite(float(m["loss"])):
+            raise TrainingError(f"the loss is {float(m['loss'])} at step {s}: stopped without saving (the last "
+                                f"checkpoint is step {last_saved}); lower optim.learning_rate or check the data")
+        seconds = time.time() - window_start
+        tokens_per_second = window_steps * tokens_per_step / seconds
+        mfu = flops_per_step * window_steps / seconds / (peak * mesh.devices.size) if peak else None
+        for s, m in fetched:
+          log.write(s, {f"train/{k}": v for k, v in m.items() if k != "targets"})
+        log.write(step, {"train/tokens_per_second": tokens_per_second, "train/mfu": mfu})
+        m = fetched[-1][1]
+        eta = (time.time() - started) / max(step - int(latest or 0), 1) * (cfg.steps - step)
+        log.say(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | lr {float(m['learning_rate']):.2e} | "
+                f"grad norm {float(m['grad_norm']):.3f} | {tokens_per_second / 1e3:.1f}k tok/s | "
+                f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | eta {format_duration(eta)}")
+      if evaluating:
+        final = evaluate(eval_step, state.params, eval_batches, mesh)
+        log.write(step, final)
+        log.say(f"step {step:>7}/{cfg.steps} | validation loss {final['eval/loss']:.4f} | "
+                f"perplexity {final['eval/perplexity']:.2f}")
+      if saving:
+        save(step)
+        last_saved = step
+      if logging_now:   # the next throughput window starts after this step's evaluation and save
+        window_start, window_steps = time.time(), 0
+      if stopping:
+        checkpoints.wait()
+        log.say(f"stopped by SIGTERM at step {step}; checkpoint saved in {checkpoints.directory}; "
+                "run the same command again to continue")
+        return final
+    if not final:   # resumed a run that had already finished
+      final = evaluate(eval_step, state.params, eval_batches, mesh)
+    checkpoints.wait()
+    log.say(f"done: {cfg.steps} steps | validation loss {final['eval/loss']:.4f} | perplexity "
+            f"{final['eval/perplexity']:.2f}\ncheckpoint:  {checkpoints.directory / str(cfg.steps)}\n"
+            f"tensorboard: tensorboard --logdir {log.tensorboard_dir}")
+    return final
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    stop.restore()
+    log.close()

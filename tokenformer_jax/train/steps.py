@@ -1,0 +1,95 @@
+"""The train state, its shardings, and the jitted train and eval steps."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from tokenformer_jax import sharding
+from tokenformer_jax.config import ModelConfig
+from tokenformer_jax.model import LanguageModel, init_params, logical_axes
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, preset: str):
+  """(abstract TrainState, TrainState of NamedShardings): parameters and their optimizer moments alike."""
+  param_specs = logical_axes(cfg)
+  abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+                                    transform_non_params=lambda _: P(),
+                                    is_leaf=lambda x: isinstance(x, P))
+  specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+  shardings = sharding.logical_to_sharding(specs, mesh, preset)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+def init_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=None) -> TrainState:
+  """A fresh state, created directly with its shardings; `params` (already placed) skips their init."""
+  def make(params):
+    if params is None:
+      params = init_params(cfg, jax.random.key(seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  if params is None:
+    return jax.jit(lambda: make(None), out_shardings=shardings)()
+  return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def loss_sums(cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array):
+  """(Σ cross-entropy over real targets, number of real targets) for tokens [b, T+1], mask [b, T]."""
+  logits = LanguageModel(cfg).apply({"params": params}, tokens[:, :-1])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _micro_batches(x: jax.Array, count: int) -> jax.Array:
+  """[b, ...] → [count, b / count, ...], micro-batch i taking rows i, i + count, ... so that each one is
+  spread over every data-parallel shard instead of living on a few devices."""
+  return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh: Mesh, grad_accum: int = 1):
+  """jit(state, batch) → (state, metrics); gradients averaged over the real targets of all micro-batches."""
+  value_and_grad = jax.value_and_grad(functools.partial(loss_sums, cfg), has_aux=True)
+
+  def step(state: TrainState, batch: dict):
+    def accumulate(carry, micro):
+      grads, loss_sum, count = carry
+      (micro_loss, micro_count), micro_grads = value_and_grad(state.params, micro["tokens"], micro["mask"])
+      return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    micro = jax.tree.map(functools.partial(_micro_batches, count=grad_accum), batch)
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step), "targets": count}
+    return new_state, metrics
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(cfg: ModelConfig, shardings: TrainState, mesh: Mesh):
+  """jit(params, batch) → (Σ loss, number of targets)."""
+  return jax.jit(lambda params, batch: loss_sums(cfg, params, batch["tokens"], batch["mask"]),
+                 in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
