@@ -1,0 +1,119 @@
+"""Checkpoint surgery: grow a trained TokenFormer's key/value parameter tokens into a bigger config.
+
+  python -m tokenformer_jax.cli.grow --src=runs/124m --config=experiments/ladder.py:stage_354m \
+      --dst=runs/354m-init --init=zero_keys --verify
+  python -m tokenformer_jax.cli.train --config=experiments/ladder.py:stage_354m --workdir=runs/354m \
+      --init_from=runs/354m-init
+
+Reads only the source's parameters (not its optimizer state), straight onto the target mesh with the target
+shardings; grows them under jit; writes a params-only checkpoint with the grown config and where it came
+from. The source is never written to; the destination is written to a temporary directory and renamed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import jax
+from absl import app, flags
+from etils import epath
+
+from tokenformer_jax import sharding
+from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
+from tokenformer_jax.cli.common import load_experiment, one_line_errors
+from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.data import DataError
+from tokenformer_jax.growth import INITS, check_growable, grow, grown_config
+from tokenformer_jax.model import abstract_params, logical_axes
+
+SRC = flags.DEFINE_string("src", None, "The trained run (its directory, or its checkpoints/ directory).")
+STEP = flags.DEFINE_string("step", "latest", "Which checkpoint of --src: a step number or 'latest'.")
+DST = flags.DEFINE_string("dst", None, "Where the grown params-only checkpoint goes (new or empty).")
+INIT = flags.DEFINE_enum("init", "zero_keys", INITS, "New tokens: zero keys + random values (function-"
+                         "preserving), or both random (the authors' code).")
+SCALE = flags.DEFINE_enum("scale", "keep", ["keep", "follow"], "keep: the norm scale stays sqrt(old n), so the "
+                          "grown model computes the same function; follow: sqrt(new n), as the authors' code.")
+OLD_NOISE = flags.DEFINE_float("old_noise", 0.0, "Std of noise added to the old tokens, as a fraction of "
+                               "their init std (the authors found a little helps).")
+SEED = flags.DEFINE_integer("seed", 0, "Seed for the new tokens (and the noise).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
+VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a validation batch and report the "
+                           "loss difference (0 up to float noise for zero_keys with --scale=keep).")
+
+
+def placed(cfg: ModelConfig, mesh, preset: str):
+  """Abstract parameters of `cfg` carrying their shardings on `mesh`."""
+  shardings = sharding.logical_to_sharding(logical_axes(cfg), mesh, preset)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_params(cfg), shardings), shardings
+
+
+def check_destination(src: epath.Path, dst: epath.Path, overwrite: bool) -> None:
+  src, dst = src.resolve(), dst.resolve()
+  if dst == src or src in dst.parents or dst in src.parents:
+    raise ValueError(f"--dst={dst} overlaps the source {src}; growth never writes into its source")
+  if dst.exists() and any(dst.iterdir()) and not overwrite:
+    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
+
+
+def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, target: TrainConfig) -> float:
+  from tokenformer_jax.data.pipeline import make_eval_batches
+  from tokenformer_jax.data.tokenizer import Tokenizer
+  from tokenformer_jax.train.steps import loss_sums
+  batch = make_eval_batches(target.data, Tokenizer.load(target.data.tokenizer), global_batch=target.global_batch,
+                            max_batches=1)[0]
+  losses = []
+  for cfg, params in ((old_cfg, old_params), (new_cfg, new_params)):
+    total, count = jax.jit(lambda p, b, cfg=cfg: loss_sums(cfg, p, b["tokens"], b["mask"]))(params, batch)
+    losses.append(float(total) / float(count))
+  print(f"verify: loss {losses[0]:.6f} before, {losses[1]:.6f} after, difference {losses[1] - losses[0]:+.2e}")
+  return losses[1] - losses[0]
+
+
+@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  if not SRC.value or not DST.value:
+    raise ValueError("--src and --dst are required")
+  started = time.time()
+  source = RunCheckpoints(SRC.value, read_only=True)
+  step = source.resolve_step(None if STEP.value == "latest" else int(STEP.value))
+  old_cfg = from_dict(TrainConfig, source.read_json(step)).model
+  target = load_experiment()
+  new_cfg = grown_config(old_cfg, target.model, keep_scale=SCALE.value == "keep")
+  check_growable(old_cfg, new_cfg)
+  dst = epath.Path(DST.value)
+  check_destination(source.directory.parent, dst, OVERWRITE.value)
+
+  mesh = sharding.make_mesh(target.mesh)
+  old_abstract, _ = placed(old_cfg, mesh, target.mesh.preset)
+  _, new_shardings = placed(new_cfg, mesh, target.mesh.preset)
+  old_params = source.restore_params(old_abstract, step)
+  grow_fn = jax.jit(lambda p, rng: grow(p, old_cfg, new_cfg, init=INIT.value, rng=rng, old_noise=OLD_NOISE.value),
+                    out_shardings=new_shardings)
+  new_params = grow_fn(old_params, jax.random.key(SEED.value))
+
+  provenance = {"source": str(source.directory.parent), "source_step": step, "init": INIT.value,
+                "scale": SCALE.value, "old_noise": OLD_NOISE.value, "seed": SEED.value,
+                "old_model": to_dict(old_cfg)}
+  staging = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+  written = RunCheckpoints(staging, keep=None)
+  written.save(0, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance)
+  written.wait()
+  written.close()
+  if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
+    shutil.rmtree(dst)
+  staging.rename(dst)
+
+  old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
+  print(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) with "
+        f"{INIT.value}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
+        f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config} --workdir=RUN --init_from={dst}")
+  if VERIFY.value:
+    verify(old_cfg, old_params, new_cfg, new_params, target)
+
+
+if __name__ == "__main__":
+  app.run(main)
