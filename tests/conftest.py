@@ -3,3 +3,18 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+
+import pytest  # noqa: E402  (after the environment above, which must precede any jax import)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """experiments/demo.py:test_run trained for its 12 steps, uninterrupted (shared by several test files)."""
+  from helpers import TEST_RUN, losses, run_cli
+  workdir = tmp_path_factory.mktemp("trained_run")
+  result = run_cli("tokenformer_jax.cli.train", TEST_RUN, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "validation loss" in result.stdout and "tensorboard --logdir" in result.stdout
+  assert sorted(losses(workdir)) == list(range(1, 13))
+  return workdir

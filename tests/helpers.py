@@ -1,8 +1,11 @@
-"""Shared test fixtures: the shipped corpus as bytes, and a tiny AdamW training step."""
+"""Shared test helpers: the shipped corpus as bytes, a tiny training step, and running the CLIs."""
 import functools
 import gzip
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -38,3 +41,34 @@ def make_train_step(cfg, tx):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return step
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TEST_RUN = "--config=experiments/demo.py:test_run"
+
+
+def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None):
+  """Run `python -m module args` (or `python script... args`) from the repository root, as a user would."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+  command = [sys.executable, *(script or ("-m", module)), *args]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(workdir, key: str = "train/loss") -> dict[int, float]:
+  """step → value from metrics.jsonl, the last occurrence winning (steps re-run after a kill repeat)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if key in record:
+      out[record["step"]] = record[key]
+  return out
+
+
+def assert_fails_with_one_line(result, *phrases):
+  """Exit code 1 and exactly one 'error: ...' line on stderr, containing every phrase."""
+  assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1, result.stderr[-2000:]
+  for phrase in phrases:
+    assert phrase in error_lines[0], error_lines[0]

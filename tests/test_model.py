@@ -16,12 +16,17 @@ PAPER = load_config("experiments/paper.py:ALL")
 
 
 def trained_looking(cfg, seed=0):
-  """Initial params plus noise on every leaf, so nothing is at its init value (final norm included)."""
+  """Initial params plus noise on every leaf, so nothing is at its init value (final norm included).
+  Padding rows stay zero, as training keeps them (test_padding_rows_stay_zero_and_never_change_the_loss)."""
   params = init_params(cfg, jax.random.key(seed))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  noisy = [x + 0.3 * jnp.std(x + 1e-3) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return jax.tree.unflatten(tree, noisy)
+  noisy = jax.tree.unflatten(tree, [x + 0.3 * jnp.std(x + 1e-3) * jax.random.normal(k, x.shape)
+                                    for x, k in zip(leaves, keys)])
+  if cfg.architecture == "tokenformer":
+    for p in PROJECTIONS:
+      noisy["layers"][p] = {k: v.at[:, cfg.tokens(p):].set(0) for k, v in noisy["layers"][p].items()}
+  return noisy
 
 
 def append_tokens(params, extra, rng):

@@ -1,15 +1,12 @@
 """The trainer end to end (as a user runs it, in subprocesses) and its parts in process."""
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
 
+from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import MeshConfig, OptimConfig, load_config
@@ -17,25 +14,9 @@ from tokenformer_jax.model import abstract_params
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 
-TESTS = pathlib.Path(__file__).resolve().parent
-REPO = TESTS.parent
-CONFIG = "--config=experiments/demo.py:test_run"
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
-
-def run(*args, script=("-m", "tokenformer_jax.cli.train")):
-  return subprocess.run([sys.executable, *script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=300)
-
-
-def losses(workdir):
-  """step → loss from metrics.jsonl, the last occurrence winning (re-run steps after a kill repeat)."""
-  out = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if "train/loss" in record:
-      out[record["step"]] = record["train/loss"]
-  return out
+def run(*args, script=None):
+  return run_cli("tokenformer_jax.cli.train", *args, script=script)
 
 
 def final_params(workdir):
@@ -49,83 +30,65 @@ def assert_same_run(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = run(CONFIG, f"--workdir={workdir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "validation loss" in result.stdout and "tensorboard --logdir" in result.stdout
-  assert sorted(losses(workdir)) == list(range(1, 13))
-  return workdir
-
-
-def test_sigkill_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
-  killed = run("SIGKILL", "7", CONFIG, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
+def test_sigkill_then_rerun_equals_the_uninterrupted_run(trained_run, tmp_path):
+  killed = run("SIGKILL", "7", TEST_RUN, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
   assert killed.returncode == -9
   assert max(losses(tmp_path)) == 6
-  rerun = run(CONFIG, f"--workdir={tmp_path}")
+  rerun = run(TEST_RUN, f"--workdir={tmp_path}")
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "at step 4" in rerun.stdout
-  assert_same_run(uninterrupted, tmp_path)
+  assert_same_run(trained_run, tmp_path)
 
 
-def test_sigterm_saves_current_step_and_exits_cleanly(uninterrupted, tmp_path):
-  stopped = run("SIGTERM", "5", CONFIG, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
+def test_sigterm_saves_current_step_and_exits_cleanly(trained_run, tmp_path):
+  stopped = run("SIGTERM", "5", TEST_RUN, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert "stopped by SIGTERM at step 5" in stopped.stdout
   assert RunCheckpoints(tmp_path, read_only=True).latest_step() == 5
-  rerun = run(CONFIG, f"--workdir={tmp_path}")
+  rerun = run(TEST_RUN, f"--workdir={tmp_path}")
   assert rerun.returncode == 0 and "at step 5" in rerun.stdout
-  assert_same_run(uninterrupted, tmp_path)
+  assert_same_run(trained_run, tmp_path)
 
 
-def test_init_from_takes_parameters_with_a_fresh_optimizer(uninterrupted, tmp_path):
+def test_init_from_takes_parameters_with_a_fresh_optimizer(trained_run, tmp_path):
   # Learning rate 0: the parameters it saves must be the source's, bit for bit.
-  result = run(CONFIG, f"--workdir={tmp_path}", f"--init_from={uninterrupted}", "--set=steps=2",
+  result = run(TEST_RUN, f"--workdir={tmp_path}", f"--init_from={trained_run}", "--set=steps=2",
                "--set=eval_every=2", "--set=optim.learning_rate=0")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"initialised parameters from {uninterrupted}" in result.stdout
-  for x, y in zip(jax.tree.leaves(final_params(uninterrupted)), jax.tree.leaves(final_params(tmp_path))):
+  assert f"initialised parameters from {trained_run}" in result.stdout
+  for x, y in zip(jax.tree.leaves(final_params(trained_run)), jax.tree.leaves(final_params(tmp_path))):
     np.testing.assert_array_equal(x, y)
-  assert losses(tmp_path)[1] < losses(uninterrupted)[1] - 0.2   # trained parameters on the same first batch
+  assert losses(tmp_path)[1] < losses(trained_run)[1] - 0.2   # trained parameters on the same first batch
   assert RunCheckpoints(tmp_path, read_only=True).latest_step() == 2   # a fresh step count
 
 
-def assert_fails_with_one_line(result, *phrases):
-  assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
-  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
-  assert len(error_lines) == 1, result.stderr[-2000:]
-  for phrase in phrases:
-    assert phrase in error_lines[0], error_lines[0]
-
-
 def test_bad_corpus_files(tmp_path):
-  missing = run(CONFIG, f"--workdir={tmp_path}/a", f"--set=data.train_files={tmp_path}/nothing*.jsonl")
+  missing = run(TEST_RUN, f"--workdir={tmp_path}/a", f"--set=data.train_files={tmp_path}/nothing*.jsonl")
   assert_fails_with_one_line(missing, "nothing*.jsonl")
   broken = tmp_path / "broken.jsonl"
   broken.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": "oops\n')
-  result = run(CONFIG, f"--workdir={tmp_path}/b", f"--set=data.train_files={broken}")
+  result = run(TEST_RUN, f"--workdir={tmp_path}/b", f"--set=data.train_files={broken}")
   assert_fails_with_one_line(result, "broken.jsonl", "3")
   binary = tmp_path / "binary.txt"
   binary.write_bytes(b"hello \xff\xfe world")
-  assert_fails_with_one_line(run(CONFIG, f"--workdir={tmp_path}/c", f"--set=data.train_files={binary}"),
+  assert_fails_with_one_line(run(TEST_RUN, f"--workdir={tmp_path}/c", f"--set=data.train_files={binary}"),
                              "binary.txt")
 
 
 def test_tokenizer_and_model_vocabulary_must_agree(tmp_path):
-  result = run(CONFIG, f"--workdir={tmp_path}", "--set=model.vocab_size=1000")
+  result = run(TEST_RUN, f"--workdir={tmp_path}", "--set=model.vocab_size=1000")
   assert_fails_with_one_line(result, "2048", "model.vocab_size")
 
 
-def test_workdir_of_another_model_is_refused_and_kept(uninterrupted):
-  before = sorted(str(p) for p in pathlib.Path(uninterrupted).rglob("*"))
-  result = run(CONFIG, f"--workdir={uninterrupted}", "--set=model.d_model=64")
+def test_workdir_of_another_model_is_refused_and_kept(trained_run):
+  before = sorted(str(p) for p in pathlib.Path(trained_run).rglob("*"))
+  result = run(TEST_RUN, f"--workdir={trained_run}", "--set=model.d_model=64")
   assert_fails_with_one_line(result, "different model", "d_model")
-  assert sorted(str(p) for p in pathlib.Path(uninterrupted).rglob("*")) == before
+  assert sorted(str(p) for p in pathlib.Path(trained_run).rglob("*")) == before
 
 
 def test_nan_loss_stops_without_a_checkpoint(tmp_path):
-  result = run(CONFIG, f"--workdir={tmp_path}", "--set=optim.learning_rate=1e30", "--set=optim.warmup_steps=0",
+  result = run(TEST_RUN, f"--workdir={tmp_path}", "--set=optim.learning_rate=1e30", "--set=optim.warmup_steps=0",
                "--set=optim.grad_clip=0")
   assert_fails_with_one_line(result, "loss is", "without saving")
   assert not (tmp_path / "checkpoints").exists() or not any(

@@ -86,8 +86,11 @@ class RunCheckpoints:
       items["extra"] = ocp.args.JsonSave(extra)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def read_json(self, step: int | None = None, item: str = "config") -> dict:
+  def read_json(self, step: int | None = None, item: str = "config", default: dict | None = None) -> dict:
+    """A JSON item of a checkpoint (the config, or growth's provenance "extra"); `default` if absent."""
     step = self.resolve_step(step)
+    if default is not None and not (self.directory / str(step) / item).exists():
+      return default
     return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
   def restore_params(self, abstract_params, step: int | None = None):

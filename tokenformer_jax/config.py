@@ -13,6 +13,7 @@ from typing import Any
 
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+REMAT = ("none", "full", "dots", "dots_no_batch", "projections")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -73,8 +74,16 @@ class ModelConfig:
   logits_divide_by_sqrt_d: bool = True   # the JAX ladder; pairs with the N(0, 1) embedding of init="fan_in"
   layer_norm_eps: float = 1e-5
   dtype: str = "float32"             # compute dtype; parameters are always float32
-  remat: str = "none"                # none | full | dots | dots_no_batch
+  # Activation rematerialisation of each block: none | full | dots | dots_no_batch | projections
+  # ("projections" keeps each Pattention's output and recomputes its scores and the token-token attention).
+  remat: str = "none"
   max_seq_len: int = 1024
+  # How a Pattention is partitioned over the "tensor" mesh axis: "auto" (the compiler, from the sharding
+  # table) or "shard_map" (explicit: one all-reduce for the norm, one for the output; pattention_parallel.py).
+  pattention_impl: str = "auto"
+  # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer
+  # (it counts a loop body once); the TPU plan sets it.
+  unroll_layers: bool = False
 
   def __post_init__(self):
     def need(ok: bool, message: str):
@@ -87,8 +96,9 @@ class ModelConfig:
          f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
     need(self.positions in ("none", "rotary"), f"positions must be 'none' or 'rotary', got {self.positions!r}")
     need(self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    need(self.remat in ("none", "full", "dots", "dots_no_batch"),
-         f"remat must be none|full|dots|dots_no_batch, got {self.remat!r}")
+    need(self.remat in REMAT, f"remat must be one of {'|'.join(REMAT)}, got {self.remat!r}")
+    need(self.pattention_impl in ("auto", "shard_map"),
+         f"pattention_impl must be 'auto' or 'shard_map', got {self.pattention_impl!r}")
     need(self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive")
     if self.positions == "rotary":
       need(self.rotary_dims >= 2, f"rotary_fraction={self.rotary_fraction} leaves fewer than 2 rotary dims")
@@ -169,6 +179,8 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip: float = 1.0          # global-norm clip; 0 disables
+  # After growth: update only the appended parameter tokens (paper §5); needs --init_from a grown checkpoint.
+  train_only_new_tokens: bool = False
 
   def replace(self, **changes: Any) -> OptimConfig:
     return dataclasses.replace(self, **changes)

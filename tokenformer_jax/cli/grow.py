@@ -1,8 +1,8 @@
 """Checkpoint surgery: grow a trained TokenFormer's key/value parameter tokens into a bigger config.
 
-  python -m tokenformer_jax.cli.grow --src=runs/124m --config=experiments/ladder.py:stage_354m \
+  python -m tokenformer_jax.cli.grow --src=runs/124m --config=experiments/ladder.py:paper_354m \
       --dst=runs/354m-init --init=zero_keys --verify
-  python -m tokenformer_jax.cli.train --config=experiments/ladder.py:stage_354m --workdir=runs/354m \
+  python -m tokenformer_jax.cli.train --config=experiments/ladder.py:paper_354m --workdir=runs/354m \
       --init_from=runs/354m-init
 
 Reads only the source's parameters (not its optimizer state), straight onto the target mesh with the target
@@ -24,18 +24,21 @@ from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
 from tokenformer_jax.cli.common import load_experiment, one_line_errors
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
-from tokenformer_jax.growth import INITS, check_growable, grow, grown_config
+from tokenformer_jax.growth import (INITS, check_growable, grow, grown_config, net2net_widen, nonzero_padding,
+                                    widening_factor)
 from tokenformer_jax.model import abstract_params, logical_axes
 
 SRC = flags.DEFINE_string("src", None, "The trained run (its directory, or its checkpoints/ directory).")
 STEP = flags.DEFINE_string("step", "latest", "Which checkpoint of --src: a step number or 'latest'.")
 DST = flags.DEFINE_string("dst", None, "Where the grown params-only checkpoint goes (new or empty).")
 INIT = flags.DEFINE_enum("init", "zero_keys", INITS, "New tokens: zero keys + random values (function-"
-                         "preserving), or both random (the authors' code).")
+                         "preserving), or both random (the authors' code). A dense Transformer source is widened "
+                         "by Net2Net instead.")
 SCALE = flags.DEFINE_enum("scale", "keep", ["keep", "follow"], "keep: the norm scale stays sqrt(old n), so the "
                           "grown model computes the same function; follow: sqrt(new n), as the authors' code.")
 OLD_NOISE = flags.DEFINE_float("old_noise", 0.0, "Std of noise added to the old tokens, as a fraction of "
-                               "their init std (the authors found a little helps).")
+                               "their init std (the authors found a little helps); for Net2Net, to every "
+                               "widened tensor as a fraction of its std (breaks the symmetry of the copies).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for the new tokens (and the noise).")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
 VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a validation batch and report the "
@@ -71,6 +74,22 @@ def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, t
   return losses[1] - losses[0]
 
 
+def write_checkpoint(dst: epath.Path, **items) -> None:
+  """A params-only checkpoint at step 0 of `dst`, complete or not there at all."""
+  local = not str(dst).startswith("gs://")
+  target = dst.parent / f".{dst.name}.tmp-{os.getpid()}" if local else dst
+  if not local and dst.exists():   # --overwrite on GCS: the old checkpoint goes first
+    dst.rmtree()
+  written = RunCheckpoints(target, keep=None)
+  written.save(0, **items)
+  written.wait()
+  written.close()
+  if local:
+    if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
+      shutil.rmtree(dst)
+    target.rename(dst)
+
+
 @one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
 def main(argv):
   if len(argv) > 1:
@@ -82,8 +101,14 @@ def main(argv):
   step = source.resolve_step(None if STEP.value == "latest" else int(STEP.value))
   old_cfg = from_dict(TrainConfig, source.read_json(step)).model
   target = load_experiment()
-  new_cfg = grown_config(old_cfg, target.model, keep_scale=SCALE.value == "keep")
-  check_growable(old_cfg, new_cfg)
+  if old_cfg.architecture == "transformer":   # the dense baseline grows by Net2Net widening
+    new_cfg, scheme = target.model, "net2net"
+    widening_factor(old_cfg, new_cfg)
+    grow_params = lambda p, rng: net2net_widen(p, old_cfg, new_cfg, noise=OLD_NOISE.value, rng=rng)
+  else:
+    new_cfg, scheme = grown_config(old_cfg, target.model, keep_scale=SCALE.value == "keep"), INIT.value
+    check_growable(old_cfg, new_cfg)
+    grow_params = lambda p, rng: grow(p, old_cfg, new_cfg, init=INIT.value, rng=rng, old_noise=OLD_NOISE.value)
   dst = epath.Path(DST.value)
   check_destination(source.directory.parent, dst, OVERWRITE.value)
 
@@ -91,25 +116,19 @@ def main(argv):
   old_abstract, _ = placed(old_cfg, mesh, target.mesh.preset)
   _, new_shardings = placed(new_cfg, mesh, target.mesh.preset)
   old_params = source.restore_params(old_abstract, step)
-  grow_fn = jax.jit(lambda p, rng: grow(p, old_cfg, new_cfg, init=INIT.value, rng=rng, old_noise=OLD_NOISE.value),
-                    out_shardings=new_shardings)
-  new_params = grow_fn(old_params, jax.random.key(SEED.value))
+  if old_cfg.architecture == "tokenformer" and (bad := nonzero_padding(old_params, old_cfg)):
+    raise CheckpointError(f"{bad[0]} has nonzero padding rows past its {old_cfg.name} token count; the "
+                          "checkpoint does not match its config (was it edited outside tokenformer_jax?)")
+  new_params = jax.jit(grow_params, out_shardings=new_shardings)(old_params, jax.random.key(SEED.value))
 
-  provenance = {"source": str(source.directory.parent), "source_step": step, "init": INIT.value,
+  provenance = {"source": str(source.directory.parent), "source_step": step, "init": scheme,
                 "scale": SCALE.value, "old_noise": OLD_NOISE.value, "seed": SEED.value,
                 "old_model": to_dict(old_cfg)}
-  staging = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-  written = RunCheckpoints(staging, keep=None)
-  written.save(0, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance)
-  written.wait()
-  written.close()
-  if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
-    shutil.rmtree(dst)
-  staging.rename(dst)
+  write_checkpoint(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance)
 
   old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
   print(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) with "
-        f"{INIT.value}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
+        f"{scheme}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
         f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config} --workdir=RUN --init_from={dst}")
   if VERIFY.value:
     verify(old_cfg, old_params, new_cfg, new_params, target)

@@ -1,4 +1,5 @@
 """Growing trained models: TokenFormer by appending parameter tokens, the dense baseline by Net2Net."""
-from tokenformer_jax.growth.tokenformer import INITS, check_growable, grow, grown_config
+from tokenformer_jax.growth.net2net import net2net_widen, widening_factor
+from tokenformer_jax.growth.tokenformer import INITS, check_growable, grow, grown_config, nonzero_padding
 
-__all__ = ["INITS", "check_growable", "grow", "grown_config"]
+__all__ = ["INITS", "check_growable", "grow", "grown_config", "nonzero_padding", "net2net_widen", "widening_factor"]

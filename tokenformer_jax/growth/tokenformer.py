@@ -41,6 +41,13 @@ def check_growable(old: ModelConfig, new: ModelConfig) -> None:
                        f"{new.tokens(p)} parameter tokens")
 
 
+def nonzero_padding(params: dict, cfg: ModelConfig) -> list[str]:
+  """Pattention leaves whose padding rows (past the logical token count) are not zero. Training keeps them
+  zero; a checkpoint where they are not does not hold the model its config describes."""
+  return [f"layers/{p}/{name}" for p in PROJECTIONS for name, leaf in params["layers"][p].items()
+          if bool(jnp.any(leaf[:, cfg.tokens(p):] != 0))]
+
+
 def grown_config(old: ModelConfig, target: ModelConfig, *, keep_scale: bool = True) -> ModelConfig:
   """The target config with the norm scale settled.
 

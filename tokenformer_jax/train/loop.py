@@ -17,7 +17,7 @@ from etils import epath
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
-from tokenformer_jax.config import ParamTokens, TrainConfig, flops_per_token, to_dict
+from tokenformer_jax.config import PROJECTIONS, ParamTokens, TrainConfig, flops_per_token, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
 from tokenformer_jax.train import steps
@@ -124,6 +124,18 @@ def adopt_norm_scale(cfg: TrainConfig, init_from: str) -> tuple[TrainConfig, str
   return cfg, None
 
 
+def new_token_rows(cfg: TrainConfig, init_from: str | None) -> dict[str, tuple[int, int]] | None:
+  """For optim.train_only_new_tokens: the rows [n_old, n_new) of each Pattention that growth appended."""
+  if not cfg.optim.train_only_new_tokens:
+    return None
+  extra = RunCheckpoints(init_from, read_only=True).read_json(item="extra", default={}) if init_from else {}
+  if "old_model" not in extra:
+    raise TrainingError("optim.train_only_new_tokens needs --init_from a checkpoint made by "
+                        "tokenformer_jax.cli.grow (it records which tokens are new)")
+  old = extra["old_model"]["param_tokens"]
+  return {p: (old[p], cfg.model.tokens(p)) for p in PROJECTIONS}
+
+
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
   workdir = epath.Path(workdir)
@@ -146,7 +158,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                                    max_batches=cfg.eval_batches, **host)
 
   schedule = learning_rate_schedule(cfg.optim, cfg.steps)
-  tx = make_optimizer(cfg.optim, cfg.steps)
+  tx = make_optimizer(cfg.optim, cfg.steps, trainable_rows=new_token_rows(cfg, init_from))
   abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
   latest = checkpoints.latest_step()

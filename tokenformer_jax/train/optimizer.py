@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from tokenformer_jax.config import OptimConfig
@@ -27,7 +28,30 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in NO_DECAY, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+def only_rows(rows: dict[str, tuple[int, int]]) -> optax.GradientTransformation:
+  """Zero every update except rows [start, stop) of each Pattention named in `rows` (layers/<name>/...).
+
+  Applied after AdamW, so frozen parameters are untouched by weight decay too.
+  """
+  def keep(path, update):
+    names = [p.key for p in path]
+    if names[0] == "layers" and names[1] in rows:
+      start, stop = rows[names[1]]
+      row = jnp.arange(update.shape[1])[None, :, None]
+      return jnp.where((row >= start) & (row < stop), update, 0)
+    return jnp.zeros_like(update)
+
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.tree_util.tree_map_with_path(keep, updates), state))
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   trainable_rows: dict[str, tuple[int, int]] | None = None) -> optax.GradientTransformation:
+  """AdamW (+ clipping); with `trainable_rows`, only those parameter-token rows are updated."""
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  if trainable_rows is not None:
+    parts.append(only_rows(trainable_rows))
+  return optax.chain(*parts)
