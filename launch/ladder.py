@@ -1,0 +1,256 @@
+"""The ladder runner: train the first stage, grow each next stage from the one before, train it; one command.
+
+  python -m launch.ladder --ladder=tiny --backend=local --workdir=runs/tiny_ladder
+  python -m launch.ladder --ladder=paper --backend=tpu --workdir=gs://BUCKET/ladder --project=P \
+      --zone=us-central2-b --provisioning=spot --set data.tfds_data_dir=gs://BUCKET/tfds ... [--dry_run]
+
+For each stage of experiments/ladder.py:LADDERS[--ladder]: skip it if its final checkpoint exists; else grow
+it from the previous stage's final checkpoint (unless already grown), then train it (the trainer resumes from
+its latest checkpoint). Kill it at any point and run the same command again: it continues. Both backends
+share this logic; `local` runs the commands as subprocesses here, `tpu` on one TPU slice per stage.
+
+  WORKDIR/<stage>/          the stage's run (checkpoints, metrics, TensorBoard)
+  WORKDIR/<stage>_grown/    the previous stage's parameters grown into this stage's model (step 0)
+  WORKDIR/logs/             the jobs' logs (on TPUs: one file per worker)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+from absl import app, flags
+
+from launch import gcloud
+from launch.runner import LaunchError, Runner
+from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed,
+                        define_tpu_flags, make_spec, make_vm)
+from tokenformer_jax.config import apply_overrides, load_config
+from tokenformer_jax.growth import check_growable
+
+LADDER_FILE = "experiments/ladder.py"
+
+
+def load_stages(ladder: str, overrides: list[str]) -> tuple[str, tuple]:
+  """`--ladder=NAME` (of experiments/ladder.py) or `FILE.py:NAME` → (the file, its stages with the overrides).
+
+  The file must also define each stage's TrainConfig under the stage's name: that is what cli.train loads.
+  """
+  if ":" in ladder:
+    path, _, name = ladder.rpartition(":")
+    ladders = {name: load_config(ladder)}
+  else:
+    path, name, ladders = LADDER_FILE, ladder, load_config(f"{LADDER_FILE}:LADDERS")
+    if name not in ladders:
+      raise ValueError(f"unknown ladder {name!r}; {LADDER_FILE} has: {', '.join(ladders)} (or give FILE.py:NAME)")
+  stages = tuple(ladders[name])
+  for stage in stages:
+    if load_config(f"{path}:{stage.name}") != stage.config:
+      raise ValueError(f"{path} must define {stage.name} = the TrainConfig of stage {stage.name} (cli.train loads "
+                       "it by that name)")
+  return path, tuple(dataclasses.replace(s, config=apply_overrides(s.config, overrides)) for s in stages)
+
+
+def check_ladder(stages, backend: str, path: str = LADDER_FILE) -> None:
+  """Everything that can be wrong with a ladder before it starts: fail here, not after hours of TPU time."""
+  names = [s.name for s in stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f"stage names must be unique: {names}")
+  if backend == "tpu" and (pathlib.Path(path).is_absolute() or pathlib.Path(path).parts[0] not in SHIPPED
+                           or not (REPO / path).is_file()):
+    raise ValueError(f"the tpu backend ships this repository's {', '.join(SHIPPED)}; put the ladder file {path} "
+                     "under experiments/ and name it relative to the repository")
+  for i, stage in enumerate(stages):
+    if i == 0 and stage.init != "scratch":
+      raise ValueError(f"stage {stage.name} is the first: it has nothing to grow from (init must be 'scratch')")
+    if i > 0 and stage.init != "scratch":
+      try:
+        check_growable(stages[i - 1].config.model, stage.config.model)
+      except ValueError as error:
+        raise ValueError(f"stage {stage.name}: {error}") from None
+    if backend == "local" and stage.accelerator != "cpu":
+      raise ValueError(f"stage {stage.name} runs on {stage.accelerator}; the local backend runs CPU stages only "
+                       "(try --ladder=tiny, or --backend=tpu)")
+    if backend == "tpu":
+      try:
+        chips = gcloud.check_accelerator(stage.accelerator) // 2
+      except ValueError as error:
+        raise ValueError(f"stage {stage.name}: {error}") from None
+      cfg = stage.config
+      data_parallel = chips // max(cfg.mesh.tensor, 1)
+      if (cfg.global_batch // cfg.grad_accum) % data_parallel:
+        raise ValueError(f"stage {stage.name}: a batch of {cfg.global_batch // cfg.grad_accum} sequences does not "
+                         f"split over the {data_parallel} data-parallel chips of {stage.accelerator}")
+      check_tpu_data(stage.config, f"stage {stage.name}")
+
+
+def train_argv(stage, workdir: str, overrides: list[str], grown: bool, path: str = LADDER_FILE) -> list[str]:
+  return ["python", "-m", "tokenformer_jax.cli.train", f"--config={path}:{stage.name}",
+          f"--workdir={workdir}/{stage.name}", *([f"--init_from={workdir}/{stage.name}_grown"] if grown else []),
+          *[f"--set={o}" for o in overrides]]
+
+
+def grow_argv(previous, stage, workdir: str, overrides: list[str], path: str = LADDER_FILE) -> list[str]:
+  # --overwrite: we only grow when no complete grown checkpoint exists, so a leftover is a killed attempt
+  return ["python", "-m", "tokenformer_jax.cli.grow", f"--src={workdir}/{previous.name}", f"--step={previous.steps}",
+          f"--config={path}:{stage.name}", f"--dst={workdir}/{stage.name}_grown",
+          f"--init={stage.init}", f"--seed={stage.config.seed}", "--overwrite", *[f"--set={o}" for o in overrides]]
+
+
+def run_ladder(stages, backend, workdir: str, overrides: list[str], say=print, path: str = LADDER_FILE) -> None:
+  """The stage logic both backends share; every step first asks whether it is already done."""
+  for i, stage in enumerate(stages):
+    grows = i > 0 and stage.init != "scratch"
+    origin = f"grown from {stages[i - 1].name} ({stage.init})" if grows else "from scratch"
+    say(f"# stage {stage.name}: {stage.steps:,} steps × {stage.tokens_per_step:,} tokens "
+        f"({amount(stage.tokens)}) on {stage.accelerator}, {origin}")
+    if backend.done(stage):
+      say(f"# {stage.name} is done (step {stage.steps}); skipping it")
+      backend.skip(stage)
+      continue
+    if grows and not backend.grown(stage):
+      backend.run(stage, "grow", grow_argv(stages[i - 1], stage, workdir, overrides, path),
+                  lambda stage=stage: backend.grown(stage))
+    backend.run(stage, "train", train_argv(stage, workdir, overrides, grows, path),
+                lambda stage=stage: backend.done(stage))
+    backend.end(stage)
+  say(f"# ladder done: {workdir}/{stages[-1].name}/checkpoints/{stages[-1].steps}")
+
+
+def amount(tokens: int) -> str:
+  for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+    if tokens >= size:
+      return f"{tokens / size:.3g}{unit}"
+  return str(tokens)
+
+
+class LocalBackend:
+  """Runs the stage commands as subprocesses on this machine; checks checkpoints on the local disk."""
+
+  def __init__(self, workdir: str, runner: Runner):
+    self.workdir, self.runner = workdir, runner
+
+  @staticmethod
+  def _has(run_dir: str, step: int) -> bool:
+    # On a local disk Orbax renames a step's directory into place only once it is complete
+    return (pathlib.Path(run_dir) / "checkpoints" / str(step)).is_dir()
+
+  def done(self, stage) -> bool:
+    if self.runner.dry_run:
+      self.runner.say(f"# skip {stage.name} if {self.workdir}/{stage.name}/checkpoints/{stage.steps} exists")
+      return False
+    return self._has(f"{self.workdir}/{stage.name}", stage.steps)
+
+  def grown(self, stage) -> bool:
+    if self.runner.dry_run:
+      self.runner.say(f"# grow unless {self.workdir}/{stage.name}_grown/checkpoints/0 exists")
+      return False
+    return self._has(f"{self.workdir}/{stage.name}_grown", 0)
+
+  def skip(self, stage) -> None:
+    pass
+
+  def end(self, stage) -> None:
+    pass
+
+  def run(self, stage, kind: str, argv: list[str], done) -> None:
+    if self.runner.dry_run:
+      self.runner.run(argv)
+      return
+    log_path = pathlib.Path(self.workdir) / "logs" / f"{stage.name}.{kind}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    self.runner.say(f"$ {' '.join(argv)}  (log: {log_path})")
+    with open(log_path, "a") as log:
+      child = subprocess.Popen([sys.executable, *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+      try:
+        code = child.wait()
+      finally:   # the launcher was interrupted: stop the child too (SIGTERM: the trainer saves and exits)
+        if child.poll() is None:
+          child.terminate()
+          child.wait()
+    if code != 0:
+      raise LaunchError(f"{stage.name} {kind} failed (exit {code}): {last_error(log_path)} (log: {log_path})")
+    if not done():
+      raise LaunchError(f"{stage.name} {kind} stopped before finishing (log: {log_path}); run the same command "
+                        "again to continue")
+
+
+def last_error(log_path: pathlib.Path) -> str:
+  lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith("error:")]
+  return (errors or lines or ["no output"])[-1]
+
+
+class TpuBackend:
+  """Runs each stage on its own TPU slice; checks checkpoints on GCS with `gcloud storage ls`."""
+
+  def __init__(self, workdir: str, runner: Runner, vms: dict[str, TpuVm]):
+    self.workdir, self.runner, self.vms = workdir, runner, vms
+
+  def done(self, stage) -> bool:
+    if self.runner.dry_run:
+      self.runner.say(f"# skip {stage.name} if its final checkpoint is committed:")
+    return committed(self.runner, checkpoint_url(f"{self.workdir}/{stage.name}", stage.steps))
+
+  def grown(self, stage) -> bool:
+    if self.runner.dry_run:
+      self.runner.say(f"# grow {stage.name} unless its grown checkpoint is committed:")
+    return committed(self.runner, checkpoint_url(f"{self.workdir}/{stage.name}_grown", 0))
+
+  def skip(self, stage) -> None:
+    self.vms[stage.name].delete()   # a run killed between "done" and "delete" may have left it
+
+  def end(self, stage) -> None:
+    self.vms[stage.name].delete()
+
+  def run(self, stage, kind: str, argv: list[str], done) -> None:
+    self.vms[stage.name].run_job(Job(f"{stage.name}.{kind}", argv, done, logs_to=f"{self.workdir}/logs"))
+
+
+def tpu_name(prefix: str, stage) -> str:
+  return f"{prefix}-{stage.name}".replace("_", "-").lower()
+
+
+def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str):
+  """Validates every flag the backend needs (before any command runs) and builds it."""
+  if backend == "local":
+    if workdir.startswith("gs://"):
+      raise ValueError("the local backend writes to a local --workdir, not gs://")
+    return LocalBackend(str(pathlib.Path(workdir).resolve()), runner)
+  if not workdir.startswith("gs://"):
+    raise ValueError(f"--workdir={workdir} must be a gs:// folder for the tpu backend: every worker reads and "
+                     "writes it, and the launcher checks checkpoints there")
+  vms = {s.name: make_vm(make_spec(tpu_name(prefix, s), s.accelerator), runner) for s in stages}
+  return TpuBackend(workdir.rstrip("/"), runner, vms)
+
+
+def main(argv: list[str]) -> None:
+  f = flags.FLAGS
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: a local child gets stopped too
+  try:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {argv[1:]}; config fields are set with --set field=value")
+    if not f.ladder or not f.workdir:
+      raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
+    path, stages = load_stages(f.ladder, f.set)
+    check_ladder(stages, f.backend, path)
+    runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
+    backend = make_backend(f.backend, f.workdir, stages, runner, f.tpu_prefix)
+    run_ladder(stages, backend, backend.workdir, f.set, say=runner.say, path=path)
+  except (ValueError, LaunchError) as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_tpu_flags()
+  flags.DEFINE_string("ladder", None, "A ladder of experiments/ladder.py (paper, tiny), or FILE.py:NAME.")
+  flags.DEFINE_enum("backend", "local", ("local", "tpu"), "Where the stages run.")
+  flags.DEFINE_string("workdir", None, "Where the stages' runs go (gs:// for the tpu backend).")
+  flags.DEFINE_multi_string("set", [], "Config overrides for every stage, field.sub=value (repeatable).")
+  flags.DEFINE_string("tpu_prefix", "tokenformer", "TPU names are PREFIX-STAGE.")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the launcher needs no accelerator; local stages are CPU stages
+  app.run(main)
