@@ -121,6 +121,18 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     assert restored_leaf.sharding == shardings.params["layers"]["ffn"]["key_param_tokens"]
 
 
+def test_checkpoints_work_under_a_relative_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  checkpoints = RunCheckpoints("runs/relative", keep=1)
+  checkpoints.save(3, params=params, opt_state={"step": np.int32(3)}, config={"name": "x"})
+  checkpoints.wait()
+  restored = RunCheckpoints("runs/relative", read_only=True).restore_params(
+      {"w": jax.ShapeDtypeStruct((2, 3), np.float32)})
+  np.testing.assert_array_equal(restored["w"], params["w"])
+  assert (tmp_path / "runs/relative/checkpoints/3").is_dir()
+
+
 def test_gradient_accumulation_equals_one_big_batch():
   tx = optax.sgd(1.0)   # the update is the averaged gradient itself
   schedule = optax.constant_schedule(1.0)

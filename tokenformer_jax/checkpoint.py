@@ -7,6 +7,7 @@ checkpoint saved on one mesh restores on any other (or on one device).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -20,8 +21,11 @@ class CheckpointError(ValueError):
 
 
 def checkpoints_dir(path: str | epath.Path) -> epath.Path:
-  """A run directory or its `checkpoints/` subdirectory → the `checkpoints/` directory."""
+  """A run directory or its `checkpoints/` subdirectory → the `checkpoints/` directory (absolute: Orbax
+  refuses relative paths)."""
   path = epath.Path(path)
+  if "://" not in str(path):
+    path = epath.Path(os.path.abspath(path))
   return path if path.name == "checkpoints" else path / "checkpoints"
 
 
