@@ -21,7 +21,7 @@ from etils import epath
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
-from tokenformer_jax.cli.common import load_experiment, one_line_errors
+from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, check_growable, grow, grown_config, net2net_widen, nonzero_padding,
@@ -129,7 +129,8 @@ def main(argv):
   old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
   print(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) with "
         f"{scheme}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
-        f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config} --workdir=RUN --init_from={dst}")
+        f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config}"
+        f"{''.join(f' --set {o}' for o in OVERRIDES.value)} --workdir=RUN --init_from={dst}")
   if VERIFY.value:
     verify(old_cfg, old_params, new_cfg, new_params, target)
 
