@@ -25,7 +25,11 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU.
+        "test": ["pytest>=8", "jax[tpu]>=0.10.2"],
+        # The TPU compiler, to plan a TPU run from any machine (cli/plan.py): jax[tpu] pins the libtpu its jax
+        # was built with (libtpu==0.0.42.* for jax 0.10.2). Without a TPU, set JAX_PLATFORMS=cpu for other runs.
+        "plan": ["jax[tpu]>=0.10.2"],
         # gcsfs: gs:// paths for data, tokenizers and checkpoints without TensorFlow (through fsspec).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs"],
     },

@@ -1,23 +1,34 @@
 """The mesh and the ONE table that maps logical axes to mesh axes.
 
 Modules name their axes logically (`vocab`, `embed`, `param_tokens`, `heads`, `mlp`, `layers`; activations:
-`batch`, `length`). A preset below says where each goes on the mesh ("data", "fsdp", "tensor"). Within one
-array a mesh axis is used at most once: the first rule that names a free mesh axis wins, so e.g. under
-`fsdp` a Pattention [param_tokens, embed] is split along param_tokens and its embed stays whole.
+`batch`, `length`). A preset below says where each *parameter* axis goes on the mesh ("data", "fsdp",
+"tensor"). Within one array a mesh axis is used at most once: the first rule that names a free mesh axis
+wins, so e.g. under `fsdp` a Pattention [param_tokens, embed] is split along param_tokens and its embed
+stays whole.
+
+Activations use the same names and one layout under every preset (`ACTIVATION_RULES`): the batch over the
+data-parallel axes ("data", "fsdp"), the parameter-token axis of Pattention scores (and heads, the
+vocabulary of the logits) over "tensor". The presets differ only in where parameters and optimizer state
+live; the compiler moves them to where the activations need them (an all-gather per layer under FSDP).
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
 import math
+import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tokenformer_jax.config import MeshConfig
+from tokenformer_jax.config import MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")   # the batch is split over both: FSDP is data parallelism with sharded params
+TENSOR_AXIS = "tensor"
 
 RULES = {
     # Pure data parallelism: every parameter replicated.
@@ -32,34 +43,127 @@ RULES = {
                 ("embed", "fsdp")),
 }
 
+# Activations, under every preset. "embed" and "length" stay whole.
+ACTIVATION_RULES = (("batch", BATCH_AXES), ("param_tokens", TENSOR_AXIS), ("heads", TENSOR_AXIS),
+                    ("mlp", TENSOR_AXIS), ("vocab", TENSOR_AXIS))
+
+# Which config field fixes a dimension that does not split over its shards.
+_FIELD_FOR_AXIS = {"param_tokens": "token_multiple", "vocab": "vocab_multiple"}
+
 
 def rules(preset: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """The parameter rules of a preset (with the batch rule first, for batch-shaped state)."""
   if preset not in RULES:
     raise ValueError(f"unknown sharding preset {preset!r}; choose one of {', '.join(RULES)}")
   return (("batch", BATCH_AXES),) + RULES[preset]
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all); one size may be -1 (the rest)."""
-  devices = list(jax.devices() if devices is None else devices)
+# The mesh ------------------------------------------------------------------------------------------------
+def initialize_distributed() -> None:
+  """Join the processes of a multi-host TPU slice (or of several slices) into one JAX program.
+
+  Call it before anything else touches JAX devices. On a TPU VM (or wherever JAX_COORDINATOR_ADDRESS is
+  set) it calls `jax.distributed.initialize()`, which finds the other hosts itself; on a single CPU or GPU
+  host it does nothing.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or _on_tpu_vm():
+    jax.distributed.initialize()
+
+
+def _on_tpu_vm() -> bool:
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.split(","):
+    return False
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes for `n_devices`, with a -1 size filled in; a ValueError if they don't fit."""
   sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh ({described}): sizes must be positive, with at most one -1 (the rest of the devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {len(devices)} devices: "
-                       f"{len(devices)} is not divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but there are "
-                     f"{len(devices)}; set the sizes so their product is {len(devices)} (or use -1 for one)")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if n_devices % known:
+      raise ValueError(f"mesh ({described}) cannot fill {n_devices} devices: {n_devices} is not divisible by "
+                       f"{known}; set mesh sizes whose product divides {n_devices}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise ValueError(f"mesh ({described}) needs {math.prod(sizes)} devices but there are {n_devices}; set the "
+                     f"sizes so their product is {n_devices} (or use -1 for one of them)")
+  return tuple(sizes)
 
 
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all; one size may be -1 for the rest).
+
+  On TPU the devices are laid out by the physical topology (`mesh_utils.create_device_mesh`), so "tensor"
+  and "fsdp" neighbours are ICI neighbours; over several slices (multi-slice) the "data" axis spans the
+  slices over DCN and everything else stays inside a slice (`create_hybrid_device_mesh`). Elsewhere the
+  devices are reshaped in order.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(cfg, len(devices))
+  if devices[0].platform != "tpu":
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slices) > 1:
+    if shape[0] % len(slices):
+      raise ValueError(f"the devices span {len(slices)} TPU slices, and the 'data' axis (size {shape[0]}) is the "
+                       f"one that crosses slices: make mesh.data a multiple of {len(slices)}")
+    ici = (shape[0] // len(slices), shape[1], shape[2])
+    grid = mesh_utils_hybrid(ici, (len(slices), 1, 1), devices)
+  else:
+    grid = mesh_utils_single(shape, devices)
+  return Mesh(grid, MESH_AXES)
+
+
+def mesh_utils_single(shape, devices) -> np.ndarray:
+  from jax.experimental import mesh_utils
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as error:   # a shape the topology helper can't map
+    logging.warning("mesh %s: no topology-aware layout (%s); using device order", shape, error)
+    return np.asarray(devices).reshape(shape)
+
+
+def mesh_utils_hybrid(ici, dcn, devices) -> np.ndarray:
+  from jax.experimental import mesh_utils
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+
+
+# Shardings -----------------------------------------------------------------------------------------------
 def logical_to_sharding(logical_specs, mesh: Mesh, preset: str):
   """A tree of logical PartitionSpecs → the same tree of NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(preset))
+
+
+def check_divisible(abstract, logical_specs, shardings, cfg: ModelConfig | None = None) -> None:
+  """A ValueError naming the first array dimension that does not split evenly over its mesh axes, and the
+  config field (e.g. `model.token_multiple`) that fixes it."""
+  flat_abstract = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  flat_specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), names, named in zip(flat_abstract, flat_specs, flat_shardings):
+    for dim, (size, name, axes) in enumerate(zip(leaf.shape, tuple(names), tuple(named.spec) + (None,) * 8)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      shards = math.prod(named.mesh.shape[a] for a in axes)
+      if size % shards == 0:
+        continue
+      where = jax.tree_util.keystr(path, simple=True, separator="/")
+      problem = (f"{where} has {size} along {name or f'dimension {dim}'}, which does not split over the "
+                 f"{shards} shards of mesh axes {'×'.join(axes)}")
+      field = _FIELD_FOR_AXIS.get(name)
+      if field and cfg is not None:
+        multiple = math.lcm(getattr(cfg, field), shards)
+        fix = (f"set model.{field}={multiple} (storage rounds the count up with inert rows; a checkpoint made "
+               f"with it restores on every mesh whose shard count divides {multiple})")
+      else:
+        fix = "choose mesh sizes that divide it, or another sharding preset"
+      raise ValueError(f"{problem}: {fix}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -69,3 +173,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Inside a jitted function: `nn.with_logical_constraint` lays activations out by ACTIVATION_RULES on
+  `mesh`, and the shard_map Pattention finds the mesh. Outside it (init, a plain `apply`) both are no-ops."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+    yield

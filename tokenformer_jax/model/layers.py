@@ -7,6 +7,10 @@ import jax.numpy as jnp
 
 from tokenformer_jax.config import ModelConfig
 
+# Logical axes of the residual stream, for `nn.with_logical_constraint` (a no-op outside a sharding context).
+ACTIVATION_AXES = ("batch", "length", "embed")
+HEADS_AXES = ("batch", "length", "heads", None)
+
 
 def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: jax.Array | None = None):
   """LayerNorm over the last axis, computed in float32 and returned in x's dtype."""
@@ -47,7 +51,8 @@ def apply_rotary(x: jax.Array, rotary_dims: int, base: float) -> jax.Array:
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Token-token attention (Eq. 8) with heads and a causal mask.  q, k, v, result: [batch, length, d]."""
   batch, length, d = q.shape
-  split = lambda t: t.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+  # Heads are independent: under a sharding context they split over "tensor" like the parameter tokens.
+  split = lambda t: nn.with_logical_constraint(t.reshape(batch, length, cfg.n_heads, cfg.head_dim), HEADS_AXES)
   q, k, v = split(q), split(k), split(v)
   if cfg.positions == "rotary":
     q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import LayerNorm, layer_norm
+from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, layer_norm
+from tokenformer_jax.model.pattention import OUTPUT_NAME
 from tokenformer_jax.model.tokenformer import TokenFormerBlock
 from tokenformer_jax.model.transformer import TransformerBlock
 
@@ -16,7 +17,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep every Pattention's output [batch, length, d]; recompute its scores and Θ, and the attention.
+    "projections": jax.checkpoint_policies.save_only_these_names(OUTPUT_NAME),
 }
+LOGITS_AXES = ("batch", "length", "vocab")
 
 
 def embedding_std(cfg: ModelConfig) -> float:
@@ -38,13 +42,16 @@ class LanguageModel(nn.Module):
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(embedding_std(cfg)), ("vocab", "embed")),
         (cfg.padded_vocab, cfg.d_model), jnp.float32)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+    x = nn.with_logical_constraint(jnp.take(embedding, tokens, axis=0).astype(cfg.dtype), ACTIVATION_AXES)
 
     block = BLOCKS[cfg.architecture]
     if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
+      # prevent_cse must.
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                     length=cfg.n_layers, unroll=cfg.n_layers if cfg.unroll_layers else 1,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = layers(cfg, name="layers")(x, None)
 
     if cfg.final_norm_params:
@@ -54,7 +61,7 @@ class LanguageModel(nn.Module):
     logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
     if cfg.logits_divide_by_sqrt_d:
       logits = logits / jnp.sqrt(cfg.d_model)
-    return logits
+    return nn.with_logical_constraint(logits, LOGITS_AXES)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

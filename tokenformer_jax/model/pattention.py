@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from tokenformer_jax.config import NORMALIZATIONS
 
 # A floor on ‖A‖₂² (not an added epsilon): any non-degenerate score vector is normalised exactly, and an
@@ -30,6 +32,8 @@ MIN_SUM_OF_SQUARES = 1e-12
 
 PARAM_TOKENS_AXIS = "param_tokens"
 EMBED_AXIS = "embed"
+SCORES_AXES = ("batch", "length", PARAM_TOKENS_AXIS)
+OUTPUT_NAME = "pattention_out"   # for remat="projections", which saves exactly these
 
 
 def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -64,9 +68,9 @@ def normalize_scores(scores: jax.Array, *, normalization: str = "l2_norm_gelu", 
       if axis_name is not None:
         row = row + jax.lax.axis_index(axis_name) * local_rows
       scores = jnp.where(row < n_valid, scores, -jnp.inf)
-    local_max = jnp.max(scores, axis=-1, keepdims=True)
+    local_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))   # a shift: no gradient
     row_max = local_max if axis_name is None else jax.lax.pmax(local_max, axis_name)
-    exp = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+    exp = jnp.exp(scores - row_max)
     return exp * (n_scale / _global_sum(exp, axis_name))
   raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
 
@@ -83,6 +87,10 @@ def pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_tokens: ja
   if n_scale is None:
     n_scale = key_param_tokens.shape[0]
   scores = jnp.einsum("...i,ni->...n", x, key_param_tokens.astype(x.dtype), preferred_element_type=jnp.float32)
+  if axis_name is None and scores.ndim == len(SCORES_AXES):
+    # Under a sharding context (sharding.activation_sharding) the scores keep the batch split and split their
+    # parameter-token axis like the tokens; elsewhere a no-op.
+    scores = nn.with_logical_constraint(scores, SCORES_AXES)
   weights = normalize_scores(scores, normalization=normalization, n_scale=n_scale, n_valid=n_valid,
                              approximate_gelu=approximate_gelu, axis_name=axis_name)
   return jnp.einsum("...n,no->...o", weights.astype(x.dtype), value_param_tokens.astype(x.dtype),
@@ -95,6 +103,14 @@ def rows_then_zeros(init, n_valid: int):
     values = init(key, shape, dtype)
     return values * (jnp.arange(shape[0]) < n_valid)[:, None].astype(dtype)
   return initializer
+
+
+def implementation(impl: str):
+  """"auto": `pattention`, partitioned by the compiler; "shard_map": its explicit tensor-parallel form."""
+  if impl == "shard_map":
+    from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention  # it imports this module
+    return tensor_parallel_pattention
+  return pattention
 
 
 class Pattention(nn.Module):
@@ -112,6 +128,7 @@ class Pattention(nn.Module):
   key_std: float | None = None     # None: 1/sqrt(d_in)
   value_std: float | None = None   # None: 1/sqrt(n_tokens)
   dtype: jnp.dtype = jnp.float32
+  impl: str = "auto"               # "shard_map": explicit tensor parallelism (pattention_parallel.py)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -130,7 +147,7 @@ class Pattention(nn.Module):
         "value_param_tokens",
         nn.with_logical_partitioning(rows_then_zeros(jax.nn.initializers.normal(value_std), self.n_tokens), axes),
         (n_storage, self.d_out), jnp.float32)
-    return pattention(x.astype(self.dtype), keys, values, normalization=self.normalization,
-                      n_scale=self.n_scale or self.n_tokens,
-                      n_valid=self.n_tokens if n_storage > self.n_tokens else None,
-                      approximate_gelu=self.approximate_gelu)
+    out = implementation(self.impl)(x.astype(self.dtype), keys, values, normalization=self.normalization,
+             n_scale=self.n_scale or self.n_tokens, n_valid=self.n_tokens if n_storage > self.n_tokens else None,
+             approximate_gelu=self.approximate_gelu)
+    return checkpoint_name(out, OUTPUT_NAME)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import causal_self_attention, layer_norm
+from tokenformer_jax.model.layers import ACTIVATION_AXES, causal_self_attention, layer_norm
 from tokenformer_jax.model.pattention import Pattention
 
 
@@ -30,7 +30,7 @@ def make_pattention(cfg: ModelConfig, projection: str) -> Pattention:
       n_tokens=cfg.tokens(projection), n_storage=cfg.storage_tokens(projection), d_out=cfg.d_model,
       n_scale=cfg.scale_tokens(projection), normalization=cfg.normalization,
       approximate_gelu=cfg.approximate_gelu, key_std=key_std, value_std=value_std,
-      dtype=cfg.dtype, name=projection)
+      dtype=cfg.dtype, impl=cfg.pattention_impl, name=projection)
 
 
 class TokenFormerBlock(nn.Module):
@@ -43,4 +43,4 @@ class TokenFormerBlock(nn.Module):
     q, k, v = (make_pattention(cfg, p)(h) for p in ("query", "key", "value"))
     x = x + make_pattention(cfg, "output")(causal_self_attention(q, k, v, cfg))
     x = x + make_pattention(cfg, "ffn")(layer_norm(x, cfg.layer_norm_eps))
-    return x, None
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), None

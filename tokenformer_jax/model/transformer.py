@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import LayerNorm, causal_self_attention
+from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, causal_self_attention
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float = 0.02) -> nn.Dense:
@@ -31,4 +31,4 @@ class TransformerBlock(nn.Module):
     h = LayerNorm(cfg.layer_norm_eps, name="mlp_norm")(x)
     h = jax.nn.gelu(dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h), approximate=False)
     x = x + dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h)
-    return x, None
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), None

@@ -138,6 +138,7 @@ def new_token_rows(cfg: TrainConfig, init_from: str | None) -> dict[str, tuple[i
 
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
+  sharding.initialize_distributed()   # multi-host TPU: join the other hosts before anything touches devices
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
   adopted = None

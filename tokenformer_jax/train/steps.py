@@ -33,6 +33,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
   shardings = sharding.logical_to_sharding(specs, mesh, preset)
+  sharding.check_divisible(abstract, specs, shardings, cfg)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
 
@@ -62,7 +63,12 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
 
 
 def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh: Mesh, grad_accum: int = 1):
-  """jit(state, batch) → (state, metrics); gradients averaged over the real targets of all micro-batches."""
+  """jit(state, batch) → (state, metrics); gradients averaged over the real targets of all micro-batches.
+
+  The state keeps `shardings` (the preset's); activations are laid out by `sharding.activation_sharding`,
+  under which a `pattention_impl="shard_map"` model finds its mesh. `.lower(abstract_state, abstract_batch)`
+  compiles it ahead of time (plan.py).
+  """
   value_and_grad = jax.value_and_grad(functools.partial(loss_sums, cfg), has_aux=True)
 
   def step(state: TrainState, batch: dict):
@@ -71,9 +77,12 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
       (micro_loss, micro_count), micro_grads = value_and_grad(state.params, micro["tokens"], micro["mask"])
       return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-    micro = jax.tree.map(functools.partial(_micro_batches, count=grad_accum), batch)
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+    if grad_accum == 1:   # no loop: the compiler's cost analysis counts a loop body once
+      (loss_sum, count), grads = value_and_grad(state.params, batch["tokens"], batch["mask"])
+    else:
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+      micro = jax.tree.map(functools.partial(_micro_batches, count=grad_accum), batch)
+      (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -83,13 +92,20 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
                "learning_rate": schedule(state.step), "targets": count}
     return new_state, metrics
 
+  def step_on_mesh(state: TrainState, batch: dict):
+    with sharding.activation_sharding(mesh):
+      return step(state, batch)
+
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+  return jax.jit(step_on_mesh, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(cfg: ModelConfig, shardings: TrainState, mesh: Mesh):
   """jit(params, batch) → (Σ loss, number of targets)."""
-  return jax.jit(lambda params, batch: loss_sums(cfg, params, batch["tokens"], batch["mask"]),
-                 in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+  def eval_step(params, batch):
+    with sharding.activation_sharding(mesh):
+      return loss_sums(cfg, params, batch["tokens"], batch["mask"])
+
+  return jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
