@@ -166,3 +166,11 @@ def test_config_errors_are_sentences():
     ModelConfig(name="x")
   with pytest.raises(ValueError, match="has no config named 'nope'"):
     load_config("experiments/tiny.py:nope")
+
+
+def test_padded_vocabulary_ids_get_no_probability():
+  cfg = load_config("experiments/tiny.py:tiny_tokenformer").replace(vocab_size=250)   # padded to 256
+  params = trained_looking(cfg)
+  probabilities = jax.nn.softmax(LanguageModel(cfg).apply({"params": params}, text_batch(2, 16) % 250), axis=-1)
+  assert float(jnp.max(probabilities[..., 250:])) == 0.0
+  np.testing.assert_allclose(jnp.sum(probabilities[..., :250], axis=-1), 1.0, rtol=1e-5)

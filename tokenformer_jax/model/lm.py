@@ -61,6 +61,8 @@ class LanguageModel(nn.Module):
     logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
     if cfg.logits_divide_by_sqrt_d:
       logits = logits / jnp.sqrt(cfg.d_model)
+    if cfg.padded_vocab > cfg.vocab_size:   # ids past the tokenizer's never occur: keep them out of the softmax
+      logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
     return nn.with_logical_constraint(logits, LOGITS_AXES)
 
 
