@@ -45,7 +45,7 @@ def test_plan_compiles_a_tiny_model_for_a_v4_8():
   result = plan.plan(tiny(), "v4-8")
   assert result.fits and result.chips == 4 and result.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
   params_and_optimizer = result.hbm["params"] + result.hbm["optimizer"]
-  assert 0 < params_and_optimizer < result.hbm["total"] < plan.HBM_PER_CHIP
+  assert 0 < params_and_optimizer < result.hbm["total"] < plan.HBM_USABLE
   # FSDP over 4 chips: a chip holds a quarter of the float32 parameters, and twice that in Adam moments.
   n_params = count_params(tiny().model)["total"]
   assert result.hbm["params"] == pytest.approx(4 * n_params / 4)
@@ -62,7 +62,7 @@ def test_a_step_that_does_not_fit_is_reported_not_raised():
   # The logits of 512 × 4096 tokens over a 50k vocabulary alone need ~100 GB per chip.
   result = plan.plan(tiny(global_batch=512, seq_len=4096, vocab_size=50277, max_seq_len=4096), "v4-8", cost=False)
   assert not result.fits and "memory" in result.error.lower()
-  assert result.hbm["temp"] > plan.HBM_PER_CHIP
+  assert result.hbm["temp"] > plan.HBM_USABLE
 
 
 def test_cli_errors_are_one_line():

@@ -30,7 +30,8 @@ import re
 from tokenformer_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig, DataConfig, flops_per_token
 
 PEAK_FLOPS_PER_CHIP = 275e12          # TPU v4, bf16 dense
-HBM_PER_CHIP = 32 * 2**30             # TPU v4 (the compiler leaves ~30.75 GiB to the program)
+HBM_PER_CHIP = 32 * 2**30             # TPU v4
+HBM_USABLE = 30.75 * 2**30            # what the TPU compiler leaves to a program on a v4 chip
 CHIPS_PER_HOST = (2, 2, 1)            # a v4 host drives 4 chips
 # Chip grids of the v4 slice sizes (v4-N has N/2 chips; each chip is one megacore device).
 V4_GRIDS = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
@@ -123,6 +124,7 @@ class Plan:
   model_flops_per_step: float
   compiler_flops_per_step: float | None = None
   step_seconds: float | None = None
+  cost_micro_steps: int = 1             # the cost compile's split of the batch (see _cost)
   error: str | None = None
 
   @property
@@ -184,16 +186,37 @@ def _corrected_seconds(compiled) -> float | None:
   return seconds if seconds > 0 else None
 
 
-def _cost(cfg: TrainConfig, devices) -> tuple[float | None, float | None]:
-  """(compiler FLOPs per chip, cost-model seconds) of one step.
+def _cost(cfg: TrainConfig, devices) -> tuple[float | None, float | None, int]:
+  """(compiler FLOPs per chip, cost-model seconds, micro-steps) of one step.
 
   XLA's cost analysis counts a loop body once, so this compiles the step with no loops: layers unrolled (at
   2 and 3 layers, extrapolated linearly to the model's depth; the first layer differs, since remat does not
   recompute the last one), and without windowed einsums (the TPU compiler's loops that overlap an FSDP
-  all-gather with its matmul). grad_accum micro-steps cost one micro-step each.
+  all-gather with its matmul). A step of k micro-batches costs k micro-steps. Unrolled layers need more
+  memory than scanned ones; when that compile does not fit, the batch is split into more micro-steps (which
+  slightly over-estimates: each gathers the weights, and the optimizer update is counted once per split).
   """
+  splits = cfg.grad_accum
+  while True:
+    try:
+      flops, seconds = _cost_of_micro_steps(cfg, splits, devices)
+      return flops, seconds, splits
+    except Exception as error:  # noqa: BLE001 (the TPU compiler's out-of-memory error)
+      micro = cfg.global_batch // (2 * splits)
+      data_parallel = math.prod(_mesh_shape(cfg, devices)[:2])
+      if _out_of_memory(error) is None or cfg.global_batch % (2 * splits) or micro % data_parallel:
+        raise
+      splits *= 2
+
+
+def _mesh_shape(cfg: TrainConfig, devices) -> tuple[int, int, int]:
+  from tokenformer_jax import sharding
+  return sharding.mesh_shape(cfg.mesh, len(devices))
+
+
+def _cost_of_micro_steps(cfg: TrainConfig, splits: int, devices) -> tuple[float | None, float | None]:
   depths = [d for d in (2, 3) if d <= cfg.model.n_layers] or [cfg.model.n_layers]
-  micro = cfg.replace(global_batch=cfg.global_batch // cfg.grad_accum, grad_accum=1)
+  micro = cfg.replace(global_batch=cfg.global_batch // splits, grad_accum=1)
   measured = []
   for depth in depths:
     model = cfg.model.replace(n_layers=depth, unroll_layers=True)
@@ -208,7 +231,7 @@ def _cost(cfg: TrainConfig, devices) -> tuple[float | None, float | None]:
   more = cfg.model.n_layers - depths[0]
   flops = f_low + more * (f_high - f_low) if more else f_low
   seconds = s_low + more * (s_high - s_low) if more else s_low
-  return flops * cfg.grad_accum, seconds * cfg.grad_accum
+  return flops * splits, seconds * splits
 
 
 def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Plan:
@@ -220,7 +243,7 @@ def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Pl
   result = Plan(config=cfg.model.name, topology=topology.name, chips=len(devices), mesh=dict(mesh.shape),
                 preset=cfg.mesh.preset, remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=tokens,
                 fits=False, hbm={"params": _bytes_per_chip(abstract.params),
-                                 "optimizer": _bytes_per_chip(abstract.opt_state), "limit": float(HBM_PER_CHIP)},
+                                 "optimizer": _bytes_per_chip(abstract.opt_state), "limit": float(HBM_USABLE)},
                 model_flops_per_step=float(flops_per_token(cfg.model, cfg.data.seq_len) * tokens))
   try:
     compiled = step.lower(abstract, batch).compile()
@@ -235,13 +258,17 @@ def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Pl
       result.hbm["temp"] = float(value) * 2 ** (10 * "KMGT".index(unit) + 10)
     return result
   memory = compiled.memory_analysis()
-  result.fits = True
   result.hbm.update(
       temp=float(memory.temp_size_in_bytes),
       total=float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                   + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes))
+  # The compiler checks its temporaries against the usable HBM; the state lives there too.
+  result.fits = result.hbm["total"] <= HBM_USABLE
+  if not result.fits:
+    result.error = f"state + temporaries {result.hbm['total'] / GiB:.2f} GiB > {HBM_USABLE / GiB:.2f} GiB usable"
+    return result
   if cost:
-    flops_per_chip, result.step_seconds = _cost(cfg, devices)
+    flops_per_chip, result.step_seconds, result.cost_micro_steps = _cost(cfg, devices)
     result.compiler_flops_per_step = None if flops_per_chip is None else flops_per_chip * len(devices)
   return result
 
@@ -298,6 +325,8 @@ def table_row(result: Plan, tokens: float) -> str:
   compiler = f" ({result.compiler_flops_per_step:.3g})" if result.compiler_flops_per_step else ""
   mfu = "?" if result.mfu is None else f"{result.mfu:.1%}"
   step = "?" if result.step_seconds is None else f"{result.step_seconds:.3f} s"
+  if result.step_seconds is not None and result.cost_micro_steps > 1:
+    step += f" (in {result.cost_micro_steps} parts)"
   return (f"| {result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | {result.remat} | "
           f"{memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | {mfu} | {tokens:.3g} | "
           f"{_number(result.days(tokens), '.1f')} | {_number(result.chip_hours(tokens), ',.0f')} |")
@@ -309,11 +338,14 @@ def describe(result: Plan, tokens: float) -> str:
            f"remat {result.remat}, grad_accum {result.grad_accum}, {result.tokens_per_step} tokens per step",
            f"  HBM per chip: params {_gib(result.hbm.get('params'))} GiB, optimizer "
            f"{_gib(result.hbm.get('optimizer'))} GiB, activations/temp {_gib(result.hbm.get('temp'))} GiB, total "
-           f"{_gib(result.hbm.get('total'))} GiB of {_gib(HBM_PER_CHIP)} GiB"
+           f"{_gib(result.hbm.get('total'))} GiB of {HBM_USABLE / GiB:.2f} GiB usable ({_gib(HBM_PER_CHIP)} GiB HBM)"
            + ("" if result.fits else f"  -> DOES NOT FIT: {result.error}")]
   if result.fits:
     lines.append(f"  FLOPs per step: model {result.model_flops_per_step:.4g}, compiler "
                  f"{_number(result.compiler_flops_per_step, '.4g')}")
+    if result.cost_micro_steps > 1:
+      lines.append(f"  (the loop-free cost compile did not fit in HBM: costed as {result.cost_micro_steps} "
+                   "micro-steps, a slight over-estimate)")
     lines.append(f"  cost-model step time {_number(result.step_seconds, '.4f')} s, MFU "
                  f"{'?' if result.mfu is None else f'{result.mfu:.1%}'} of {PEAK_FLOPS_PER_CHIP / 1e12:.0f} TFLOP/s "
                  f"per chip")

@@ -22,6 +22,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tokenformer_jax.config import MeshConfig, ModelConfig
@@ -115,24 +116,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
       raise ValueError(f"the devices span {len(slices)} TPU slices, and the 'data' axis (size {shape[0]}) is the "
                        f"one that crosses slices: make mesh.data a multiple of {len(slices)}")
     ici = (shape[0] // len(slices), shape[1], shape[2])
-    grid = mesh_utils_hybrid(ici, (len(slices), 1, 1), devices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (len(slices), 1, 1), devices, allow_split_physical_axes=True)
   else:
-    grid = mesh_utils_single(shape, devices)
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as error:   # a shape the helper cannot map
+      logging.warning("mesh %s: no topology-aware layout (%s); using device order", shape, error)
+      grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
-
-
-def mesh_utils_single(shape, devices) -> np.ndarray:
-  from jax.experimental import mesh_utils
-  try:
-    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError) as error:   # a shape the topology helper can't map
-    logging.warning("mesh %s: no topology-aware layout (%s); using device order", shape, error)
-    return np.asarray(devices).reshape(shape)
-
-
-def mesh_utils_hybrid(ici, dcn, devices) -> np.ndarray:
-  from jax.experimental import mesh_utils
-  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
 
 
 # Shardings -----------------------------------------------------------------------------------------------
@@ -148,7 +139,8 @@ def check_divisible(abstract, logical_specs, shardings, cfg: ModelConfig | None 
   flat_specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
   flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   for (path, leaf), names, named in zip(flat_abstract, flat_specs, flat_shardings):
-    for dim, (size, name, axes) in enumerate(zip(leaf.shape, tuple(names), tuple(named.spec) + (None,) * 8)):
+    mesh_axes = tuple(named.spec) + (None,) * (len(leaf.shape) - len(named.spec))
+    for dim, (size, name, axes) in enumerate(zip(leaf.shape, tuple(names), mesh_axes)):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       shards = math.prod(named.mesh.shape[a] for a in axes)
       if size % shards == 0:

@@ -24,6 +24,7 @@ TOKENS = flags.DEFINE_float("tokens", 30e9, "Token budget for the days and chip-
 LADDER = flags.DEFINE_bool("ladder", False, "Plan every ladder stage and the Pile 1.5B: smallest slice that fits.")
 SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--ladder: the slices to try, smallest first.")
 REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--ladder: remat policies to try, in this order.")
+STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages (config names), e.g. ladder_1_4b.")
 
 # (config, token budget, global batch, sequence length): paper §4.1 and App. D/F.
 LADDER_STAGES = (("experiments/paper.py:ladder_124m", 300e9, 512, 1024),
@@ -45,11 +46,19 @@ def train_config(spec: str, overrides, global_batch: int = 512, seq_len: int = 1
 def ladder() -> None:
   rows = []
   for spec, tokens, global_batch, seq_len in LADDER_STAGES:
+    if STAGES.value and spec.partition(":")[2] not in STAGES.value:
+      continue
     cfg = train_config(spec, OVERRIDES.value, global_batch, seq_len)
     print(f"{cfg.model.name}: {global_batch} × {seq_len} tokens per step", flush=True)
-    found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
+    try:
+      found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
+    except Exception as error:  # noqa: BLE001 (one stage's failure leaves the others' rows)
+      found, failure = None, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    else:
+      failure = f"fits none of {', '.join(SLICES.value)}"
     rows.append(plan.table_row(found, tokens) if found else
-                f"| {cfg.model.name} | none of {', '.join(SLICES.value)} | | | | | | | {tokens:.3g} | | |")
+                f"| {cfg.model.name} | {failure} | | | | | | | {tokens:.3g} | | |")
+    print(rows[-1], flush=True)
   print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows))
 
 

@@ -21,7 +21,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.ad_checkpoint import checkpoint_name
 
 from tokenformer_jax.config import NORMALIZATIONS
@@ -147,7 +146,7 @@ class Pattention(nn.Module):
         "value_param_tokens",
         nn.with_logical_partitioning(rows_then_zeros(jax.nn.initializers.normal(value_std), self.n_tokens), axes),
         (n_storage, self.d_out), jnp.float32)
-    out = implementation(self.impl)(x.astype(self.dtype), keys, values, normalization=self.normalization,
-             n_scale=self.n_scale or self.n_tokens, n_valid=self.n_tokens if n_storage > self.n_tokens else None,
-             approximate_gelu=self.approximate_gelu)
+    out = implementation(self.impl)(
+        x.astype(self.dtype), keys, values, normalization=self.normalization, n_scale=self.n_scale or self.n_tokens,
+        n_valid=self.n_tokens if n_storage > self.n_tokens else None, approximate_gelu=self.approximate_gelu)
     return checkpoint_name(out, OUTPUT_NAME)
