@@ -1,7 +1,10 @@
 """Launch TokenFormer training on TPU v4 slices with gcloud, and run the growth ladder (on TPUs or locally).
 
   gcloud.py    every gcloud command line the launcher issues, built by pure functions (tested exactly)
-  runner.py    runs them: retries with backoff on transient failures, one clear line on permanent ones
-  tpu.py       one TPU VM's life: create, wait, copy code, set up, start, watch (recreate on preemption), delete
+  worker.py    what runs on the workers: the setup (startup-script: uv's Python + the lock file), start, alive
+  lock.py      the lock file: exact versions of the trainer's dependency closure, recorded when a ladder starts
+  faults.py    every TPU / queued-resource state and health value → a decision; preemption and TPU-hour budgets
+  runner.py    runs commands: retries with backoff on transient failures, one clear line on permanent ones
+  tpu.py       one TPU slice's life: preflight, create, set up, start, the watch (recreate / restart / wait), delete
   ladder.py    the ladder: skip done stages, grow from the previous one, train; idempotent
 """

@@ -25,9 +25,10 @@ import sys
 from absl import app, flags
 
 from launch import gcloud
+from launch.faults import Budget
 from launch.runner import LaunchError, Runner
-from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed,
-                        define_tpu_flags, make_spec, make_vm)
+from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls,
+                        define_tpu_flags, ledger_budgets, job_env, make_spec, make_vm, preflight, worker_setup)
 from tokenformer_jax.config import apply_overrides, load_config
 from tokenformer_jax.growth import check_growable
 
@@ -185,10 +186,14 @@ def last_error(log_path: pathlib.Path) -> str:
 
 
 class TpuBackend:
-  """Runs each stage on its own TPU slice; checks checkpoints on GCS with `gcloud storage ls`."""
+  """Runs each stage on a TPU slice; consecutive stages on the same slice type share one (kept between them).
+  Checks checkpoints on GCS with `gcloud storage ls`."""
 
-  def __init__(self, workdir: str, runner: Runner, vms: dict[str, TpuVm]):
-    self.workdir, self.runner, self.vms = workdir, runner, vms
+  def __init__(self, workdir: str, runner: Runner, vms: dict[str, TpuVm], env: dict[str, str] | None = None,
+               budgets: dict[str, Budget] | None = None, ladder_budget: Budget | None = None):
+    self.workdir, self.runner, self.vms, self.env = workdir, runner, vms, dict(env or {})
+    self.budgets, self.ladder_budget = budgets or {}, ladder_budget
+    self.order = list(vms)
 
   def done(self, stage) -> bool:
     if self.runner.dry_run:
@@ -200,22 +205,45 @@ class TpuBackend:
       self.runner.say(f"# grow {stage.name} unless its grown checkpoint is committed:")
     return committed(self.runner, checkpoint_url(f"{self.workdir}/{stage.name}_grown", 0))
 
+  def _release(self, stage) -> None:
+    """Delete the stage's TPU unless the next stage runs on the same one (keeping a slice also keeps spot capacity)."""
+    i = self.order.index(stage.name)
+    vm = self.vms[stage.name]
+    if i + 1 < len(self.order) and self.vms[self.order[i + 1]] is vm:
+      vm.say(f"kept for {self.order[i + 1]} (same slice)")
+      return
+    vm.delete()
+
   def skip(self, stage) -> None:
-    self.vms[stage.name].delete()   # a run killed between "done" and "delete" may have left it
+    self._release(stage)   # a run killed between "done" and "delete" may have left it
 
   def end(self, stage) -> None:
-    self.vms[stage.name].delete()
+    self._release(stage)
 
   def run(self, stage, kind: str, argv: list[str], done) -> None:
-    self.vms[stage.name].run_job(Job(f"{stage.name}.{kind}", argv, done, logs_to=f"{self.workdir}/logs"))
+    budgets = [b for b in (self.budgets.get(stage.name), self.ladder_budget) if b is not None]
+    self.vms[stage.name].run_job(Job(f"{stage.name}.{kind}", argv, done, logs_to=f"{self.workdir}/logs",
+                                     env=self.env), budgets)
 
 
 def tpu_name(prefix: str, stage) -> str:
   return f"{prefix}-{stage.name}".replace("_", "-").lower()
 
 
+def slice_groups(stages) -> list[list]:
+  """Runs of consecutive stages on the same slice type: each run shares one TPU, named after its first stage."""
+  groups: list[list] = []
+  for stage in stages:
+    if groups and groups[-1][-1].accelerator == stage.accelerator:
+      groups[-1].append(stage)
+    else:
+      groups.append([stage])
+  return groups
+
+
 def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str):
-  """Validates every flag the backend needs (before any command runs) and builds it."""
+  """Validates every flag the backend needs (before any command runs) and builds it. For TPUs: preflight (project,
+  zone, bucket, data), then the lock file and the code in the workdir."""
   if backend == "local":
     if workdir.startswith("gs://"):
       raise ValueError("the local backend writes to a local --workdir, not gs://")
@@ -223,8 +251,31 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
   if not workdir.startswith("gs://"):
     raise ValueError(f"--workdir={workdir} must be a gs:// folder for the tpu backend: every worker reads and "
                      "writes it, and the launcher checks checkpoints there")
-  vms = {s.name: make_vm(make_spec(tpu_name(prefix, s), s.accelerator), runner) for s in stages}
-  return TpuBackend(workdir.rstrip("/"), runner, vms)
+  f = flags.FLAGS
+  workdir = workdir.rstrip("/")
+  env = job_env(f.env, workdir, f.compilation_cache)
+  specs = {group[0].name: make_spec(tpu_name(prefix, group[0]), group[0].accelerator)
+           for group in slice_groups(stages)}
+  for stage in stages:   # multislice: the 'data' mesh axis is the one that spans the slices (sharding.py)
+    data = stage.config.mesh.data
+    if f.slices > 1 and data != -1 and data % f.slices:
+      raise ValueError(f"stage {stage.name}: --slices={f.slices} needs mesh.data to be a multiple of {f.slices} "
+                       f"(it is {data}); add --set mesh.data={f.slices}")
+  if f.preflight and not runner.dry_run:
+    urls = sorted({u for s in stages for u in data_urls(s.config)})
+    preflight(runner, list(specs.values()), workdir, urls)
+  setup = worker_setup(runner, workdir, f.lock)
+  vms = {}
+  for group in slice_groups(stages):
+    vm = make_vm(specs[group[0].name], runner, setup)
+    vms.update({s.name: vm for s in group})
+  if runner.dry_run:
+    return TpuBackend(workdir, runner, vms, env)
+  budgets, ladder_budget, save = ledger_budgets(runner, workdir, [s.name for s in stages], f.max_preemptions,
+                                                f.max_tpu_hours, f.max_ladder_preemptions, f.max_ladder_tpu_hours)
+  for vm in vms.values():
+    vm.ledger = save
+  return TpuBackend(workdir, runner, vms, env, budgets, ladder_budget)
 
 
 def main(argv: list[str]) -> None:
@@ -240,6 +291,11 @@ def main(argv: list[str]) -> None:
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
     backend = make_backend(f.backend, f.workdir, stages, runner, f.tpu_prefix)
     run_ladder(stages, backend, backend.workdir, f.set, say=runner.say, path=path)
+  except KeyboardInterrupt:
+    if f.backend == "tpu" and not f.dry_run:
+      print("interrupted: the current stage's TPU and its job are left running; run the same command again to "
+            "adopt them (or delete the TPU with `python -m launch.tpu delete ...`)", file=sys.stderr, flush=True)
+    sys.exit(130)
   except (ValueError, LaunchError) as error:
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -247,10 +303,16 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_tpu_flags()
+  flags.adopt_module_key_flags(sys.modules[define_tpu_flags.__module__])   # --help lists the TPU flags too
+  flags.DEFINE_integer("max_ladder_preemptions", None, "Stop the ladder after more preemptions than this, all "
+                       "stages together (default: no limit).")
+  flags.DEFINE_float("max_ladder_tpu_hours", None, "Stop the ladder after more TPU chip-hours than this, all "
+                     "stages together (default: no limit).")
   flags.DEFINE_string("ladder", None, "A ladder of experiments/ladder.py (paper, tiny), or FILE.py:NAME.")
   flags.DEFINE_enum("backend", "local", ("local", "tpu"), "Where the stages run.")
   flags.DEFINE_string("workdir", None, "Where the stages' runs go (gs:// for the tpu backend).")
   flags.DEFINE_multi_string("set", [], "Config overrides for every stage, field.sub=value (repeatable).")
-  flags.DEFINE_string("tpu_prefix", "tokenformer", "TPU names are PREFIX-STAGE.")
+  flags.DEFINE_string("tpu_prefix", "tokenformer", "TPU names are PREFIX-STAGE, STAGE the first of each run of "
+                      "consecutive stages on the same slice type (they share that TPU).")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the launcher needs no accelerator; local stages are CPU stages
   app.run(main)

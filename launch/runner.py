@@ -20,10 +20,16 @@ TRANSIENT = re.compile(
     r"\b50[234]\b|Connection (closed|reset|refused|timed out)|ssh: connect to host|Could not get lock|"
     r"no more capacity|currently unavailable")
 NOT_TRANSIENT = re.compile(r"[Qq]uota")
+# No capacity for a TPU created directly: the TPU code waits and tries again (within --ready_timeout_s) instead of
+# the runner's few minutes of backoff.
+NO_CAPACITY = ("no more capacity", "There is no more capacity", "currently unavailable", "ZONE_RESOURCE_POOL_EXHAUSTED",
+               "Insufficient capacity")
+# A fresh VM's ssh keys are still propagating: transient right after creation only.
+PUBLICKEY = re.compile(r"Permission denied \(publickey")
 
 
-def is_transient(output: str) -> bool:
-  return bool(TRANSIENT.search(output)) and not NOT_TRANSIENT.search(output)
+def is_transient(output: str, also: re.Pattern | None = None) -> bool:
+  return bool(TRANSIENT.search(output) or (also and also.search(output))) and not NOT_TRANSIENT.search(output)
 
 
 def reason(output: str) -> str:
@@ -55,34 +61,45 @@ class Result:
   stderr: str
 
 
+def execute(argv: Sequence[str]) -> Result:
+  """Run argv as a subprocess (no stdin), capturing its output."""
+  try:
+    done = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+  except FileNotFoundError:
+    raise LaunchError(f"{argv[0]} is not on PATH; install the Google Cloud CLI (https://cloud.google.com/sdk) "
+                      "and run `gcloud auth login`") from None
+  return Result(done.returncode, done.stdout, done.stderr)
+
+
 class Runner:
-  """Executes argv lists. `dry_run` prints them instead; `sleep` is injectable so tests do not wait."""
+  """Executes argv lists. `dry_run` prints them instead; `sleep`, `clock` and `execute` are injectable so tests
+  neither wait nor need gcloud."""
 
   def __init__(self, *, attempts: int = 6, backoff_s: float = 10.0, max_backoff_s: float = 300.0,
                dry_run: bool = False, sleep: Callable[[float], None] = time.sleep,
-               say: Callable[[str], None] = lambda line: print(line, flush=True)):
+               clock: Callable[[], float] = time.time,
+               say: Callable[[str], None] = lambda line: print(line, flush=True),
+               execute: Callable[[Sequence[str]], Result] = execute):
     self.attempts, self.backoff_s, self.max_backoff_s = attempts, backoff_s, max_backoff_s
-    self.dry_run, self.sleep, self.say = dry_run, sleep, say
+    self.dry_run, self.sleep, self.clock, self.say, self.execute = dry_run, sleep, clock, say, execute
 
-  def run(self, argv: Sequence[str], *, expect: Sequence[str] = (), quiet: bool = False) -> Result:
+  def run(self, argv: Sequence[str], *, expect: Sequence[str] = (), quiet: bool = False,
+          also_transient: re.Pattern | None = None) -> Result:
     """Run argv until it succeeds, or fails with stderr containing one of `expect` (an answer such as
-    NOT_FOUND, returned to the caller); raise LaunchError on a permanent failure or after the last attempt."""
+    NOT_FOUND, returned to the caller); raise LaunchError on a permanent failure or after the last attempt.
+    `also_transient` adds failures worth retrying for this call (e.g. PUBLICKEY right after creation)."""
     if self.dry_run:
       self.say(display(argv))
       return Result(0, "", "")
     if not quiet:
       self.say(f"$ {display(argv)}")
     for attempt in range(1, self.attempts + 1):
-      try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
-      except FileNotFoundError:
-        raise LaunchError(f"{argv[0]} is not on PATH; install the Google Cloud CLI (https://cloud.google.com/sdk) "
-                          "and run `gcloud auth login`") from None
+      done = self.execute(argv)
       if done.returncode == 0 or any(e in done.stderr for e in expect):
-        return Result(done.returncode, done.stdout, done.stderr)
+        return done
       output = done.stderr + "\n" + done.stdout
       why = reason(done.stderr) if done.stderr.strip() else reason(done.stdout)
-      if not is_transient(output):
+      if not is_transient(output, also_transient):
         raise LaunchError(f"`{short(argv)}` failed (exit {done.returncode}): {why}")
       if attempt == self.attempts:
         raise LaunchError(f"`{short(argv)}` still failing after {attempt} attempts (exit {done.returncode}): {why}")

@@ -1,18 +1,22 @@
-"""One TPU VM's life, and the `python -m launch.tpu` command for single jobs.
+"""One TPU slice's life, and the `python -m launch.tpu` command for single jobs.
 
-  python -m launch.tpu up     --name=tf-demo --project=P --zone=us-central2-b --accelerator=v4-32 --provisioning=spot
+  python -m launch.tpu up     --name=tf-demo --project=P --zone=us-central2-b --accelerator=v4-32 --workdir=gs://B/x
   python -m launch.tpu train  --name=tf-demo ... --config=experiments/ladder.py:paper_124m --workdir=gs://B/run
-  python -m launch.tpu run    --name=tf-demo ... --job=eval -- python -m ... (on a TPU that is `up`; no watch)
-  python -m launch.tpu logs|status|delete --name=tf-demo --project=P --zone=us-central2-b --accelerator=v4-32
+  python -m launch.tpu run    --name=tf-demo ... --workdir=gs://B/x --job=eval -- python -m ... (no watch)
+  python -m launch.tpu logs   --workdir=gs://B/run --job=train [--follow]   (the copies on GCS; works after a loss)
+  python -m launch.tpu status|delete --name=tf-demo --project=P --zone=us-central2-b
   python -m launch.tpu ssh    --name=tf-demo ... -- 'pgrep -af tokenformer_jax'
 
-`train` is the watch mode: it keeps the job going until its final checkpoint exists, deleting and recreating
-the TPU when it is preempted, suspended or the job dies (the trainer resumes from its latest checkpoint), and
-deletes the TPU at the end unless --keep.
+`train` is the watch mode: it keeps the job going until its final checkpoint exists. It decides from the TPU's state
+and health (faults.py): a preempted, lost or failed TPU is deleted and recreated, an unhealthy or unreadable one is
+waited on for a bounded time first, a job that died on a healthy TPU is restarted there; budgets of preemptions
+and TPU hours stop it with one line. On any failure the TPU is deleted unless --keep_on_failure.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import sys
 import tarfile
@@ -22,24 +26,20 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from launch import gcloud
-from launch.runner import LaunchError, Runner, display
+from launch import gcloud, worker
+from launch.faults import Budget, BudgetExceeded, Status, Verdict, node_status, queued_status
+from launch.runner import NO_CAPACITY, PUBLICKEY, LaunchError, Runner, display, is_transient, reason
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ("setup.py", "README.md", "tokenformer_jax", "experiments", "launch")
-
-# What a state means for us. Node states: CREATING, READY, RESTARTING, REPAIRING, STOPPED, PREEMPTED, ...
-# Queued-resource states: WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, SUSPENDED, FAILED, ...
-PENDING = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "UNHIDING", "DELETING", "ACCEPTED",
-           "WAITING_FOR_RESOURCES", "PROVISIONING", "SUSPENDING"}
-BROKEN = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "SUSPENDED", "HIDDEN", "HIDING", "FAILED"}
 NOT_FOUND = ("NOT_FOUND", "not found")
 NO_OBJECTS = ("matched no objects", "One or more URLs matched no objects")
 
 
 def build_archive(path: pathlib.Path | None = None) -> pathlib.Path:
-  """The code as a source archive (setup.py, the package, experiments/, launch/) for `pip install '.[tpu]'`."""
-  path = path or pathlib.Path(tempfile.gettempdir()) / gcloud.ARCHIVE
+  """The code as a source archive (setup.py, the package, experiments/, launch/), written under a fresh temporary
+  name (two launchers on one machine never share it)."""
+  path = path or pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "src.tar.gz"
   partial = path.with_suffix(".partial")
   skip = lambda info: None if "__pycache__" in info.name or info.name.endswith((".pyc", ".egg-info")) else info
   with tarfile.open(partial, "w:gz") as archive:
@@ -49,169 +49,536 @@ def build_archive(path: pathlib.Path | None = None) -> pathlib.Path:
   return path
 
 
+def code_digest() -> str:
+  """A digest of the shipped files' contents: the archive's name on GCS (same code, same name; other code, other
+  name, so two ladders or two versions never overwrite each other's code)."""
+  digest = hashlib.sha256()
+  for name in SHIPPED:
+    root = REPO / name
+    for path in sorted([root] if root.is_file() else root.rglob("*")):
+      if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith((".pyc", ".partial")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+  return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSetup:
+  """What every worker installs: the code on GCS, the lock file's exact versions and the Python they need."""
+  archive_url: str
+  lock_text: str
+  python_version: str
+
+  @property
+  def script(self) -> str:
+    return worker.setup_script(self.archive_url, self.lock_text, self.python_version)
+
+
+def upload_code(runner: Runner, workdir: str) -> str:
+  """Upload the code to WORKDIR/code/src-<digest>.tar.gz unless it is there already; returns the URL."""
+  url = f"{workdir.rstrip('/')}/code/src-{code_digest()}.tar.gz"
+  if not exists(runner, url):
+    runner.run(gcloud.storage_cp(str(build_archive()), url))
+  return url
+
+
+def ensure_lock(runner: Runner, workdir: str, make: Callable[[], str]) -> str:
+  """WORKDIR/requirements.lock: read it if the ladder wrote it before (the versions stay those of its first start),
+  else write `make()` there. Returns its text."""
+  url = f"{workdir.rstrip('/')}/requirements.lock"
+  found = runner.run(gcloud.storage_cat(url), expect=NO_OBJECTS, quiet=True)
+  if found.returncode == 0 and found.stdout.strip():
+    return found.stdout
+  text = make()
+  local = pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "requirements.lock"
+  local.write_text(text)
+  runner.run(gcloud.storage_cp(str(local), url))
+  return text
+
+
 @dataclasses.dataclass
 class Job:
   """A command run on every worker, and how to tell it has finished (exit codes can't: SIGTERM exits 0)."""
   name: str                        # names its logs and pid file on the workers, e.g. "paper_354m.train"
   argv: list[str]
   done: Callable[[], bool]
-  logs_to: str | None = None       # a gs:// folder the workers copy their logs to
+  logs_to: str | None = None       # a gs:// folder the workers copy their logs to while the job runs
+  env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """How long the watch waits on each kind of trouble, and how often it tries again."""
+  poll_s: float = 60.0
+  ready_timeout_s: float = 6 * 3600       # not READY (queued for capacity, creating, repairing) for this long: stop
+  unknown_timeout_s: float = 1800.0       # an unreadable or unknown state for this long: recreate
+  unhealthy_grace_s: float = 900.0        # READY but unhealthy, or ssh probes failing, for this long: recreate
+  max_restarts: int = 3                   # restarts of a job that died on a healthy TPU
+  max_recreates: int = 5                  # recreations for faults other than preemption (lost, failed, unknown)
+  log_sync_s: int = 60
 
 
 class TpuVm:
-  """Create, set up, run on, watch and delete one TPU VM through gcloud."""
+  """Create, set up, run on, watch and delete one TPU slice (or multislice) through gcloud."""
 
-  def __init__(self, spec: gcloud.TpuSpec, runner: Runner, *, archive: Callable[[], pathlib.Path] = build_archive,
-               python: str = "python3.11", poll_s: float = 60.0, ready_timeout_s: float = 6 * 3600,
-               max_restarts: int = 3, clock: Callable[[], float] = time.monotonic):
-    self.spec, self.runner, self.archive, self.python = spec, runner, archive, python
-    self.poll_s, self.ready_timeout_s, self.max_restarts, self.clock = poll_s, ready_timeout_s, max_restarts, clock
+  def __init__(self, spec: gcloud.TpuSpec, runner: Runner, *, setup: WorkerSetup | None = None,
+               limits: Limits = Limits(), keep_on_failure: bool = False):
+    self.spec, self.runner, self.setup_spec, self.limits = spec, runner, setup, limits
+    self.keep_on_failure = keep_on_failure
     self.set_up = False
+    self._script_path: pathlib.Path | None = None
+    self.ledger: Callable[[], None] | None = None   # saves the budgets' spending (after a preemption, every 30 min)
 
   def say(self, line: str) -> None:
     self.runner.say(f"# {line}" if self.runner.dry_run else f"[{self.spec.name}] {line}")
 
+  def sleep(self) -> None:
+    self.runner.sleep(self.limits.poll_s)
+
   # State -------------------------------------------------------------------------------------------------------
-  def state(self) -> str:
-    """The raw state: the queued resource's until it is ACTIVE, then the node's; ABSENT if there is none."""
+  def status(self) -> Status:
+    """The queued resource's state until it is ACTIVE, then the worst of its nodes' states and health."""
     if self.spec.queued:
-      queued = self._describe(gcloud.describe_queued_state(self.spec))
-      if queued != "ACTIVE":
+      result = self.runner.run(gcloud.describe_queued(self.spec), expect=NOT_FOUND, quiet=True)
+      if result.returncode:
+        return Status(Verdict.ABSENT, "absent", exists=False)
+      queued = queued_status(result.stdout)
+      if queued.verdict is not Verdict.USABLE:
         return queued
-    return self._describe(gcloud.describe_state(self.spec))
+    order = [Verdict.PREEMPTED, Verdict.LOST, Verdict.UNKNOWN, Verdict.UNHEALTHY, Verdict.WAIT, Verdict.ABSENT,
+             Verdict.USABLE]
+    statuses = []
+    for node in self.spec.nodes:
+      result = self.runner.run(gcloud.describe_node(self.spec, node), expect=NOT_FOUND, quiet=True)
+      if result.returncode:
+        statuses.append(Status(Verdict.LOST, f"node {node} is gone") if self.spec.queued
+                        else Status(Verdict.ABSENT, "absent", exists=False))
+      else:
+        status = node_status(result.stdout)
+        statuses.append(dataclasses.replace(status, detail=f"{node} {status.detail}") if self.spec.slices > 1
+                        else status)
+    return min(statuses, key=lambda s: order.index(s.verdict))
 
-  def _describe(self, argv) -> str:
-    result = self.runner.run(argv, expect=NOT_FOUND, quiet=True)
-    return "ABSENT" if result.returncode else (result.stdout.strip() or "UNKNOWN")
+  def state(self) -> str:
+    return self.status().detail
 
-  def ensure_ready(self) -> None:
-    """Create the TPU if it is absent, replace it if it is preempted/suspended/failed, and wait until READY."""
-    if self.runner.dry_run:
-      if not self.set_up:
-        self.runner.run(gcloud.create(self.spec))
-        if self.spec.queued:
-          self.say(f"poll until ACTIVE: {display(gcloud.describe_queued_state(self.spec))}")
-        self.say(f"poll until READY: {display(gcloud.describe_state(self.spec))}")
-      return
-    deadline = self.clock() + self.ready_timeout_s
-    while (state := self.state()) != "READY":
-      if self.clock() > deadline:
-        raise LaunchError(f"TPU {self.spec.name} is still {state} after {self.ready_timeout_s / 3600:.1f} h; "
-                          "try another zone or --provisioning, or raise --ready_timeout_s")
-      if state == "ABSENT":
-        self.runner.run(gcloud.create(self.spec), expect=("ALREADY_EXISTS",))
-        self.set_up = False
-        continue
-      if state in BROKEN:
-        self.say(f"state {state}: deleting it to create it again")
-        self.delete()
-        continue
-      self.runner.sleep(self.poll_s)
-    self.say(f"READY ({self.spec.accelerator}, {self.spec.hosts} hosts)")
+  def startup_script(self) -> str | None:
+    """The setup as a local file for --metadata-from-file (written once per launcher, under a fresh name)."""
+    if self.setup_spec is None:
+      return None
+    if self._script_path is None:
+      self._script_path = pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "startup-script.sh"
+      self._script_path.write_text(self.setup_spec.script)
+    return str(self._script_path)
+
+  def create(self) -> bool:
+    """Ask for the TPU; False when there is no capacity right now (the caller waits and asks again)."""
+    result = self.runner.run(gcloud.create(self.spec, self.startup_script()), expect=("ALREADY_EXISTS", *NO_CAPACITY))
+    self.set_up = False
+    if result.returncode and "ALREADY_EXISTS" not in result.stderr:
+      self.say(f"no capacity now: {reason(result.stderr)}; asking again in {self.limits.poll_s:.0f}s (queued "
+               "resources, the default for spot, wait in Google's queue instead)")
+      return False
+    return True
 
   def delete(self) -> None:
     self.runner.run(gcloud.delete(self.spec), expect=NOT_FOUND)
     self.set_up = False
 
+  def ensure_ready(self) -> None:
+    """Create the TPU if it is absent, replace it if it is broken, and wait until it is usable (bounded)."""
+    if self.runner.dry_run:
+      self.runner.run(gcloud.create(self.spec, "STARTUP_SCRIPT.sh" if self.setup_spec else None))
+      self.say(f"poll until READY and healthy: {display(gcloud.describe_node(self.spec, self.spec.nodes[0]))}")
+      return
+    self._watch(None, [])
+
+  def release(self, why: str) -> str:
+    """After a failure: delete the TPU unless --keep_on_failure; returns what was done, to add to the error."""
+    if self.keep_on_failure:
+      return (f"TPU {self.spec.name} kept running (--keep_on_failure); delete it with `python -m launch.tpu delete "
+              f"--name={self.spec.name} --project={self.spec.project} --zone={self.spec.zone}"
+              f"{' --queued' if self.spec.queued else ''}`")
+    try:
+      self.delete()
+    except LaunchError as error:
+      return f"could not delete TPU {self.spec.name} ({error}): delete it by hand: {display(gcloud.delete(self.spec))}"
+    return f"TPU {self.spec.name} deleted"
+
   # Code and jobs -----------------------------------------------------------------------------------------------
   def setup(self) -> None:
-    """Copy the code to every worker and install it into a venv there (idempotent)."""
-    archive = pathlib.Path(tempfile.gettempdir()) / gcloud.ARCHIVE if self.runner.dry_run else self.archive()
-    self.runner.run(gcloud.scp_to_all(self.spec, str(archive)))
-    self.runner.run(gcloud.ssh(self.spec, gcloud.setup_script(self.python)))
+    """Run the startup-script's setup over ssh too (idempotent; waits for a boot-time run under its lock)."""
+    if self.setup_spec is None:
+      raise LaunchError("no worker setup: give --workdir=gs://... (the code and the lock file go there)")
+    self.say("setting up the workers (their startup-script, run over ssh: waits for a boot-time run)")
+    if self.runner.dry_run:
+      self.say("STARTUP_SCRIPT.sh, base64-encoded in the next command:")
+      for line in self.setup_spec.script.splitlines()[1:]:
+        self.runner.say(f"#   {line}")
+    self.runner.run(gcloud.ssh(self.spec, worker.run_setup(self.setup_spec.script)), quiet=True,
+                    also_transient=PUBLICKEY)
     self.set_up = True
 
   def start(self, job: Job) -> None:
-    self.runner.run(gcloud.ssh(self.spec, gcloud.start_script(job.name, job.argv)))
+    self.runner.run(gcloud.ssh(self.spec, worker.start_script(job.name, job.argv, job.env, job.logs_to,
+                                                              self.limits.log_sync_s)), also_transient=PUBLICKEY)
 
   def alive(self, job: Job) -> bool:
     """True while the job runs on every worker (one dead worker leaves the others hanging: the job is dead)."""
-    result = self.runner.run(gcloud.ssh(self.spec, gcloud.alive_script(job.name)), quiet=True)
+    result = self.runner.run(gcloud.ssh(self.spec, worker.alive_script(job.name)), quiet=True,
+                             also_transient=PUBLICKEY)
     return "ALIVE" in result.stdout and "DEAD" not in result.stdout
 
   def logs(self, job: Job, lines: int = 20) -> str:
-    return self.runner.run(gcloud.ssh(self.spec, gcloud.tail_script(job.name, lines)), quiet=True).stdout
+    return self.runner.run(gcloud.ssh(self.spec, worker.tail_script(job.name, lines)), quiet=True).stdout
 
-  def collect(self, job: Job) -> None:
-    """Copy the workers' logs to job.logs_to; a failure here only warns (the logs are a convenience)."""
-    if not job.logs_to:
-      return
-    try:
-      self.runner.run(gcloud.ssh(self.spec, gcloud.collect_script(job.name, job.logs_to)))
-    except LaunchError as error:
-      self.say(f"could not collect the logs of {job.name}: {error}")
-
-  def run_job(self, job: Job) -> None:
-    """Start `job` on every worker (or adopt it if it is already running) and keep it going until job.done()."""
-    self.ensure_ready()
-    if self.runner.dry_run or not self.alive(job):
+  def run_job(self, job: Job, budgets: list[Budget] = ()) -> None:
+    """Start `job` on every worker (or adopt it if it is already running) and keep it going until job.done().
+    On any failure (a budget, the job's own error, a TPU that won't come): delete the TPU unless
+    --keep_on_failure, and say which in the error."""
+    if self.runner.dry_run:
       if not self.set_up:
+        self.ensure_ready()
         self.setup()
       self.start(job)
-    if self.runner.dry_run:
-      self.say(f"every {self.poll_s:.0f}s until {job.name} is done: its final checkpoint, the TPU state and the job")
-      self.say("on PREEMPTED/SUSPENDED/a dead job: delete, create, set up and start the same command again")
-      self.collect(job)
+      self.say(f"every {self.limits.poll_s:.0f}s until {job.name} is done: TPU state + health, the job, its final "
+               "checkpoint; logs copied to " + (job.logs_to or "nowhere"))
+      self.say("preempted/lost/failed: delete + recreate; unhealthy/unknown: wait (bounded), then recreate; "
+               "died on a healthy TPU: restart there")
       return
-    restarts = 0
+    try:
+      self._watch(job, list(budgets))
+    except (LaunchError, BudgetExceeded) as error:
+      raise LaunchError(f"{error}; {self.release(str(error))}") from None
+    finally:
+      self._save_ledger()
+
+  def _save_ledger(self) -> None:
+    if self.ledger is not None:
+      try:
+        self.ledger()
+      except LaunchError as error:   # the budgets still hold in this process; only a later rerun would forget
+        self.say(f"could not save the budgets' spending: {error}")
+
+  # The watch ---------------------------------------------------------------------------------------------------
+  def _watch(self, job: Job | None, budgets: list[Budget]) -> None:
+    """The one loop: every poll, read the TPU's state and health, act on it, and (with a job) keep the job going.
+    Without a job it returns as soon as the TPU is usable."""
+    limits, clock = self.limits, self.runner.clock
+    since: dict[str, float] = {}          # when each bounded trouble started
+    restarts = recreates = 0
+    started = False                       # the job was started (or adopted) on the current TPU
+    last, billing = clock(), False
+    saved = last
     while True:
-      self.runner.sleep(self.poll_s)
-      state = self.state()
-      if state == "READY":
-        if self.alive(job):
-          continue   # running, or finishing up after its final checkpoint: wait until it exits
-        if job.done():
+      status = self.status()
+      now = clock()
+      if billing:
+        for budget in budgets:
+          budget.tpu_hours += self.spec.chips * (now - last) / 3600
+      last, billing = now, status.exists
+      if budgets and (now - saved >= 1800 or status.verdict is Verdict.PREEMPTED):
+        self._save_ledger()
+        saved = now
+      for budget in budgets:
+        budget.check()
+      verdict = status.verdict
+      for trouble in ("unknown", "unhealthy", "probe", "waiting"):
+        if trouble != {Verdict.UNKNOWN: "unknown", Verdict.UNHEALTHY: "unhealthy", Verdict.ABSENT: "waiting",
+                       Verdict.WAIT: "waiting", Verdict.USABLE: "probe"}.get(verdict):
+          since.pop(trouble, None)
+
+      if verdict in (Verdict.ABSENT, Verdict.WAIT):
+        first = since.setdefault("waiting", now)
+        if now - first > limits.ready_timeout_s:
+          raise LaunchError(f"TPU {self.spec.name} is still not usable ({status.detail}) after "
+                            f"{limits.ready_timeout_s / 3600:.1f} h; try another zone or --provisioning, or raise "
+                            "--ready_timeout_s")
+        if verdict is Verdict.ABSENT:
+          if job and started and job.done():
+            break
+          started = False
+          if self.create():
+            continue
+        self.sleep()
+        continue
+
+      if verdict in (Verdict.PREEMPTED, Verdict.LOST, Verdict.FAILED):
+        if job and started and job.done():
           break
-        self.collect(job)
-        failure = [line for line in self.logs(job).splitlines() if line.startswith("error: ")]
-        if failure:   # the job's own one-line error (a bad config, a missing file): recreating won't help
-          raise LaunchError(f"{job.name} failed on {self.spec.name}: {failure[-1][len('error: '):]}")
-        restarts += 1
-        if restarts > self.max_restarts:
-          raise LaunchError(f"{job.name} died {restarts} times on {self.spec.name} without finishing; its logs: "
-                            f"{job.logs_to or 'python -m launch.tpu logs'}")
-        self.say(f"{job.name} is not running on every worker: recreating the TPU ({restarts}/{self.max_restarts})")
-      elif state in BROKEN or state == "ABSENT":
-        if job.done():
-          break
-        self.say(f"state {state}: recreating the TPU and restarting {job.name}")
-      else:
-        continue   # CREATING, REPAIRING, ...: look again later
-      self.delete()
-      self.ensure_ready()
-      self.setup()
-      self.start(job)
+        if verdict is Verdict.PREEMPTED:
+          for budget in budgets:
+            budget.preemptions += 1
+          for budget in budgets:
+            budget.check()
+          self.say(f"{status.detail}: preempted; deleting it to create it again")
+        else:
+          why = status.detail
+          if verdict is Verdict.FAILED and not is_transient(why):
+            raise LaunchError(f"queued resource {self.spec.name} {why}")
+          recreates += 1
+          if recreates > limits.max_recreates:
+            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times and still {why}")
+          self.say(f"{why}: deleting it to create it again ({recreates}/{limits.max_recreates})")
+        self.delete()
+        started = False
+        continue
+
+      if verdict in (Verdict.UNKNOWN, Verdict.UNHEALTHY):
+        trouble = "unknown" if verdict is Verdict.UNKNOWN else "unhealthy"
+        bound = limits.unknown_timeout_s if verdict is Verdict.UNKNOWN else limits.unhealthy_grace_s
+        first = since.setdefault(trouble, now)
+        if now - first >= bound:
+          recreates += 1
+          if recreates > limits.max_recreates:
+            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times and still "
+                              f"{status.detail}")
+          self.say(f"{status.detail} for {(now - first) / 60:.0f} min: deleting it to create it again "
+                   f"({recreates}/{limits.max_recreates})")
+          self.delete()
+          started = False
+          continue
+        if first == now:
+          self.say(f"{status.detail}: waiting up to {bound / 60:.0f} min for it to recover")
+        self.sleep()
+        continue
+
+      # USABLE: READY (every node), healthy or not reported
+      if job is None:
+        self.say(f"READY ({self.spec.accelerator}{f' × {self.spec.slices}' if self.spec.slices > 1 else ''}, "
+                 f"{self.spec.hosts} hosts)")
+        return
+      try:
+        alive = self.alive(job)   # running already (a rerun of the launcher): adopt it, and leave its setup alone
+        if not alive:
+          if job.done():
+            break
+          if started:   # it ran here and died: its own error ends the watch, anything else restarts it here
+            failure = [line for line in self.logs(job).splitlines() if line.startswith("error: ")]
+            if failure:
+              raise LaunchError(f"{job.name} failed on {self.spec.name}: {failure[-1][len('error: '):]}")
+            restarts += 1
+            if restarts > limits.max_restarts:
+              raise LaunchError(f"{job.name} died {restarts} times on a healthy {self.spec.name} without "
+                                f"finishing (--max_restarts={limits.max_restarts}); its logs: "
+                                f"{job.logs_to or 'python -m launch.tpu logs'}")
+            self.say(f"{job.name} died on a healthy TPU: restarting it there ({restarts}/{limits.max_restarts})")
+          if not self.set_up:
+            self.setup()
+          self.start(job)
+        started = True
+        since.pop("probe", None)
+      except LaunchError as error:
+        if "tokenformer setup FAILED" in str(error) or f"{job.name} failed on" in str(error) or \
+            f"{job.name} died" in str(error):
+          raise
+        first = since.setdefault("probe", now)   # READY, yet ssh fails: a host in maintenance, or just preempted
+        if now - first >= limits.unhealthy_grace_s:
+          recreates += 1
+          if recreates > limits.max_recreates:
+            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times; ssh still fails: "
+                              f"{error}") from None
+          self.say(f"ssh has failed for {(now - first) / 60:.0f} min on a READY TPU ({error}): deleting it to "
+                   f"create it again ({recreates}/{limits.max_recreates})")
+          self.delete()
+          started = False
+          continue
+        self.say(f"ssh failed on a READY TPU ({error}); looking again in {limits.poll_s:.0f}s")
+      self.sleep()
     self.say(f"{job.name} is done")
-    if state == "READY":   # a preempted TPU has no logs to give
-      self.collect(job)
+
+
+# Logs on GCS -----------------------------------------------------------------------------------------------------
+def follow_logs(runner: Runner, logs_url: str, job: str, follow: bool = False, poll_s: float = 30.0,
+                stop: Callable[[], bool] = lambda: False, out=print) -> None:
+  """Print the workers' log copies of `job` from logs_url; with `follow`, print what they add every poll_s until
+  `stop()` (or Ctrl-C)."""
+  printed: dict[str, int] = {}
+  while True:
+    listing = runner.run(gcloud.storage_ls(f"{logs_url.rstrip('/')}/{job}.*.log"), expect=NO_OBJECTS, quiet=True)
+    for url in sorted(line.strip() for line in listing.stdout.splitlines() if line.strip()):
+      text = runner.run(gcloud.storage_cat(url), expect=NO_OBJECTS, quiet=True).stdout
+      if len(text) > printed.get(url, 0):
+        if url not in printed:
+          out(f"==> {url} <==")
+        out(text[printed.get(url, 0):].rstrip("\n"))
+        printed[url] = len(text)
+    if not follow or stop():
+      return
+    runner.sleep(poll_s)
+
+
+# Budgets that survive a rerun -------------------------------------------------------------------------------------
+def ledger_budgets(runner: Runner, workdir: str, stages: list[str], max_preemptions: int | None,
+                   max_tpu_hours: float | None, max_ladder_preemptions: int | None = None,
+                   max_ladder_tpu_hours: float | None = None):
+  """A Budget per stage and one for the ladder, starting from what WORKDIR/launcher/usage.json says was spent
+  before (a rerun does not start the count afresh), and a `save()` that writes their spending back there."""
+  url = f"{workdir.rstrip('/')}/launcher/usage.json"
+  found = runner.run(gcloud.storage_cat(url), expect=NO_OBJECTS, quiet=True)
+  spent = {}
+  if found.returncode == 0 and found.stdout.strip():
+    try:
+      spent = json.loads(found.stdout)
+    except ValueError:
+      raise LaunchError(f"{url} is not JSON; fix or delete it (it holds the budgets' spending so far)") from None
+  budgets = {name: Budget(f"stage {name}", max_preemptions, max_tpu_hours, spent.get(name, {}).get("preemptions", 0),
+                          spent.get(name, {}).get("tpu_hours", 0.0)) for name in stages}
+  others = {k: v for k, v in spent.items() if k not in budgets}   # stages of an earlier ladder definition
+  ladder = Budget("the ladder", max_ladder_preemptions, max_ladder_tpu_hours)
+  ladder.preemptions = sum(v.get("preemptions", 0) for v in spent.values())
+  ladder.tpu_hours = sum(v.get("tpu_hours", 0.0) for v in spent.values())
+
+  def save() -> None:
+    usage = {**others, **{n: {"preemptions": b.preemptions, "tpu_hours": round(b.tpu_hours, 4)}
+                          for n, b in budgets.items() if b.preemptions or b.tpu_hours}}
+    local = pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "usage.json"
+    local.write_text(json.dumps(usage, indent=1, sort_keys=True) + "\n")
+    runner.run(gcloud.storage_cp(str(local), url), quiet=True)
+  return budgets, ladder, save
+
+
+# Preflight -------------------------------------------------------------------------------------------------------
+def preflight(runner: Runner, specs: list[gcloud.TpuSpec], workdir: str, data_urls: list[tuple[str, str]]) -> None:
+  """Check, before creating anything, that the project and zone answer and offer each slice type, the workdir is
+  writable and the data exist. Prints one line per problem, then raises one LaunchError."""
+  problems = []
+
+  def ask(argv, problem: str, expect=()):
+    try:
+      result = runner.run(argv, quiet=True, expect=expect)
+    except LaunchError as error:
+      problems.append(f"{problem}: {error}")
+      return None
+    return result
+
+  if specs:
+    ask(gcloud.describe_project(specs[0].project), f"project {specs[0].project} does not answer")
+    for accelerator in sorted({s.accelerator for s in specs}):
+      spec = next(s for s in specs if s.accelerator == accelerator)
+      ask(gcloud.describe_accelerator(spec), f"zone {spec.zone} does not offer {accelerator} to {spec.project}")
+  local = pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "preflight.txt"
+  local.write_text("written by the tokenformer launcher's preflight; safe to delete\n")
+  probe = f"{workdir.rstrip('/')}/launcher/preflight.txt"
+  if ask(gcloud.storage_cp(str(local), probe), f"cannot write to {workdir}") is not None:
+    ask(gcloud.storage_rm(probe), f"cannot delete from {workdir}")
+  for what, url in data_urls:
+    result = ask(gcloud.storage_ls(url), f"cannot list {what} {url}", expect=NO_OBJECTS)
+    if result is not None and result.returncode:
+      problems.append(f"{what} {url} does not exist")
+  if problems:
+    for problem in problems:
+      runner.say(f"preflight: {problem}")
+    raise LaunchError(f"preflight found {len(problems)} problem{'s' * (len(problems) > 1)} (listed above); nothing "
+                      "was created")
+
+
+def data_urls(cfg) -> list[tuple[str, str]]:
+  """The gs:// inputs a config reads: tokenizer, TFDS folder, training and validation files."""
+  data = cfg.data
+  urls = [("tokenizer", data.tokenizer)]
+  if data.tfds_name:
+    urls.append(("TFDS dataset", f"{data.tfds_data_dir.rstrip('/')}/{data.tfds_name.split(':')[0]}"))
+  else:
+    urls += [("training files", f) for f in data.train_files] + [("validation files", f)
+                                                                  for f in data.validation_files]
+  return [(what, url) for what, url in urls if url.startswith("gs://")]
 
 
 # The CLI ---------------------------------------------------------------------------------------------------------
 def define_tpu_flags() -> None:
-  """The flags that say where and how to get TPUs (shared by launch.tpu and launch.ladder)."""
+  """The flags that say where and how to get TPUs (shared by launch.tpu and launch.ladder). A main module that
+  calls it adopts them as key flags (`flags.adopt_module_key_flags(launch.tpu)`) so `--help` lists them."""
   flags.DEFINE_string("project", None, "Google Cloud project.")
   flags.DEFINE_string("zone", None, "Zone with TPU v4 capacity, e.g. us-central2-b.")
   flags.DEFINE_enum("provisioning", "on-demand", gcloud.PROVISIONING, "How to get the TPUs.")
-  flags.DEFINE_boolean("queued", False, "Create queued resources (wait for capacity) instead of TPU VMs directly.")
+  flags.DEFINE_boolean("queued", None, "Create queued resources (wait in Google's queue for capacity) instead of "
+                       "TPU VMs directly. Default: on for spot and best-effort, off otherwise.")
+  flags.DEFINE_integer("slices", 1, "Slices per stage (multislice over DCN; needs queued resources; the 'data' mesh "
+                       "axis spans the slices).")
+  flags.DEFINE_string("valid_until", None, "Queued resources: stop waiting for capacity after this long (30m, 6h, "
+                      "2d); the queued resource then FAILS and the launcher stops with its reason.")
   flags.DEFINE_string("runtime_version", gcloud.RUNTIME_VERSION, "TPU VM software version.")
-  flags.DEFINE_string("python", "python3.11", "Python on the workers for the venv (installed if missing).")
-  flags.DEFINE_float("poll_s", 60.0, "Seconds between checks of a running job.")
-  flags.DEFINE_float("ready_timeout_s", 6 * 3600, "Give up if a TPU is not READY after this long.")
-  flags.DEFINE_integer("max_restarts", 3, "Give up after a job died this many times (preemptions don't count).")
+  flags.DEFINE_float("poll_s", 60.0, "Seconds between checks of the TPU and the job.")
+  flags.DEFINE_float("ready_timeout_s", 6 * 3600, "Stop if a TPU is not READY (queued, creating, no capacity) "
+                     "after this long.")
+  flags.DEFINE_float("unknown_timeout_s", 1800, "Recreate a TPU whose state is unknown or unreadable this long.")
+  flags.DEFINE_float("unhealthy_grace_s", 900, "Recreate a READY TPU that is unhealthy, or that ssh cannot reach, "
+                     "for this long.")
+  flags.DEFINE_integer("max_restarts", 3, "Restarts of a job that died on a healthy TPU (preemptions don't count).")
+  flags.DEFINE_integer("max_recreates", 5, "Recreations of a TPU for faults other than preemption (lost, failed, "
+                       "unknown, unhealthy), per stage.")
+  flags.DEFINE_integer("max_preemptions", None, "Stop a stage preempted more often than this (default: no limit).")
+  flags.DEFINE_float("max_tpu_hours", None, "Stop a stage that used more TPU chip-hours than this (chips × hours "
+                     "held; default: no limit).")
+  flags.DEFINE_boolean("keep_on_failure", False, "Keep the TPU running when a stage fails (default: delete it).")
+  flags.DEFINE_multi_string("env", [], "KEY=VALUE in every job's environment (repeatable), e.g. "
+                            "--env LIBTPU_INIT_ARGS=--xla_enable_async_all_gather=true")
+  flags.DEFINE_string("compilation_cache", "WORKDIR/jax_cache", "JAX_COMPILATION_CACHE_DIR for every job: a "
+                      "persistent XLA compilation cache on gs:// (WORKDIR: the --workdir; empty: none).")
+  flags.DEFINE_integer("log_sync_s", 60, "Seconds between copies of the workers' logs to WORKDIR/logs.")
+  flags.DEFINE_string("lock", None, "A local requirements file of exact versions (name==version lines) to use "
+                      "when WORKDIR/requirements.lock does not exist yet (default: the versions installed here).")
+  flags.DEFINE_boolean("preflight", True, "Check project, zone, bucket and data before creating anything.")
   flags.DEFINE_integer("attempts", 6, "Tries of a gcloud call that fails transiently.")
   flags.DEFINE_boolean("dry_run", False, "Print the commands instead of running them.")
 
 
+def job_env(env_flags: list[str], workdir: str, cache: str) -> dict[str, str]:
+  """--env KEY=VALUE flags + the compilation cache → the jobs' environment; raises ValueError on a bad one."""
+  env = {}
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache.replace("WORKDIR", workdir.rstrip("/"))
+  for item in env_flags:
+    key, eq, value = item.partition("=")
+    if not eq or not key.replace("_", "a").isalnum() or key[0].isdigit():
+      raise ValueError(f"--env {item!r} must be KEY=VALUE with KEY letters, digits and underscores")
+    env[key] = value
+  return env
+
+
 def make_spec(name: str, accelerator: str) -> gcloud.TpuSpec:
   f = flags.FLAGS
+  queued = f.queued if f.queued is not None else (f.provisioning in ("spot", "best-effort") or f.slices > 1)
   return gcloud.TpuSpec(name=name, zone=f.zone, project=f.project, accelerator=accelerator,
-                        runtime_version=f.runtime_version, provisioning=f.provisioning, queued=f.queued)
+                        runtime_version=f.runtime_version, provisioning=f.provisioning, queued=queued,
+                        slices=f.slices, valid_until=f.valid_until)
 
 
-def make_vm(spec: gcloud.TpuSpec, runner: Runner) -> TpuVm:
+def make_limits() -> Limits:
   f = flags.FLAGS
-  return TpuVm(spec, runner, python=f.python, poll_s=f.poll_s, ready_timeout_s=f.ready_timeout_s,
-               max_restarts=f.max_restarts)
+  return Limits(poll_s=f.poll_s, ready_timeout_s=f.ready_timeout_s, unknown_timeout_s=f.unknown_timeout_s,
+                unhealthy_grace_s=f.unhealthy_grace_s, max_restarts=f.max_restarts, max_recreates=f.max_recreates,
+                log_sync_s=f.log_sync_s)
+
+
+def make_vm(spec: gcloud.TpuSpec, runner: Runner, setup: WorkerSetup | None = None) -> TpuVm:
+  return TpuVm(spec, runner, setup=setup, limits=make_limits(), keep_on_failure=flags.FLAGS.keep_on_failure)
+
+
+def worker_setup(runner: Runner, workdir: str, lock_file: str | None = None) -> WorkerSetup:
+  """The code and the lock file in the workdir (uploaded/written on first use), for the workers' setup. The lock
+  is WORKDIR/requirements.lock if it exists, else `lock_file` (a local requirements file of exact versions), else
+  made from the launching Python's installed versions."""
+  from launch import lock
+
+  def make() -> str:
+    if not lock_file:
+      return lock.lock_text()
+    text = pathlib.Path(lock_file).read_text()
+    if not lock.PYTHON.search(text):
+      text = f"# python {'.'.join(map(str, sys.version_info[:3]))}\n" + text
+    bad = [line for line in text.splitlines() if line.strip() and not line.startswith("#") and "==" not in line]
+    if bad:
+      raise ValueError(f"--lock={lock_file}: every line must pin one version (name==version), not {bad[0]!r}")
+    return text
+
+  if runner.dry_run:
+    url = f"{workdir.rstrip('/')}/code/src-DIGEST.tar.gz"
+    runner.say(f"# upload the code to {url} and the lock file to {workdir.rstrip('/')}/requirements.lock "
+               "unless there")
+    return WorkerSetup(url, "# python 3.11.x\n", ".".join(map(str, sys.version_info[:3])))
+  text = ensure_lock(runner, workdir, make)
+  return WorkerSetup(upload_code(runner, workdir), text, lock.python_of(text))
 
 
 ACTIONS = ("up", "run", "train", "ssh", "logs", "status", "delete")
@@ -219,48 +586,69 @@ ACTIONS = ("up", "run", "train", "ssh", "logs", "status", "delete")
 
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
+  vm = None
   try:
     if len(argv) < 2 or argv[1] not in ACTIONS:
       raise ValueError(f"give an action: {' | '.join(ACTIONS)} (e.g. python -m launch.tpu up --name=...)")
     action, rest = argv[1], argv[2:]
     if bool(rest) != (action in ("run", "ssh")):
       raise ValueError(f"`{action}` takes {'a command after --' if action in ('run', 'ssh') else 'no arguments'}")
-    if not f.name:
-      raise ValueError("--name is required: the TPU VM's name")
-    spec = make_spec(f.name, f.accelerator)
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
-    job = Job(f.job, rest, done=lambda: False)
-    if action == "train":
-      job = train_job(runner, f.job, f.config, f.workdir, f.set, f.init_from)
-    vm = make_vm(spec, runner)
+    if action == "logs" and f.workdir:
+      follow_logs(runner, f"{f.workdir.rstrip('/')}/logs", f.job, follow=f.follow)
+      return
+    if not f.name:
+      raise ValueError("--name is required: the TPU's name")
+    spec = make_spec(f.name, f.accelerator)
+    if action in ("up", "run", "train"):
+      if not f.workdir or not f.workdir.startswith("gs://"):
+        raise ValueError(f"`{action}` needs --workdir=gs://BUCKET/DIR: the code, the lock file and the logs go there")
+      env = job_env(f.env, f.workdir, f.compilation_cache)
+      job = Job(f.job, rest, done=lambda: False, logs_to=f"{f.workdir.rstrip('/')}/logs", env=env)
+      if action == "train":
+        job = train_job(runner, f.job, f.config, f.workdir, f.set, f.init_from, env)
+        if f.preflight and not runner.dry_run:
+          from tokenformer_jax.config import apply_overrides, load_config
+          preflight(runner, [spec], f.workdir, data_urls(apply_overrides(load_config(f.config), f.set)))
+      vm = make_vm(spec, runner, worker_setup(runner, f.workdir, f.lock))
+    else:
+      vm = make_vm(spec, runner)
     if action == "up":
       vm.ensure_ready()
       vm.setup()
     elif action == "run":
       vm.ensure_ready()
+      vm.setup()
       vm.start(job)
     elif action == "train":
-      if job.done():
+      if not runner.dry_run and job.done():
         print(f"{f.workdir} already has its final checkpoint")
         return
-      vm.run_job(job)
+      if not runner.dry_run:
+        budgets, _, vm.ledger = ledger_budgets(runner, f.workdir, [f.job], f.max_preemptions, f.max_tpu_hours)
+      vm.run_job(job, [budgets[f.job]] if not runner.dry_run else [])
       if not f.keep:
         vm.delete()
     elif action == "ssh":
       print(runner.run(gcloud.ssh(spec, " ".join(rest))).stdout, end="")
     elif action == "logs":
-      print(vm.logs(job, f.lines), end="")
+      print(vm.logs(Job(f.job, [], done=lambda: False), f.lines), end="")
     elif action == "status":
       print(f"{spec.name}: {vm.state()}")
     elif action == "delete":
       vm.delete()
+  except KeyboardInterrupt:
+    if vm is not None and not f.dry_run:
+      print(f"interrupted: TPU {f.name} and its job are left running; run the same command again to adopt them, "
+            f"or `python -m launch.tpu delete --name={f.name} ...`", file=sys.stderr, flush=True)
+    sys.exit(130)
   except (ValueError, LaunchError) as error:
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
 def train_job(runner: Runner, name: str, config: str, workdir: str, overrides: list[str],
-              init_from: str | None) -> Job:
+              init_from: str | None, env: dict[str, str] | None = None) -> Job:
   """cli.train on every worker; done when its final checkpoint is committed on GCS."""
   from tokenformer_jax.config import apply_overrides, load_config
   if not config or not workdir:
@@ -273,7 +661,7 @@ def train_job(runner: Runner, name: str, config: str, workdir: str, overrides: l
   argv = ["python", "-m", "tokenformer_jax.cli.train", f"--config={config}", f"--workdir={workdir}",
           *([f"--init_from={init_from}"] if init_from else []), *[f"--set={o}" for o in overrides]]
   return Job(name, argv, done=lambda: committed(runner, checkpoint_url(workdir, steps)),
-             logs_to=f"{workdir.rstrip('/')}/logs")
+             logs_to=f"{workdir.rstrip('/')}/logs", env=dict(env or {}))
 
 
 def check_tpu_data(cfg, what: str) -> None:
@@ -293,19 +681,23 @@ def checkpoint_url(run_dir: str, step: int) -> str:
   return f"{run_dir.rstrip('/')}/checkpoints/{step}/commit_success.txt"
 
 
-def committed(runner: Runner, url: str) -> bool:
+def exists(runner: Runner, url: str) -> bool:
   result = runner.run(gcloud.storage_ls(url), expect=NO_OBJECTS, quiet=True)
   return not runner.dry_run and result.returncode == 0
 
 
+committed = exists
+
+
 if __name__ == "__main__":
   define_tpu_flags()
-  flags.DEFINE_string("name", None, "The TPU VM's name.")
+  flags.DEFINE_string("name", None, "The TPU's name.")
   flags.DEFINE_string("accelerator", "v4-8", "TPU type, v4-8 ... v4-4096.")
   flags.DEFINE_string("job", "train", "Names the job's logs and pid file on the workers (run, train, logs).")
-  flags.DEFINE_integer("lines", 20, "Lines of each worker's log to show (logs).")
+  flags.DEFINE_integer("lines", 20, "Lines of each worker's log to show (logs without --workdir).")
+  flags.DEFINE_boolean("follow", False, "logs: keep printing what the workers add (from the copies on GCS).")
   flags.DEFINE_string("config", None, "train: experiments/FILE.py:NAME.")
-  flags.DEFINE_string("workdir", None, "train: the run directory, a gs:// folder.")
+  flags.DEFINE_string("workdir", None, "The run directory, a gs:// folder (code, lock file, logs, checkpoints).")
   flags.DEFINE_string("init_from", None, "train: start from this run's parameters (a grown checkpoint).")
   flags.DEFINE_multi_string("set", [], "train: config overrides, field.sub=value (repeatable).")
   flags.DEFINE_boolean("keep", False, "train: keep the TPU when the job is done.")

@@ -1,7 +1,9 @@
-"""The launcher: exact gcloud command lines, retries, preemption recovery, flag checks, and the ladder end to end.
+"""The launcher: exact gcloud command lines, retries, the watch's decisions on every fault, budgets, the lock file,
+preflight, logs, and the ladder end to end.
 
-A fake `gcloud` (tests/fake_gcloud.py) on PATH records every call and plays back scripted answers; no real
-gcloud is ever needed. The local ladder runs the tiny ladder on CPU in subprocesses.
+tests/fake_gcloud.py plays gcloud: a strict, scripted state machine of TPU VMs, queued resources, jobs and GCS on a
+fake clock (only the launcher's sleeps advance it; nothing here really waits). Most tests call it in-process
+through the runner's `execute`; the CLI tests put it on PATH as `gcloud`. The local ladder runs on CPU.
 """
 import json
 import os
@@ -15,58 +17,24 @@ import jax
 import numpy as np
 import pytest
 
-from launch import gcloud
-from launch.ladder import check_ladder, load_stages
+from launch import faults, gcloud, lock, worker
+from launch.faults import Budget, Verdict
+from launch.ladder import TpuBackend, check_ladder, load_stages, run_ladder, slice_groups
 from launch.runner import LaunchError, Runner, display
-from launch.tpu import Job, TpuVm, checkpoint_url, committed
+from launch.tpu import (Job, Limits, TpuVm, WorkerSetup, checkpoint_url, committed, ensure_lock, follow_logs,
+                        preflight)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from fake_gcloud import FakeCloud  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPEC = gcloud.TpuSpec(name="tf-test", zone="us-central2-b", project="proj", accelerator="v4-32")
+SPOT = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="spot", queued=True)
 WHERE = ["--zone=us-central2-b", "--project=proj"]
 TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 QUEUED = ["gcloud", "compute", "tpus", "queued-resources"]
-
-
-class FakeGcloud:
-  """Puts tests/fake_gcloud.py on PATH as `gcloud`; `script(rules)` sets its answers, `calls()` reads its log."""
-
-  def __init__(self, tmp_path: pathlib.Path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    executable = bin_dir / "gcloud"
-    executable.write_text(f"#!{sys.executable}\n" + (REPO / "tests" / "fake_gcloud.py").read_text())
-    executable.chmod(0o755)
-    self.log, self.rules = tmp_path / "gcloud.log", tmp_path / "gcloud.json"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(self.log))
-    monkeypatch.setenv("FAKE_GCLOUD_SCRIPT", str(self.rules))
-    self.script([])
-
-  def script(self, rules: list[dict]) -> None:
-    self.rules.write_text(json.dumps(rules))
-
-  def calls(self) -> list[list[str]]:
-    return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
-
-
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-  return FakeGcloud(tmp_path, monkeypatch)
-
-
-def say(match, *answers):
-  return {"match": match, "answers": list(answers)}
-
-
-OK = {"rc": 0}
-NOT_FOUND = {"rc": 1, "stderr": "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found\n"}
-NO_OBJECTS = {"rc": 1, "stderr": "ERROR: (gcloud.storage.ls) One or more URLs matched no objects.\n"}
-UNAVAILABLE = {"rc": 1, "stderr": "ERROR: (gcloud.compute.tpus.tpu-vm.create) UNAVAILABLE: The service is "
-                                  "currently unavailable. Please try again.\n"}
-
-
-def state(name):
-  return {"stdout": f"{name}\n"}
+LOCK = "# python 3.11.7\n# tokenformer_jax[tpu] dependencies, written by launch.lock\njax==0.10.2\nlibtpu==0.0.42.1\n"
+SETUP = WorkerSetup("gs://b/code/src-0123.tar.gz", LOCK, "3.11.7")
 
 
 # Command lines --------------------------------------------------------------------------------------------------
@@ -74,50 +42,41 @@ def test_tpu_vm_commands_follow_the_documented_syntax():
   assert gcloud.create(SPEC) == TPU_VM + ["create", "tf-test", *WHERE, "--accelerator-type=v4-32",
                                           "--version=tpu-ubuntu2204-base"]
   spot = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-64", provisioning="spot")
-  assert gcloud.create(spot) == TPU_VM + ["create", "tf-test", *WHERE, "--accelerator-type=v4-64",
-                                          "--version=tpu-ubuntu2204-base", "--spot"]
+  assert gcloud.create(spot, "/tmp/s.sh") == TPU_VM + ["create", "tf-test", *WHERE, "--accelerator-type=v4-64",
+                                                       "--version=tpu-ubuntu2204-base", "--spot",
+                                                       "--metadata-from-file=startup-script=/tmp/s.sh"]
   reserved = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-8", provisioning="reserved")
   assert gcloud.create(reserved)[-1] == "--reserved"
-  assert gcloud.describe_state(SPEC) == TPU_VM + ["describe", "tf-test", *WHERE, "--format=value(state)"]
+  assert gcloud.describe_node(SPEC) == TPU_VM + ["describe", "tf-test", *WHERE,
+                                                 "--format=json(state,health,healthDescription)"]
   assert gcloud.delete(SPEC) == TPU_VM + ["delete", "tf-test", *WHERE, "--quiet"]
-  assert gcloud.scp_to_all(SPEC, "/tmp/code.tar.gz") == TPU_VM + ["scp", "/tmp/code.tar.gz", "tf-test:",
-                                                                   "--worker=all", *WHERE, "--quiet"]
   assert gcloud.ssh(SPEC, "hostname") == TPU_VM + ["ssh", "tf-test", *WHERE, "--worker=all", "--command=hostname",
                                                    "--quiet"]
-  assert gcloud.ssh(SPEC, "hostname", worker="0")[-3] == "--worker=0"
-  assert gcloud.storage_ls("gs://b/run/x") == ["gcloud", "storage", "ls", "gs://b/run/x"]
+  assert gcloud.describe_project("proj") == ["gcloud", "projects", "describe", "proj", "--format=value(projectId)"]
+  assert gcloud.describe_accelerator(SPEC) == ["gcloud", "compute", "tpus", "accelerator-types", "describe", "v4-32",
+                                               *WHERE, "--format=value(type)"]
+  assert gcloud.storage_cp("a", "gs://b/a") == ["gcloud", "storage", "cp", "a", "gs://b/a"]
   assert SPEC.hosts == 4 and SPEC.chips == 16
 
 
 def test_queued_resource_commands_follow_the_documented_syntax():
-  spot = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="spot", queued=True)
-  assert gcloud.create(spot) == QUEUED + ["create", "tf-test", "--node-id=tf-test", *WHERE, "--accelerator-type=v4-32",
-                                          "--runtime-version=tpu-ubuntu2204-base", "--spot"]
-  best_effort = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="best-effort", queued=True)
+  assert gcloud.create(SPOT, "/tmp/s.sh") == QUEUED + [
+      "create", "tf-test", "--node-id=tf-test", *WHERE, "--accelerator-type=v4-32",
+      "--runtime-version=tpu-ubuntu2204-base", "--spot", "--metadata-from-file=startup-script=/tmp/s.sh"]
+  best_effort = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="best-effort", queued=True,
+                               valid_until="6h")
   assert gcloud.create(best_effort) == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "tf-test",
                                         "--node-id=tf-test", *WHERE, "--accelerator-type=v4-32",
-                                        "--runtime-version=tpu-ubuntu2204-base", "--best-effort"]
-  assert gcloud.describe_queued_state(spot) == QUEUED + ["describe", "tf-test", *WHERE, "--format=value(state.state)"]
-  assert gcloud.delete(spot) == QUEUED + ["delete", "tf-test", *WHERE, "--force", "--quiet"]
-
-
-def test_worker_scripts_are_the_same_on_every_worker():
-  start = gcloud.start_script("s.train", ["python", "-m", "tokenformer_jax.cli.train", "--config=experiments/x.py:a",
-                                          "--set=data.train_files=a b"])
-  assert start == ("mkdir -p $HOME/tokenformer-logs && cd $HOME/tokenformer && nohup $HOME/tokenformer-venv/bin/python "
-                   "-m tokenformer_jax.cli.train --config=experiments/x.py:a '--set=data.train_files=a b' > "
-                   "$HOME/tokenformer-logs/s.train.$(hostname).log 2>&1 < /dev/null & "
-                   "echo $! > $HOME/tokenformer-logs/s.train.pid")
-  setup = gcloud.setup_script()
-  assert setup.startswith("set -e; ") and "tar -xzf $HOME/tokenformer_jax-src.tar.gz" in setup
-  assert setup.endswith('cd $HOME/tokenformer && $HOME/tokenformer-venv/bin/pip install -q ".[tpu]"')
-  assert "python3.11 -m venv $HOME/tokenformer-venv" in setup
-  assert gcloud.alive_script("j") == ('if kill -0 "$(cat $HOME/tokenformer-logs/j.pid 2>/dev/null)" 2>/dev/null; then '
-                                      'echo "j ALIVE on $(hostname)"; else echo "j DEAD on $(hostname)"; fi')
-  assert gcloud.collect_script("j", "gs://b/logs/") == "gcloud storage cp $HOME/tokenformer-logs/j.*.log gs://b/logs/"
-  assert display(gcloud.ssh(SPEC, "echo 'hi'")) == ("gcloud compute tpus tpu-vm ssh tf-test --zone=us-central2-b "
-                                                    "--project=proj --worker=all --command='echo '\"'\"'hi'\"'\"'' "
-                                                    "--quiet")
+                                        "--runtime-version=tpu-ubuntu2204-base", "--best-effort",
+                                        "--valid-until-duration=6h"]
+  multi = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-64", queued=True, slices=2)
+  assert gcloud.create(multi) == QUEUED + ["create", "tf-test", "--node-count=2", "--node-prefix=tf-test", *WHERE,
+                                           "--accelerator-type=v4-64", "--runtime-version=tpu-ubuntu2204-base"]
+  assert multi.nodes == ["tf-test-0", "tf-test-1"] and multi.chips == 64 and multi.hosts == 16
+  assert gcloud.ssh(multi, "hostname") == QUEUED + ["ssh", "tf-test", *WHERE, "--node=all", "--worker=all",
+                                                    "--command=hostname", "--quiet"]
+  assert gcloud.describe_queued(SPOT) == QUEUED + ["describe", "tf-test", *WHERE, "--format=json(state)"]
+  assert gcloud.delete(SPOT) == QUEUED + ["delete", "tf-test", *WHERE, "--force", "--quiet"]
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
@@ -128,184 +87,472 @@ def test_worker_scripts_are_the_same_on_every_worker():
     (dict(name="Bad_Name"), "lowercase letters"),
     (dict(provisioning="best-effort"), "only for queued resources"),
     (dict(provisioning="cheap"), "--provisioning must be one of"),
+    (dict(slices=2), "need queued resources"),
+    (dict(queued=True, valid_until="6 hours"), "a duration such as"),
 ])
 def test_bad_tpu_specs_are_refused(kwargs, phrase):
   with pytest.raises(ValueError, match=phrase.replace("(", r"\(")):
     gcloud.TpuSpec(**{**dict(name="tf", zone="z", project="p", accelerator="v4-8"), **kwargs})
 
 
-def test_the_code_archive_holds_what_pip_install_needs(tmp_path):
+def test_worker_scripts():
+  start = worker.start_script("s.train", ["python", "-m", "tokenformer_jax.cli.train", "--set=data.train_files=a b"],
+                              {"XLA_FLAGS": "--xla_dump_to=/tmp/d x", "JAX_COMPILATION_CACHE_DIR": "gs://b/c"})
+  assert start == ("mkdir -p $HOME/tokenformer-logs && cd /opt/tokenformer/src && "
+                   "export JAX_COMPILATION_CACHE_DIR=gs://b/c && export XLA_FLAGS='--xla_dump_to=/tmp/d x' && "
+                   "export PYTHONPATH=/opt/tokenformer/src && nohup /opt/tokenformer/venv/bin/python -m "
+                   "tokenformer_jax.cli.train '--set=data.train_files=a b' >> "
+                   "$HOME/tokenformer-logs/s.train.$(hostname).log 2>&1 < /dev/null & "
+                   "echo $! > $HOME/tokenformer-logs/s.train.pid")
+  synced = worker.start_script("j", ["python", "x.py"], logs_url="gs://b/logs/", sync_s=30)
+  assert synced.startswith(worker.start_script("j", ["python", "x.py"]) + "; LOG=$HOME/tokenformer-logs/j.$(hostname)"
+                           ".log URL=gs://b/logs/j.$(hostname).$(cut -c1-8 /proc/sys/kernel/random/boot_id).log ")
+  assert "sleep 30; done; gcloud storage cp" in synced
+  assert worker.alive_script("j") == ('if kill -0 "$(cat $HOME/tokenformer-logs/j.pid 2>/dev/null)" 2>/dev/null; '
+                                      'then echo "j ALIVE on $(hostname)"; else echo "j DEAD on $(hostname)"; fi')
+  assert display(gcloud.ssh(SPEC, "echo 'hi'")) == ("gcloud compute tpus tpu-vm ssh tf-test --zone=us-central2-b "
+                                                    "--project=proj --worker=all --command='echo '\"'\"'hi'\"'\"'' "
+                                                    "--quiet")
+
+
+def test_the_code_archive_is_unique_and_holds_the_package():
   import tarfile
-  from launch.tpu import build_archive
-  names = tarfile.open(build_archive(tmp_path / "code.tar.gz")).getnames()
-  for needed in ("setup.py", "README.md", "tokenformer_jax/config.py", "tokenformer_jax/cli/train.py",
-                 "tokenformer_jax/data/corpus/python-docs-bpe2048.model", "experiments/ladder.py", "launch/tpu.py"):
+  from launch.tpu import build_archive, code_digest
+  first, second = build_archive(), build_archive()
+  assert first != second                                    # two launchers never share one file
+  names = tarfile.open(first).getnames()
+  for needed in ("setup.py", "tokenformer_jax/config.py", "tokenformer_jax/data/corpus/python-docs-bpe2048.model",
+                 "experiments/ladder.py", "launch/tpu.py"):
     assert needed in names
   assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+  assert code_digest() == code_digest() and len(code_digest()) == 16
 
 
 # The runner -----------------------------------------------------------------------------------------------------
-def test_transient_failures_are_retried_with_exponential_backoff(fake):
-  fake.script([say(["create"], UNAVAILABLE, {"rc": 1, "stderr": "ERROR: Rate Limit Exceeded\n"}, OK)])
+def scripted(*answers):
+  """An `execute` answering each call with the next of `answers` (rc, stderr); records the calls."""
+  calls, queue = [], list(answers)
+
+  def execute(argv):
+    calls.append(list(argv))
+    rc, stderr = queue.pop(0)
+    return type("R", (), {"returncode": rc, "stdout": "", "stderr": stderr})()
+  return execute, calls
+
+
+UNAVAILABLE = "ERROR: (gcloud.compute.tpus.tpu-vm.create) UNAVAILABLE: The service is currently unavailable.\n"
+
+
+def test_transient_failures_are_retried_with_exponential_backoff_and_permanent_ones_are_one_line():
+  execute, calls = scripted((1, UNAVAILABLE), (1, "ERROR: Rate Limit Exceeded\n"), (0, ""))
   sleeps, lines = [], []
-  result = Runner(sleep=sleeps.append, say=lines.append).run(gcloud.create(SPEC))
-  assert result.returncode == 0
-  assert fake.calls() == [gcloud.create(SPEC)] * 3
-  assert sleeps == [10.0, 20.0]
+  assert Runner(sleep=sleeps.append, say=lines.append, execute=execute).run(gcloud.create(SPEC)).returncode == 0
+  assert calls == [gcloud.create(SPEC)] * 3 and sleeps == [10.0, 20.0]
   assert sum("transient failure" in line for line in lines) == 2
-
-
-def test_permanent_failure_stops_at_once_with_one_line(fake):
-  fake.script([say(["create"], {"rc": 1, "stderr": "Creating TPU...\nERROR: (gcloud.compute.tpus.tpu-vm.create) "
-                                                 "PERMISSION_DENIED: Permission 'tpu.nodes.create' denied\n"})])
-  sleeps = []
+  execute, calls = scripted((1, "Creating TPU...\nERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: "
+                                "Permission 'tpu.nodes.create' denied\n"))
   with pytest.raises(LaunchError) as error:
-    Runner(sleep=sleeps.append, say=lambda line: None).run(gcloud.create(SPEC))
+    Runner(sleep=sleeps.append, say=lines.append, execute=execute).run(gcloud.create(SPEC))
   assert str(error.value) == ("`gcloud compute tpus tpu-vm create tf-test` failed (exit 1): ERROR: (gcloud.compute."
                               "tpus.tpu-vm.create) PERMISSION_DENIED: Permission 'tpu.nodes.create' denied")
-  assert len(fake.calls()) == 1 and sleeps == []
-
-
-def test_transient_failures_give_up_after_the_last_attempt_and_quota_is_permanent(fake):
-  fake.script([say(["create"], UNAVAILABLE)])
-  sleeps = []
+  execute, calls = scripted(*[(1, UNAVAILABLE)] * 4)
   with pytest.raises(LaunchError, match="still failing after 4 attempts"):
-    Runner(attempts=4, sleep=sleeps.append, say=lambda line: None).run(gcloud.create(SPEC))
-  assert sleeps == [10.0, 20.0, 40.0] and len(fake.calls()) == 4
-  fake.log.unlink()
-  fake.script([say(["create"], {"rc": 1, "stderr": "ERROR: RESOURCE_EXHAUSTED: Quota 'TPUV4' exceeded\n"})])
+    Runner(attempts=4, sleep=sleeps.append, say=lines.append, execute=execute).run(gcloud.create(SPEC))
+  execute, calls = scripted((1, "ERROR: RESOURCE_EXHAUSTED: Quota 'TPUV4' exceeded\n"))
   with pytest.raises(LaunchError, match="Quota"):
-    Runner(sleep=sleeps.append, say=lambda line: None).run(gcloud.create(SPEC))
-  assert len(fake.calls()) == 1
+    Runner(sleep=sleeps.append, say=lines.append, execute=execute).run(gcloud.create(SPEC))
+  assert len(calls) == 1
 
 
-def test_expected_answers_are_returned_not_raised(fake):
-  url = "gs://b/run/checkpoints/10/commit_success.txt"
-  fake.script([say(["storage", "ls"], NO_OBJECTS, {"stdout": url + "\n"})])
-  runner = Runner(say=lambda line: None)
-  assert not committed(runner, url) and committed(runner, url)
-  assert fake.calls() == [["gcloud", "storage", "ls", url]] * 2
+def test_every_state_and_health_value_has_a_decision():
+  node_states = ["STATE_UNSPECIFIED", "CREATING", "READY", "RESTARTING", "REIMAGING", "DELETING", "REPAIRING",
+                 "STOPPED", "STOPPING", "STARTING", "PREEMPTED", "TERMINATED", "HIDING", "HIDDEN", "UNHIDING",
+                 "UNKNOWN"]
+  assert sorted(faults.NODE_STATES) == sorted(node_states)
+  assert sorted(faults.QUEUED_STATES) == sorted(["STATE_UNSPECIFIED", "CREATING", "ACCEPTED", "PROVISIONING",
+                                                 "FAILED", "DELETING", "ACTIVE", "SUSPENDING", "SUSPENDED",
+                                                 "WAITING_FOR_RESOURCES"])
+  node = lambda **kw: faults.node_status(json.dumps(kw)).verdict
+  assert node(state="READY", health="HEALTHY") is Verdict.USABLE
+  assert node(state="READY") is Verdict.USABLE                      # not reported yet: the ssh probe decides
+  for health in ("TIMEOUT", "UNHEALTHY_TENSORFLOW", "UNHEALTHY_MAINTENANCE", "SOMETHING_NEW"):
+    assert node(state="READY", health=health) is Verdict.UNHEALTHY
+  assert [node(state=s) for s in ("PREEMPTED", "TERMINATED", "REPAIRING", "UNKNOWN", "NEW_STATE")] == [
+      Verdict.PREEMPTED, Verdict.LOST, Verdict.WAIT, Verdict.UNKNOWN, Verdict.UNKNOWN]
+  assert faults.node_status("Traceback (most recent call last):").verdict is Verdict.UNKNOWN
+  failed = faults.queued_status(json.dumps({"state": {"state": "FAILED", "failedData": {"error": {
+      "message": "Insufficient capacity for spot"}}}}))
+  assert failed.verdict is Verdict.FAILED and failed.detail == "FAILED: Insufficient capacity for spot"
+  assert faults.queued_status('{"state": {"state": "SUSPENDED"}}').verdict is Verdict.PREEMPTED
+  assert faults.queued_status("{}").verdict is Verdict.UNKNOWN
 
 
-# Watching a job on a TPU ----------------------------------------------------------------------------------------
-def make_vm(spec=SPEC, **kwargs):
-  sleeps, lines = [], []
-  runner = Runner(sleep=sleeps.append, say=lines.append)
-  vm = TpuVm(spec, runner, archive=lambda: pathlib.Path("/tmp/code.tar.gz"), poll_s=30, **kwargs)
-  return vm, sleeps, lines
-
-
-TRAIN = ["python", "-m", "tokenformer_jax.cli.train", "--config=experiments/ladder.py:s", "--workdir=gs://b/s"]
+# Watching a job on a TPU: each fault, played by the fake gcloud -------------------------------------------------
 DONE_URL = checkpoint_url("gs://b/s", 100)
+TRAIN = ["python", "-m", "tokenformer_jax.cli.train", "--config=experiments/ladder.py:s", "--workdir=gs://b/s"]
 
 
-def train_job(vm):
-  return Job("s.train", TRAIN, done=lambda: committed(vm.runner, DONE_URL), logs_to="gs://b/logs")
+def play(scenario, spec=SPOT, budgets=(), keep_on_failure=False, **limits):
+  """Run the s.train job on `spec` under `scenario`; returns (fake, lines, error or None)."""
+  fake = FakeCloud(scenario)
+  lines = []
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
+  vm = TpuVm(spec, runner, setup=SETUP, limits=Limits(**{"poll_s": 60, **limits}), keep_on_failure=keep_on_failure)
+  job = Job("s.train", TRAIN, lambda: committed(runner, DONE_URL), logs_to="gs://b/logs", env={"A": "1"})
+  try:
+    vm.run_job(job, list(budgets))
+  except LaunchError as error:
+    return fake, lines, str(error)
+  return fake, lines, None
 
 
-def ssh(script):
-  return gcloud.ssh(SPEC, script)
+def finishes(after_s, **more):
+  return {"s.train": [{"runs_s": after_s, "then": "finish", "writes": [DONE_URL]}], **more}
 
 
-def test_watch_recreates_a_preempted_tpu_and_restarts_the_same_command(fake):
-  fake.script([
-      say(["tpu-vm", "describe"], NOT_FOUND, state("CREATING"), state("READY"),   # first creation
-          state("READY"),                                                          # poll 1: fine
-          state("PREEMPTED"),                                                      # poll 2
-          NOT_FOUND, state("READY"),                                               # after the delete
-          state("READY")),                                                         # poll 3
-      say(["tpu-vm", "create"], UNAVAILABLE, OK, OK),
-      say(["ssh", "ALIVE"], {"stdout": "s.train DEAD on w-0\n"},
-          {"stdout": "s.train ALIVE on w-0\ns.train ALIVE on w-1\n"},
-          {"stdout": "s.train DEAD on w-0\ns.train DEAD on w-1\n"}),
-      say(["storage", "ls"], NO_OBJECTS, {"stdout": DONE_URL + "\n"}),
-  ])
-  vm, sleeps, lines = make_vm()
-  vm.run_job(train_job(vm))
-  describe, create, delete = gcloud.describe_state(SPEC), gcloud.create(SPEC), gcloud.delete(SPEC)
-  scp = TPU_VM + ["scp", "/tmp/code.tar.gz", "tf-test:", "--worker=all", *WHERE, "--quiet"]
-  setup, start = ssh(gcloud.setup_script()), ssh(gcloud.start_script("s.train", TRAIN))
-  alive, ls = ssh(gcloud.alive_script("s.train")), ["gcloud", "storage", "ls", DONE_URL]
-  assert fake.calls() == [
-      describe, create, create, describe, describe,             # absent → create (a transient retry) → READY
-      alive, scp, setup, start,                                 # not running yet: copy, set up, start
-      describe, alive,                                          # poll 1: READY, running
-      describe, ls, delete, describe, create, describe,         # poll 2: PREEMPTED, not done → delete, create
-      scp, setup, start,                                        # the same command again
-      describe, alive, ls,                                      # poll 3: it exited, and its checkpoint is there
-      ssh(gcloud.collect_script("s.train", "gs://b/logs")),
-  ]
-  assert start[-2] == ("--command=mkdir -p $HOME/tokenformer-logs && cd $HOME/tokenformer && nohup "
-                       "$HOME/tokenformer-venv/bin/python -m tokenformer_jax.cli.train "
-                       "--config=experiments/ladder.py:s --workdir=gs://b/s > "
-                       "$HOME/tokenformer-logs/s.train.$(hostname).log 2>&1 < /dev/null & "
-                       "echo $! > $HOME/tokenformer-logs/s.train.pid")
-  assert sleeps == [10.0, 30, 30, 30, 30]   # one backoff, one wait for CREATING, three polls
-  assert any("state PREEMPTED: recreating" in line for line in lines)
+def kinds(fake):
+  """The launcher's calls as words: create, delete, setup, start."""
+  out = []
+  for call in fake.state["calls"]:
+    verb = call[5] if call[1] == "alpha" else (call[4] if call[1] == "compute" and len(call) > 4 else None)
+    command = next((a for a in call if a.startswith("--command=")), "")
+    if verb in ("create", "delete"):
+      out.append(verb)
+    elif "tokenformer-setup.sh" in command:
+      out.append("setup")
+    elif "nohup" in command:
+      out.append("start")
+  return out
 
 
-def test_a_job_that_died_with_an_error_stops_the_watch(fake):
-  fake.script([
-      say(["tpu-vm", "describe"], state("READY")),
-      say(["ssh", "ALIVE"], {"stdout": "s.train ALIVE on w-0\n"}, {"stdout": "s.train DEAD on w-0\n"}),
-      say(["ssh", "tail -n"], {"stdout": "==> s.train.w-0.log <==\nerror: the tokenizer gs://b/t.model has 2048 "
-                                         "pieces but model.vocab_size is 50277\n"}),
-      say(["storage", "ls"], NO_OBJECTS),
-  ])
-  vm, _, _ = make_vm()
-  with pytest.raises(LaunchError) as error:
-    vm.run_job(train_job(vm))
-  assert str(error.value) == ("s.train failed on tf-test: the tokenizer gs://b/t.model has 2048 pieces but "
-                              "model.vocab_size is 50277")
-  calls = fake.calls()
-  assert ssh(gcloud.start_script("s.train", TRAIN)) not in calls   # it was running: adopted, not restarted
-  assert gcloud.delete(SPEC) not in calls and gcloud.create(SPEC) not in calls
+def test_a_preempted_spot_tpu_is_recreated_through_a_queued_resource_and_the_job_resumes():
+  fake, lines, error = play({"jobs": finishes(3000), "events": [{"at": 1000, "node": "tf-test", "preempt": True}]})
+  assert error is None
+  assert kinds(fake) == ["create", "setup", "start", "delete", "create", "setup", "start"]
+  assert all(c[:4] == QUEUED[:4] for c in fake.calls("create"))
+  assert any("SUSPENDED: preempted" in line for line in lines) and lines[-1] == "[tf-test] s.train is done"
+  node = fake.state["nodes"]["tf-test"]
+  assert node["startup_script"] == SETUP.script      # a recreated VM sets itself up at boot
+  assert "export A=1 && " in node["jobs"]["s.train"]["command"]
 
 
-def test_a_job_that_keeps_dying_is_recreated_then_given_up(fake):
-  fake.script([
-      say(["tpu-vm", "describe"], state("READY")),
-      say(["ssh", "ALIVE"], {"stdout": "s.train DEAD on w-0\n"}),
-      say(["storage", "ls"], NO_OBJECTS),
-  ])
-  vm, _, lines = make_vm(max_restarts=1)
-  with pytest.raises(LaunchError, match="s.train died 2 times on tf-test without finishing; its logs: gs://b/logs"):
-    vm.run_job(train_job(vm))
-  calls = fake.calls()
-  assert calls.count(gcloud.delete(SPEC)) == 1                         # recreated once, then gave up
-  assert calls.count(ssh(gcloud.start_script("s.train", TRAIN))) == 2
-  assert any("recreating the TPU (1/1)" in line for line in lines)
+def test_health_flapping_is_waited_out_and_lasting_ill_health_recreates():
+  flap = [{"at": 600, "node": "tf-test", "health": "TIMEOUT", "description": "the TPU is unresponsive"},
+          {"at": 780, "node": "tf-test", "health": "HEALTHY"}]
+  fake, lines, error = play({"jobs": finishes(1500), "events": flap})
+  assert error is None and kinds(fake) == ["create", "setup", "start"]   # no delete: it recovered
+  assert any("READY/TIMEOUT: the TPU is unresponsive: waiting up to 15 min" in line for line in lines)
+  sick = [{"at": 600, "node": "tf-test", "health": "UNHEALTHY_MAINTENANCE"}]
+  fake, lines, error = play({"jobs": finishes(1500), "events": sick}, unhealthy_grace_s=600)
+  assert error is None and kinds(fake) == ["create", "setup", "start", "delete", "create", "setup", "start"]
+  assert any("READY/UNHEALTHY_MAINTENANCE for 10 min: deleting it" in line for line in lines)
 
 
-def test_a_queued_resource_is_waited_for_then_used(fake):
-  spec = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="spot", queued=True)
-  fake.script([
-      say(["queued-resources", "describe"], NOT_FOUND, state("WAITING_FOR_RESOURCES"), state("PROVISIONING"),
-          state("ACTIVE")),
-      say(["tpu-vm", "describe"], state("READY")),
-  ])
-  vm, sleeps, _ = make_vm(spec)
-  vm.ensure_ready()
-  queued_describe = gcloud.describe_queued_state(spec)
-  assert fake.calls() == [queued_describe, gcloud.create(spec), queued_describe, queued_describe, queued_describe,
-                          gcloud.describe_state(spec)]
-  assert sleeps == [30, 30]
+def test_an_unknown_state_is_waited_on_for_a_bounded_time_then_recreated():
+  fake, lines, error = play({"jobs": finishes(2000), "events": [{"at": 600, "node": "tf-test", "state": "UNKNOWN"}]},
+                            unknown_timeout_s=1200)
+  assert error is None and kinds(fake) == ["create", "setup", "start", "delete", "create", "setup", "start"]
+  recreate = next(line for line in lines if "deleting it" in line)
+  assert recreate.startswith("[tf-test] UNKNOWN/HEALTHY for 20 min: deleting it to create it again (1/5)")
 
 
-def test_tpu_cli_permanent_failure_is_one_clear_line(fake):
-  fake.script([
-      say(["describe"], NOT_FOUND),
-      say(["create"], {"rc": 1, "stderr": "ERROR: (gcloud.compute.tpus.tpu-vm.create) INVALID_ARGUMENT: Cloud TPU "
-                                          "received a bad request. v4-32 is not available in europe-west4-a\n"}),
-  ])
-  result = run_cli("launch.tpu", "up", "--name=tf-test", "--project=proj", "--zone=europe-west4-a",
+def test_a_failed_queued_resource_shows_its_reason_retries_transient_ones_and_stops_on_the_rest():
+  transient = {"fail_after": 300, "error": "Internal error: please try again"}
+  fake, lines, error = play({"jobs": finishes(600), "queued_outcomes": [transient]})
+  assert error is None and kinds(fake) == ["create", "delete", "create", "setup", "start"]
+  assert any("FAILED: Internal error: please try again: deleting it" in line for line in lines)
+  quota = {"fail_after": 300, "error": "Quota 'TPUV4PodPerProjectPerZoneForTPUAPI' exhausted"}
+  fake, lines, error = play({"jobs": finishes(600), "queued_outcomes": [quota]})
+  assert error == ("queued resource tf-test FAILED: Quota 'TPUV4PodPerProjectPerZoneForTPUAPI' exhausted; "
+                   "TPU tf-test deleted")
+  assert kinds(fake) == ["create", "delete"] and not fake.state["queued"]
+
+
+def test_an_hour_without_capacity_is_waited_out_directly_or_in_the_queue():
+  on_demand = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32")
+  fake, lines, error = play({"jobs": finishes(600), "capacity_from": 3600}, spec=on_demand)
+  assert error is None and fake.now() >= 3600 + 600
+  assert kinds(fake).count("create") == 61 and kinds(fake)[-3:] == ["create", "setup", "start"]
+  assert sum("no capacity now" in line for line in lines) == 60
+  fake, lines, error = play({"jobs": finishes(600), "capacity_from": 3600})   # spot: queued, waits in the queue
+  assert error is None and kinds(fake) == ["create", "setup", "start"] and fake.now() >= 3600 + 600
+  fake, lines, error = play({"jobs": finishes(600), "capacity_from": 3600}, spec=on_demand, ready_timeout_s=1800)
+  assert error.startswith("TPU tf-test is still not usable (absent) after 0.5 h")
+
+
+def test_a_job_that_crashes_on_a_healthy_tpu_is_restarted_there_a_bounded_number_of_times():
+  crash = {"runs_s": 600, "then": "crash"}
+  fake, lines, error = play({"jobs": {"s.train": [crash, {"runs_s": 600, "then": "finish", "writes": [DONE_URL]}]}})
+  assert error is None and kinds(fake) == ["create", "setup", "start", "start"]    # no delete, no second setup
+  assert any("s.train died on a healthy TPU: restarting it there (1/3)" in line for line in lines)
+  fake, lines, error = play({"jobs": {"s.train": [crash]}}, max_restarts=2)
+  assert error == ("s.train died 3 times on a healthy tf-test without finishing (--max_restarts=2); its logs: "
+                   "gs://b/logs; TPU tf-test deleted")
+  assert kinds(fake) == ["create", "setup", "start", "start", "start", "delete"] and not fake.state["nodes"]
+
+
+def test_three_preemptions_against_a_budget_of_two_stop_with_one_line_and_no_tpu_left():
+  preempt = [{"at": t, "node": "tf-test", "preempt": True} for t in (1000, 2000, 3000)]
+  ladder = Budget("the ladder", max_preemptions=10)
+  fake, lines, error = play({"jobs": finishes(10**5), "events": preempt},
+                            budgets=[Budget("stage s", max_preemptions=2), ladder])
+  assert error == ("stage s was preempted 3 times, over its budget of --max_preemptions=2; TPU tf-test deleted")
+  assert ladder.preemptions == 3 and not fake.state["queued"] and not fake.state["nodes"]
+
+
+def test_a_tpu_hours_budget_stops_the_stage():
+  fake, lines, error = play({"jobs": finishes(10**5)}, budgets=[Budget("stage s", max_tpu_hours=16)])
+  assert error.startswith("stage s used 16.") and error.endswith("TPU chip-hours, over its budget of "
+                                                                 "--max_tpu_hours=16; TPU tf-test deleted")
+  assert 3600 <= fake.now() <= 3600 + 60             # 16 chips: an hour after it became ACTIVE, to the poll
+
+
+def test_a_failed_stage_deletes_its_tpu_unless_asked_to_keep_it():
+  error_plan = {"s.train": [{"runs_s": 300, "then": "error", "error": "the tokenizer has 2048 pieces"}]}
+  fake, lines, error = play({"jobs": error_plan})
+  assert error == "s.train failed on tf-test: the tokenizer has 2048 pieces; TPU tf-test deleted"
+  assert not fake.state["queued"] and not fake.state["nodes"]
+  fake, lines, error = play({"jobs": error_plan}, keep_on_failure=True)
+  assert error.endswith("; TPU tf-test kept running (--keep_on_failure); delete it with `python -m launch.tpu delete "
+                        "--name=tf-test --project=proj --zone=us-central2-b --queued`")
+  assert fake.state["nodes"]["tf-test"]["state"] == "READY"
+
+
+def test_ssh_failing_on_a_ready_tpu_is_retried_then_recreated_and_publickey_is_retried_after_creation():
+  blip = [{"from": 600, "until": 1500}]   # e.g. a host in maintenance; the runner's retries span 5 min of it
+  fake, lines, error = play({"jobs": finishes(2500), "ssh_down": blip})
+  assert error is None and kinds(fake) == ["create", "setup", "start"]
+  assert any("ssh failed on a READY TPU" in line for line in lines)
+  fake, lines, error = play({"jobs": finishes(1500), "ssh_down": [{"from": 600, "until": 10**5}]},
+                            unhealthy_grace_s=900)
+  assert error is None and kinds(fake).count("delete") == 1
+  publickey = [{"from": 0, "until": 200, "stderr": "user@10.0.0.2: Permission denied (publickey).\n"}]
+  fake, lines, error = play({"jobs": finishes(600), "ssh_down": publickey})
+  assert error is None and kinds(fake) == ["create", "setup", "start"]    # refused right after creation, then in
+  assert any("transient failure" in line and "publickey" in line for line in lines)
+
+
+def test_multislice_runs_on_every_node_and_one_preempted_slice_recreates_the_queued_resource():
+  multi = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-64", provisioning="spot", queued=True, slices=2)
+  fake, lines, error = play({"jobs": finishes(3000), "events": [{"at": 1000, "node": "tf-test-1", "preempt": True}]},
+                            spec=multi)
+  assert error is None and kinds(fake) == ["create", "setup", "start", "delete", "create", "setup", "start"]
+  assert fake.calls("queued-resources", "create")[0][6:8] == ["--node-count=2", "--node-prefix=tf-test"]
+  starts = [c for c in fake.state["calls"] if any("nohup" in a for a in c)]
+  assert all(c[:6] == QUEUED + ["ssh", "tf-test"] and "--node=all" in c for c in starts)
+  assert sorted(fake.state["nodes"]) == ["tf-test-0", "tf-test-1"]
+  assert all(n["jobs"]["s.train"]["status"] == "DEAD" for n in fake.state["nodes"].values())   # ran on both
+  assert any("tf-test-1 PREEMPTED: preempted" in line or "SUSPENDED: preempted" in line for line in lines)
+
+
+def test_budgets_count_across_reruns_of_the_launcher():
+  from launch.tpu import ledger_budgets
+  preempt = [{"at": 1000, "node": "tf-test", "preempt": True}]
+  fake, lines = FakeCloud({"jobs": {"s.train": [{"runs_s": 1500, "then": "crash"}]}, "events": preempt}), []
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
+  budgets, ladder, save = ledger_budgets(runner, "gs://b/w", ["s"], 1, None)
+  vm = TpuVm(SPOT, runner, setup=SETUP, limits=Limits(poll_s=60, max_restarts=0))
+  vm.ledger = save
+  with pytest.raises(LaunchError, match="died 1 times"):                    # the launcher stops for another reason
+    vm.run_job(Job("s.train", TRAIN, lambda: committed(runner, DONE_URL)), [budgets["s"], ladder])
+  usage = json.loads(fake.state["objects"]["gs://b/w/launcher/usage.json"])
+  assert usage["s"]["preemptions"] == 1 and usage["s"]["tpu_hours"] > 0
+  fake.scenario["jobs"] = finishes(10**5)
+  fake.scenario["events"].append({"at": fake.now() + 1000, "node": "tf-test", "preempt": True})
+  budgets, ladder, save = ledger_budgets(runner, "gs://b/w", ["s"], 1, None)  # the rerun starts from what was spent
+  assert budgets["s"].preemptions == ladder.preemptions == 1
+  with pytest.raises(LaunchError, match=r"stage s was preempted 2 times, over its budget of --max_preemptions=1"):
+    vm.run_job(Job("s.train", TRAIN, lambda: committed(runner, DONE_URL)), [budgets["s"], ladder])
+
+
+# Ladders on TPUs ------------------------------------------------------------------------------------------------
+def paper_backend(fake, lines):
+  _, stages = load_stages("paper", ["data.tfds_data_dir=gs://bkt/tfds", "data.tokenizer=gs://bkt/t.model"])
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
+  vms, specs = {}, {}
+  for group in slice_groups(stages):
+    spec = gcloud.TpuSpec(f"tokenformer-{group[0].name.replace('_', '-')}", "us-central2-b", "proj",
+                          group[0].accelerator, provisioning="spot", queued=True)
+    vm = TpuVm(spec, runner, setup=SETUP, limits=Limits(poll_s=600))
+    vms.update({s.name: vm for s in group})
+  budgets = {s.name: Budget(f"stage {s.name}") for s in stages}
+  return stages, TpuBackend("gs://bkt/ladder", runner, vms, {}, budgets, Budget("the ladder"))
+
+
+def test_consecutive_stages_on_the_same_slice_type_share_one_tpu_and_none_is_left_running():
+  def done(stage, step=None):
+    return checkpoint_url(f"gs://bkt/ladder/{stage}", 0 if stage.endswith("_grown") else step)
+  jobs = {"paper_124m.train": [{"runs_s": 3600, "then": "finish", "writes": [done("paper_124m", 572205)]}]}
+  for stage in ("paper_354m", "paper_757m", "paper_1_4b"):
+    jobs[f"{stage}.grow"] = [{"runs_s": 600, "then": "finish", "writes": [done(f"{stage}_grown")]}]
+    jobs[f"{stage}.train"] = [{"runs_s": 3600, "then": "finish", "writes": [done(stage, 57221)]}]
+  fake, lines = FakeCloud({"jobs": jobs}), []
+  stages, backend = paper_backend(fake, lines)
+  run_ladder(stages, backend, "gs://bkt/ladder", [], say=lines.append)
+  creates = [c[5] for c in fake.calls("queued-resources", "create")]
+  deletes = [c[5] for c in fake.calls("queued-resources", "delete")]
+  assert creates == deletes == ["tokenformer-paper-124m", "tokenformer-paper-757m"]
+  assert "[tokenformer-paper-124m] kept for paper_354m (same slice)" in lines
+  assert kinds(fake).count("setup") == 2 and not fake.state["queued"] and not fake.state["nodes"]
+
+
+def test_the_versions_installed_on_a_recreated_worker_are_the_lock_files(tmp_path):
+  fake, lines = FakeCloud(), []
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
+  text = ensure_lock(runner, "gs://b/w", lambda: LOCK)                       # the ladder's first start writes it
+  assert fake.state["objects"]["gs://b/w/requirements.lock"] == LOCK
+  assert ensure_lock(runner, "gs://b/w", lambda: "jax==9.9\n") == LOCK      # ...and later starts reuse it
+  preempt = [{"at": 1000, "node": "tf-test", "preempt": True}]
+  fake.scenario.update(jobs=finishes(3000), events=preempt)
+  vm = TpuVm(SPOT, runner, setup=WorkerSetup("gs://b/code/src-1.tar.gz", text, lock.python_of(text)),
+             limits=Limits(poll_s=60))
+  vm.run_job(Job("s.train", TRAIN, lambda: committed(runner, DONE_URL)))
+  assert len(fake.calls("queued-resources", "create")) == 2
+  script = fake.state["nodes"]["tf-test"]["startup_script"]                  # the recreated VM's boot script
+  installed = boot_worker(tmp_path, script)
+  assert installed["requirements"] == LOCK and installed["python"] == "3.11.7"
+  assert installed["src"] == "code of gs://b/code/src-1.tar.gz"
+  again = boot_worker(tmp_path, script)                                     # a reboot: already set up, untouched
+  assert again["output"].startswith("tokenformer setup done") and again["runs"] == installed["runs"]
+
+
+STUB_UV = """#!/bin/bash
+echo "$@" >> "$TOKENFORMER_ROOT/uv-calls"
+case "$1 $2" in
+  "python install") echo "$3" > "$TOKENFORMER_ROOT/python-installed" ;;
+  "venv --python") mkdir -p "$4/bin" && ln -sf "$(command -v python3)" "$4/bin/python" ;;
+  "pip sync") cp "$5" "$TOKENFORMER_ROOT/installed.txt" ;;
+esac
+"""
+STUB_PYTHON3 = """#!/bin/bash
+# python3 -m pip install --quiet --target DIR uv==V: install the uv stub
+mkdir -p "$6/bin" && cp "$STUBS/uv" "$6/bin/uv" && chmod +x "$6/bin/uv"
+"""
+STUB_GCLOUD = """#!/bin/bash
+# gcloud storage cp gs://... DEST: a tiny code archive
+d=$(mktemp -d) && echo "code of $3" > "$d/CODE" && tar -czf "$4" -C "$d" CODE
+"""
+
+
+def boot_worker(tmp_path, script):
+  """Run a startup-script as a worker's boot would, with stub uv/python3/gcloud; report what it installed."""
+  stubs, root = tmp_path / "stubs", tmp_path / "root"
+  stubs.mkdir(exist_ok=True)
+  for name, text in (("uv", STUB_UV), ("python3", STUB_PYTHON3), ("gcloud", STUB_GCLOUD)):
+    (stubs / name).write_text(text)
+    (stubs / name).chmod(0o755)
+  (tmp_path / "boot.sh").write_text(script)
+  env = {"PATH": f"{stubs}:/usr/bin:/bin", "TOKENFORMER_ROOT": str(root), "STUBS": str(stubs)}
+  done = subprocess.run(["bash", str(tmp_path / "boot.sh")], env=env, capture_output=True, text=True, timeout=30)
+  assert done.returncode == 0, done.stdout + done.stderr + (root / "setup.log").read_text()
+  return {"requirements": (root / "installed.txt").read_text(), "python": (root / "python-installed").read_text()
+          .strip(), "src": (root / "src" / "CODE").read_text().strip(), "output": done.stdout,
+          "runs": (root / "uv-calls").read_text().count("pip sync")}
+
+
+def test_the_lock_file_is_the_dependency_closure_with_extras_and_markers():
+  class Fake(lock.Installed):
+    dists = {"jax": ("0.10.2", ["jaxlib<=0.10.2", 'libtpu==0.0.42.*; extra == "tpu"',
+                                'jax-cuda12-plugin; extra == "cuda"', 'pywin32; sys_platform == "win32"']),
+             "jaxlib": ("0.10.2", ["numpy>=2"]), "libtpu": ("0.0.42.1", []), "numpy": ("2.4.6", []),
+             "absl-py": ("2.5.1", [])}
+
+    def version(self, name):
+      if name not in self.dists:
+        raise lock.importlib.metadata.PackageNotFoundError(name)
+      return self.dists[name][0]
+
+    def requires(self, name):
+      return self.dists[name][1]
+  text = lock.lock_text(["jax[tpu]>=0.10", "absl-py"], Fake(), python_version="3.11.7")
+  assert text.splitlines() == ["# python 3.11.7", "# tokenformer_jax[tpu] dependencies, written by launch.lock",
+                               "absl-py==2.5.1", "jax==0.10.2", "jaxlib==0.10.2", "libtpu==0.0.42.1",
+                               "numpy==2.4.6"]
+  assert lock.pinned(text)["libtpu"] == "0.0.42.1" and lock.python_of(text) == "3.11.7"
+  with pytest.raises(ValueError, match="the launching Python lacks gcsfs"):
+    lock.lock_text(["jax", "gcsfs"], Fake())
+  assert "gcsfs" in lock.package_requirements() and "jax[tpu]>=0.10.2" in lock.package_requirements()
+
+
+# Logs, preflight ------------------------------------------------------------------------------------------------
+def test_logs_follow_prints_what_workers_copied_including_a_preempted_vms_last_copy():
+  fake = FakeCloud()
+  objects = fake.state["objects"]
+  objects["gs://b/logs/s.train.w-0.aaaa.log"] = "step 1\nstep 2\n"     # a VM since preempted: its last copy
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lambda line: None)
+  out, polls = [], []
+
+  def stop():
+    polls.append(1)
+    objects["gs://b/logs/s.train.w-0.bbbb.log"] = "resumed at step 2\n" * len(polls)
+    return len(polls) == 3
+  follow_logs(runner, "gs://b/logs", "s.train", follow=True, poll_s=30, stop=stop, out=out.append)
+  assert out == ["==> gs://b/logs/s.train.w-0.aaaa.log <==", "step 1\nstep 2",
+                 "==> gs://b/logs/s.train.w-0.bbbb.log <==", "resumed at step 2", "resumed at step 2"]
+  assert fake.now() == 60
+
+
+def test_preflight_names_every_problem_before_anything_is_created():
+  fake = FakeCloud({"project": "other", "zones": {"us-central2-b": ["v4-8"]}})
+  fake.state["objects"]["gs://bkt/t.model"] = "x"
+  lines = []
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append, attempts=1)
+  with pytest.raises(LaunchError, match=r"preflight found 3 problems \(listed above\); nothing was created"):
+    preflight(runner, [SPEC], "gs://bkt/w", [("tokenizer", "gs://bkt/t.model"), ("TFDS dataset",
+                                                                                 "gs://bkt/tfds/openwebtext")])
+  assert [line.split(":")[0] + ": " + line.split(": ")[1] for line in lines] == [
+      "preflight: project proj does not answer", "preflight: zone us-central2-b does not offer v4-32 to proj",
+      "preflight: TFDS dataset gs://bkt/tfds/openwebtext does not exist"]
+  assert not fake.calls("create") and "gs://bkt/w/launcher/preflight.txt" not in fake.state["objects"]
+
+
+# CLIs on PATH ---------------------------------------------------------------------------------------------------
+class FakeGcloudOnPath:
+  """tests/fake_gcloud.py on PATH as `gcloud`, its state in a JSON file."""
+
+  def __init__(self, tmp_path: pathlib.Path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable = bin_dir / "gcloud"
+    executable.write_text(f"#!{sys.executable}\n" + (REPO / "tests" / "fake_gcloud.py").read_text())
+    executable.chmod(0o755)
+    self.path = tmp_path / "gcloud-state.json"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_STATE", str(self.path))
+    self.script({})
+
+  def script(self, scenario, objects=None) -> None:
+    cloud = FakeCloud(scenario)
+    cloud.state["objects"].update(objects or {})
+    self.path.write_text(json.dumps(cloud.state))
+
+  @property
+  def cloud(self) -> FakeCloud:
+    return FakeCloud(state=json.loads(self.path.read_text()))
+
+  def calls(self):
+    return self.cloud.state["calls"]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  return FakeGcloudOnPath(tmp_path, monkeypatch)
+
+
+def test_tpu_cli_lists_its_flags_in_help_and_a_permanent_failure_is_one_line(fake):
+  result = run_cli("launch.tpu", "--help")
+  ladder = run_cli("launch.ladder", "--help").stdout
+  assert "--max_ladder_preemptions" in ladder and "--max_preemptions" in ladder and "keep_on_failure" in ladder
+  for flag in ("--max_preemptions", "--max_tpu_hours", "keep_on_failure", "--env", "--valid_until", "--slices",
+               "--unknown_timeout_s", "--compilation_cache"):
+    assert flag in result.stdout, flag
+  fake.script({"zones": {"europe-west4-a": []}})
+  result = run_cli("launch.tpu", "status", "--name=tf-test", "--project=proj", "--zone=europe-west4-a",
                    "--accelerator=v4-32")
-  assert_one_error_line(result, "`gcloud compute tpus tpu-vm create tf-test` failed (exit 1): ERROR: "
-                                "(gcloud.compute.tpus.tpu-vm.create) INVALID_ARGUMENT")
-  assert [c[4] for c in fake.calls()] == ["describe", "create"]
+  assert result.returncode == 0 and result.stdout == "tf-test: absent\n"
+  assert fake.calls() == [gcloud.describe_node(gcloud.TpuSpec("tf-test", "europe-west4-a", "proj", "v4-32"))]
 
 
-# CLIs and flags -------------------------------------------------------------------------------------------------
 def run_cli(module, *args, timeout=120):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -333,11 +580,13 @@ tiny_1 = _tiny[1].config.replace(model=_tiny[1].config.model.replace(d_model=128
 
 
 @pytest.mark.parametrize("module, args, phrase", [
-    ("launch.tpu", ["up", "--name=tf", "--project=p", "--zone=z", "--accelerator=v4-12"],
+    ("launch.tpu", ["up", "--name=tf", "--project=p", "--zone=z", "--accelerator=v4-12", "--workdir=gs://b/x"],
      "unknown accelerator type 'v4-12'"),
     ("launch.tpu", ["up", "--name=tf", "--zone=z", "--accelerator=v4-8"], "needs --project and --zone"),
     ("launch.tpu", ["train", "--name=tf", "--project=p", "--zone=z", "--config=experiments/ladder.py:tiny_0",
-                    "--workdir=/tmp/run"], "must be a gs:// folder"),
+                    "--workdir=/tmp/run"], "needs --workdir=gs://"),
+    ("launch.tpu", ["up", "--name=tf", "--project=p", "--zone=z", "--workdir=gs://b/x", "--env=1A=b"],
+     "--env '1A=b' must be KEY=VALUE"),
     ("launch.ladder", [a for a in PAPER_TPU if not a.startswith("--project")], "needs --project and --zone"),
     ("launch.ladder", [a for a in PAPER_TPU if not a.startswith("--zone")], "needs --project and --zone"),
     ("launch.ladder", PAPER_TPU + ["--workdir=/tmp/ladder"], "must be a gs:// folder"),
@@ -350,6 +599,7 @@ tiny_1 = _tiny[1].config.replace(model=_tiny[1].config.model.replace(d_model=128
      "the tpu backend ships this repository's"),
     ("launch.ladder", ["--ladder=experiments/ladder.py:TINY", "--backend=tpu", "--workdir=gs://b/x", "--project=p",
                        "--zone=z"], "stage tiny_0: unknown accelerator type 'cpu'"),
+    ("launch.ladder", PAPER_TPU + ["--slices=2"], "stage paper_757m: --slices=2 needs mesh.data to be a multiple of 2"),
 ])
 def test_bad_flags_fail_before_any_gcloud_call(fake, tmp_path, module, args, phrase):
   (tmp_path / "bad.py").write_text(BAD_LADDER.format(name="bad", accelerator=""))
@@ -360,67 +610,59 @@ def test_bad_flags_fail_before_any_gcloud_call(fake, tmp_path, module, args, phr
 
 
 def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
-  result = run_cli("launch.ladder", *PAPER_TPU, "--provisioning=spot", "--dry_run")
+  result = run_cli("launch.ladder", *PAPER_TPU, "--provisioning=spot", "--env=LIBTPU_INIT_ARGS=--xla_x=1",
+                   "--valid_until=12h", "--dry_run")
   assert result.returncode == 0, result.stderr[-2000:]
   assert fake.calls() == []                                  # printed, not run
-  commands = [line for line in result.stdout.splitlines() if line.startswith("gcloud ")]
   kinds = []
-  for line in commands:
+  for line in result.stdout.splitlines():
+    if not line.startswith("gcloud "):
+      continue
     words = line.split()
     kind = words[2] if words[1] == "storage" else words[4]
     if kind == "ssh":
-      kind = next(w for w in ("tokenformer_jax.cli.grow", "tokenformer_jax.cli.train", "pip install", "storage cp")
+      kind = next(w for w in ("tokenformer_jax.cli.grow", "tokenformer_jax.cli.train", "tokenformer-setup.sh")
                   if w in line)
     kinds.append(kind)
-  first = ["ls", "create", "scp", "pip install", "tokenformer_jax.cli.train", "storage cp", "delete"]
-  grown = ["ls", "ls", "create", "scp", "pip install", "tokenformer_jax.cli.grow", "storage cp",
-           "tokenformer_jax.cli.train", "storage cp", "delete"]
-  assert kinds == first + grown * 3
+  first = ["ls", "create", "tokenformer-setup.sh", "tokenformer_jax.cli.train"]
+  kept = ["ls", "ls", "tokenformer_jax.cli.grow", "tokenformer_jax.cli.train"]
+  fresh = ["ls", "ls", "create", "tokenformer-setup.sh", "tokenformer_jax.cli.grow", "tokenformer_jax.cli.train"]
+  assert kinds == first + kept + ["delete"] + fresh + kept + ["delete"]
   out = result.stdout
-  assert ("gcloud compute tpus tpu-vm create tokenformer-paper-124m --zone=us-central2-b --project=proj "
-          "--accelerator-type=v4-64 --version=tpu-ubuntu2204-base --spot") in out
-  assert "gcloud storage ls gs://bkt/ladder/paper_1_4b/checkpoints/57221/commit_success.txt" in out
+  assert ("gcloud compute tpus queued-resources create tokenformer-paper-124m --node-id=tokenformer-paper-124m "
+          "--zone=us-central2-b --project=proj --accelerator-type=v4-64 --runtime-version=tpu-ubuntu2204-base --spot "
+          "--valid-until-duration=12h --metadata-from-file=startup-script=") in out
+  assert "export LIBTPU_INIT_ARGS=--xla_x=1 && " in out
+  assert "export JAX_COMPILATION_CACHE_DIR=gs://bkt/ladder/jax_cache && " in out
   assert ("tokenformer_jax.cli.grow --src=gs://bkt/ladder/paper_757m --step=57221 --config=experiments/ladder.py:"
           "paper_1_4b --dst=gs://bkt/ladder/paper_1_4b_grown --init=zero_keys --seed=0 --overwrite") in out
-  assert ("tokenformer_jax.cli.train --config=experiments/ladder.py:paper_354m --workdir=gs://bkt/ladder/paper_354m "
-          "--init_from=gs://bkt/ladder/paper_354m_grown --set=data.tfds_data_dir=gs://bkt/tfds") in out
-  assert "# stage paper_124m: 572,205 steps × 524,288 tokens (300B) on v4-64, from scratch" in out
   assert "# stage paper_757m: 57,221 steps × 524,288 tokens (30B) on v4-128, grown from paper_354m (zero_keys)" in out
 
 
 def test_a_rerun_tpu_ladder_skips_done_stages_and_adopts_a_running_job(fake):
-  done = lambda stage, step: {"stdout": checkpoint_url(f"gs://bkt/ladder/{stage}", step) + "\n"}
-  fake.script([
-      say(["storage", "ls", "paper_124m/"], done("paper_124m", 572205)),
-      say(["storage", "ls", "paper_354m/"], NO_OBJECTS, done("paper_354m", 57221)),
-      say(["storage", "ls", "paper_354m_grown/"], done("paper_354m_grown", 0)),
-      say(["storage", "ls", "paper_757m/"], done("paper_757m", 57221)),
-      say(["storage", "ls", "paper_1_4b/"], done("paper_1_4b", 57221)),
-      say(["tpu-vm", "delete"], NOT_FOUND),
-      say(["tpu-vm", "describe"], state("READY")),
-      say(["ssh", "ALIVE"], {"stdout": "paper_354m.train ALIVE on w-0\n"},   # adopted; then it exits
-          {"stdout": "paper_354m.train DEAD on w-0\n"}),
-  ])
-  result = run_cli("launch.ladder", *PAPER_TPU, "--poll_s=0")
+  done = lambda stage, step: checkpoint_url(f"gs://bkt/ladder/{stage}", step)
+  objects = {url: "done\n" for url in (done("paper_124m", 572205), done("paper_354m_grown", 0),
+                                       done("paper_757m", 57221), done("paper_1_4b", 57221))}
+  objects.update({"gs://bkt/ladder/requirements.lock": LOCK, "gs://bkt/neox.model": "x",
+                  "gs://bkt/tfds/openwebtext/1.0.0/x.array_record": "x"})
+  fake.script({"tick_s": 10}, objects)
+  cloud = fake.cloud                       # the 354m job still runs on the kept slice since the last launch
+  cloud._new_node("tokenformer-paper-124m", "v4-64", SETUP.script, queued="tokenformer-paper-124m")
+  cloud.state["queued"]["tokenformer-paper-124m"] = {"state": "ACTIVE", "nodes": ["tokenformer-paper-124m"]}
+  cloud.state["nodes"]["tokenformer-paper-124m"].update(state="READY", health="HEALTHY", jobs={"paper_354m.train": {
+      "status": "ALIVE", "start": 0, "runs_s": 60, "then": "finish", "writes": [done("paper_354m", 57221)],
+      "log": []}})
+  fake.path.write_text(json.dumps(cloud.state))
+  result = run_cli("launch.ladder", *PAPER_TPU, "--provisioning=spot", "--poll_s=0")
   assert result.returncode == 0, result.stderr[-2000:]
-  tpu = lambda stage: gcloud.TpuSpec(f"tokenformer-{stage}", "us-central2-b", "proj", "v4-64")
-  ls = lambda stage, step: ["gcloud", "storage", "ls", checkpoint_url(f"gs://bkt/ladder/{stage}", step)]
-  assert fake.calls() == [
-      ls("paper_124m", 572205), gcloud.delete(tpu("paper-124m")),                  # done: make sure its TPU is gone
-      ls("paper_354m", 57221), ls("paper_354m_grown", 0),                          # not done, but grown
-      gcloud.describe_state(tpu("paper-354m")),                                    # READY, and the job runs:
-      gcloud.ssh(tpu("paper-354m"), gcloud.alive_script("paper_354m.train")),      # adopt it, don't restart it
-      gcloud.describe_state(tpu("paper-354m")),                                    # the watch: it has exited
-      gcloud.ssh(tpu("paper-354m"), gcloud.alive_script("paper_354m.train")),
-      ls("paper_354m", 57221),                                                     # and it is done
-      gcloud.ssh(tpu("paper-354m"), gcloud.collect_script("paper_354m.train", "gs://bkt/ladder/logs")),
-      gcloud.delete(tpu("paper-354m")),
-      ls("paper_757m", 57221), gcloud.delete(gcloud.TpuSpec("tokenformer-paper-757m", "us-central2-b", "proj",
-                                                            "v4-128")),
-      ls("paper_1_4b", 57221), gcloud.delete(gcloud.TpuSpec("tokenformer-paper-1-4b", "us-central2-b", "proj",
-                                                            "v4-128")),
-  ]
+  calls = fake.calls()
+  assert not [c for c in calls if "create" in c[:6]]                         # nothing created,
+  assert not [c for c in calls if any("nohup" in a for a in c)]              # the running job adopted, not restarted
+  assert [c[5] for c in calls if "delete" in c[:6]] == ["tokenformer-paper-124m", "tokenformer-paper-757m"]
+  assert "gs://bkt/ladder/launcher/preflight.txt" not in fake.cloud.state["objects"]
+  assert any(u.startswith("gs://bkt/ladder/code/src-") for u in fake.cloud.state["objects"])
   assert "# ladder done: gs://bkt/ladder/paper_1_4b/checkpoints/57221" in result.stdout
+  assert "kept for paper_354m (same slice)" in result.stdout
 
 
 # Ladders --------------------------------------------------------------------------------------------------------
