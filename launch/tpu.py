@@ -21,7 +21,6 @@ import pathlib
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
 
 from absl import app, flags
@@ -313,8 +312,9 @@ class TpuVm:
           self.say(f"{status.detail}: preempted; deleting it to create it again")
         else:
           why = status.detail
-          if verdict is Verdict.FAILED and not is_transient(why):
-            raise LaunchError(f"queued resource {self.spec.name} {why}")
+          if verdict is Verdict.FAILED and (self.spec.valid_until or not is_transient(why)):
+            raise LaunchError(f"queued resource {self.spec.name} {why}"   # --valid_until: a deadline was asked for
+                              + (f" (--valid_until={self.spec.valid_until})" if self.spec.valid_until else ""))
           recreates += 1
           if recreates > limits.max_recreates:
             raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times and still {why}")

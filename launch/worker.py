@@ -74,18 +74,29 @@ def _python(argv: list[str]) -> str:
   return " ".join(words + [shlex.quote(a) for a in argv[1:]])
 
 
+def stop_script(job: str, wait_s: int = 60) -> str:
+  """Stop what is left of an earlier run of `job` on this worker (a restart after one worker died leaves the others
+  hanging on their peers): SIGTERM, up to `wait_s` seconds to exit, then SIGKILL."""
+  pid = f"{LOGS}/{job}.pid"
+  return (f'P=$(cat {pid} 2>/dev/null); if [ -n "$P" ] && kill -0 "$P" 2>/dev/null; then kill "$P"; '
+          f'for i in $(seq {wait_s}); do kill -0 "$P" 2>/dev/null || break; sleep 1; done; kill -9 "$P" 2>/dev/null; '
+          "fi")
+
+
 def start_script(job: str, argv: list[str], env: dict[str, str] | None = None, logs_url: str | None = None,
                  sync_s: int = 60) -> str:
-  """Start argv detached (it outlives the ssh session) with `env`, appending to LOGS/<job>.<host>.log, pid in
-  LOGS/<job>.pid. With `logs_url` (gs://), a detached loop copies the log there every `sync_s` seconds while the job
-  runs, and once more when it ends, as <job>.<host>.<boot>.log: a VM preempted later has left its last copy."""
+  """Stop a leftover run, then start argv detached (it outlives the ssh session) with `env`, appending to
+  LOGS/<job>.<host>.log, its pid in LOGS/<job>.pid. With `logs_url` (gs://), a detached loop copies the log there
+  every `sync_s` seconds while the job runs, and once more when it ends, as <job>.<host>.<boot>.log: a VM
+  preempted later has left its last copy."""
   log = f"{LOGS}/{job}.$(hostname).log"
-  exports = "".join(f"export {k}={shlex.quote(v)} && " for k, v in sorted((env or {}).items()))
-  start = (f"mkdir -p {LOGS} && cd {ROOT}/src && {exports}export PYTHONPATH={ROOT}/src && "
+  exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted((env or {}).items()))
+  # `;`, not `&&`, before the `&`: then `$!` is the job's own pid (an and-list would background a subshell)
+  start = (f"{stop_script(job)}; mkdir -p {LOGS}; cd {ROOT}/src || exit 1; {exports}export PYTHONPATH={ROOT}/src; "
            f"nohup {_python(argv)} >> {log} 2>&1 < /dev/null & echo $! > {LOGS}/{job}.pid")
   if not logs_url:
     return start
-  copy = f'gcloud storage cp "$LOG" "$URL" > /dev/null 2>&1'
+  copy = 'gcloud storage cp "$LOG" "$URL" > /dev/null 2>&1'
   loop = f'while kill -0 "$PID" 2>/dev/null; do {copy}; sleep {sync_s}; done; {copy}'
   target = f"{logs_url.rstrip('/')}/{job}.$(hostname).$(cut -c1-8 /proc/sys/kernel/random/boot_id).log"
   return (f"{start}; LOG={log} URL={target} PID=$(cat {LOGS}/{job}.pid) "

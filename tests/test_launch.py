@@ -98,12 +98,15 @@ def test_bad_tpu_specs_are_refused(kwargs, phrase):
 def test_worker_scripts():
   start = worker.start_script("s.train", ["python", "-m", "tokenformer_jax.cli.train", "--set=data.train_files=a b"],
                               {"XLA_FLAGS": "--xla_dump_to=/tmp/d x", "JAX_COMPILATION_CACHE_DIR": "gs://b/c"})
-  assert start == ("mkdir -p $HOME/tokenformer-logs && cd /opt/tokenformer/src && "
-                   "export JAX_COMPILATION_CACHE_DIR=gs://b/c && export XLA_FLAGS='--xla_dump_to=/tmp/d x' && "
-                   "export PYTHONPATH=/opt/tokenformer/src && nohup /opt/tokenformer/venv/bin/python -m "
+  assert start == (worker.stop_script("s.train") + "; mkdir -p $HOME/tokenformer-logs; cd /opt/tokenformer/src || "
+                   "exit 1; export JAX_COMPILATION_CACHE_DIR=gs://b/c; export XLA_FLAGS='--xla_dump_to=/tmp/d x'; "
+                   "export PYTHONPATH=/opt/tokenformer/src; nohup /opt/tokenformer/venv/bin/python -m "
                    "tokenformer_jax.cli.train '--set=data.train_files=a b' >> "
                    "$HOME/tokenformer-logs/s.train.$(hostname).log 2>&1 < /dev/null & "
                    "echo $! > $HOME/tokenformer-logs/s.train.pid")
+  assert worker.stop_script("j", 5) == (
+      'P=$(cat $HOME/tokenformer-logs/j.pid 2>/dev/null); if [ -n "$P" ] && kill -0 "$P" 2>/dev/null; then kill "$P"; '
+      'for i in $(seq 5); do kill -0 "$P" 2>/dev/null || break; sleep 1; done; kill -9 "$P" 2>/dev/null; fi')
   synced = worker.start_script("j", ["python", "x.py"], logs_url="gs://b/logs/", sync_s=30)
   assert synced.startswith(worker.start_script("j", ["python", "x.py"]) + "; LOG=$HOME/tokenformer-logs/j.$(hostname)"
                            ".log URL=gs://b/logs/j.$(hostname).$(cut -c1-8 /proc/sys/kernel/random/boot_id).log ")
@@ -233,7 +236,7 @@ def test_a_preempted_spot_tpu_is_recreated_through_a_queued_resource_and_the_job
   assert any("SUSPENDED: preempted" in line for line in lines) and lines[-1] == "[tf-test] s.train is done"
   node = fake.state["nodes"]["tf-test"]
   assert node["startup_script"] == SETUP.script      # a recreated VM sets itself up at boot
-  assert "export A=1 && " in node["jobs"]["s.train"]["command"]
+  assert "export A=1; " in node["jobs"]["s.train"]["command"]
 
 
 def test_health_flapping_is_waited_out_and_lasting_ill_health_recreates():
@@ -266,6 +269,11 @@ def test_a_failed_queued_resource_shows_its_reason_retries_transient_ones_and_st
   assert error == ("queued resource tf-test FAILED: Quota 'TPUV4PodPerProjectPerZoneForTPUAPI' exhausted; "
                    "TPU tf-test deleted")
   assert kinds(fake) == ["create", "delete"] and not fake.state["queued"]
+  deadline = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="spot", queued=True,
+                            valid_until="1h")
+  fake, lines, error = play({"jobs": finishes(600), "capacity_from": 7200}, spec=deadline)
+  assert error.startswith("queued resource tf-test FAILED: Queued resource request expired")
+  assert error.endswith("(--valid_until=1h); TPU tf-test deleted") and 3600 <= fake.now() <= 3660
 
 
 def test_an_hour_without_capacity_is_waited_out_directly_or_in_the_queue():
@@ -632,8 +640,8 @@ def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
   assert ("gcloud compute tpus queued-resources create tokenformer-paper-124m --node-id=tokenformer-paper-124m "
           "--zone=us-central2-b --project=proj --accelerator-type=v4-64 --runtime-version=tpu-ubuntu2204-base --spot "
           "--valid-until-duration=12h --metadata-from-file=startup-script=") in out
-  assert "export LIBTPU_INIT_ARGS=--xla_x=1 && " in out
-  assert "export JAX_COMPILATION_CACHE_DIR=gs://bkt/ladder/jax_cache && " in out
+  assert "export LIBTPU_INIT_ARGS=--xla_x=1; " in out
+  assert "export JAX_COMPILATION_CACHE_DIR=gs://bkt/ladder/jax_cache; " in out
   assert ("tokenformer_jax.cli.grow --src=gs://bkt/ladder/paper_757m --step=57221 --config=experiments/ladder.py:"
           "paper_1_4b --dst=gs://bkt/ladder/paper_1_4b_grown --init=zero_keys --seed=0 --overwrite") in out
   assert "# stage paper_757m: 57,221 steps × 524,288 tokens (30B) on v4-128, grown from paper_354m (zero_keys)" in out
