@@ -1,14 +1,21 @@
-"""What the watch makes of a TPU's state and health, and the budgets that bound a stage and a ladder.
+"""The watch: what it makes of a TPU's state and health, what it does about it, and the budgets that bound it.
 
 Every value of the TPU VM `state` and `health` enums and of the queued resource's `state.state` enum maps to one
 `Verdict`; a value missing from these tables (a new enum value, unparseable output) is UNKNOWN, which the watch
-waits on for a bounded time only (`--unknown_timeout_s`) before it recreates the TPU.
+waits on for a bounded time only (`--unknown_timeout_s`) before it recreates the TPU. `Watch` acts on the
+verdicts through a TpuVm (tpu.py): create, delete, set up, start, probe.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
+from typing import TYPE_CHECKING
+
+from launch.runner import LaunchError, is_transient
+
+if TYPE_CHECKING:
+  from launch.tpu import Job, TpuVm
 
 
 class Verdict(enum.Enum):
@@ -113,3 +120,147 @@ class Budget:
       flag = "--max_ladder_tpu_hours" if self.what == "the ladder" else "--max_tpu_hours"
       raise BudgetExceeded(f"{self.what} used {self.tpu_hours:,.1f} TPU chip-hours, over its budget of "
                            f"{flag}={self.max_tpu_hours:g}")
+
+
+class JobFailed(LaunchError):
+  """The job (or the workers' setup) failed on a healthy TPU: recreating the TPU would not help."""
+
+
+AGAIN, LATER, DONE = "again", "later", "done"   # what a watch step asks for: look again now, after a poll, stop
+
+
+class Watch:
+  """One watch of one TPU: what it decides for each verdict, and the bounds it keeps (faults.py has the verdicts)."""
+
+  def __init__(self, vm: TpuVm, job: Job | None, budgets: list[Budget]):
+    self.vm, self.job, self.budgets, self.limits = vm, job, budgets, vm.limits
+    self.since: dict[str, float] = {}      # when each bounded trouble began: waiting, unknown, unhealthy, probe
+    self.restarts = self.recreates = 0
+    self.started = False                   # the job was started (or adopted) on the current TPU
+
+  def run(self) -> None:
+    clock = self.vm.runner.clock
+    last = saved = clock()
+    billing = False
+    steps = {Verdict.ABSENT: self.absent, Verdict.WAIT: self.absent, Verdict.PREEMPTED: self.broken,
+             Verdict.LOST: self.broken, Verdict.FAILED: self.broken, Verdict.UNKNOWN: self.troubled,
+             Verdict.UNHEALTHY: self.troubled, Verdict.USABLE: self.usable}
+    keeps = {Verdict.ABSENT: "waiting", Verdict.WAIT: "waiting", Verdict.UNKNOWN: "unknown",
+             Verdict.UNHEALTHY: "unhealthy", Verdict.USABLE: "probe"}
+    while True:
+      status = self.vm.status()
+      now = clock()
+      for budget in self.budgets if billing else ():
+        budget.tpu_hours += self.vm.spec.chips * (now - last) / 3600
+      last, billing = now, status.exists
+      if self.budgets and (now - saved >= 1800 or status.verdict is Verdict.PREEMPTED):
+        self.vm._save_ledger()
+        saved = now
+      for budget in self.budgets:
+        budget.check()
+      for trouble in [t for t in self.since if t != keeps.get(status.verdict)]:
+        del self.since[trouble]            # a trouble that is over starts its clock afresh next time
+      outcome = steps[status.verdict](status, now)
+      if outcome == DONE:
+        return
+      if outcome == LATER:
+        self.vm.sleep()
+
+  def finished(self) -> bool:
+    return self.job is not None and self.started and self.job.done()
+
+  def recreate(self, why: str) -> str:
+    """Delete the TPU (the next look finds it absent and creates it), counting against --max_recreates."""
+    self.recreates += 1
+    if self.recreates > self.limits.max_recreates:
+      raise LaunchError(f"TPU {self.vm.spec.name} recreated {self.limits.max_recreates} times and still {why}")
+    self.vm.say(f"{why}: deleting it to create it again ({self.recreates}/{self.limits.max_recreates})")
+    self.vm.delete()
+    self.started = False
+    return AGAIN
+
+  def absent(self, status: Status, now: float) -> str:
+    """Absent or on its way (creating, queued for capacity, repairing, restarting): create it, or wait (bounded)."""
+    first = self.since.setdefault("waiting", now)
+    if now - first > self.limits.ready_timeout_s:
+      raise LaunchError(f"TPU {self.vm.spec.name} is still not usable ({status.detail}) after "
+                        f"{self.limits.ready_timeout_s / 3600:.1f} h; try another zone or --provisioning, or raise "
+                        "--ready_timeout_s")
+    if status.verdict is Verdict.ABSENT:
+      if self.finished():
+        return DONE
+      self.started = False
+      if self.vm.create():
+        return AGAIN
+    return LATER
+
+  def broken(self, status: Status, now: float) -> str:
+    """Preempted (counts against the preemption budgets), lost, or a failed queued resource: recreate it."""
+    if self.finished():
+      return DONE
+    if status.verdict is Verdict.PREEMPTED:
+      for budget in self.budgets:
+        budget.preemptions += 1
+      for budget in self.budgets:
+        budget.check()
+      self.vm.say(f"{status.detail}: preempted; deleting it to create it again")
+      self.vm.delete()
+      self.started = False
+      return AGAIN
+    spec = self.vm.spec
+    if status.verdict is Verdict.FAILED and (spec.valid_until or not is_transient(status.detail)):
+      raise LaunchError(f"queued resource {spec.name} {status.detail}"   # --valid_until: a deadline was asked for
+                        + (f" (--valid_until={spec.valid_until})" if spec.valid_until else ""))
+    return self.recreate(status.detail)
+
+  def troubled(self, status: Status, now: float) -> str:
+    """An unknown or unreadable state, or READY but unhealthy: wait for it to recover, for a bounded time."""
+    unknown = status.verdict is Verdict.UNKNOWN
+    bound = self.limits.unknown_timeout_s if unknown else self.limits.unhealthy_grace_s
+    first = self.since.setdefault("unknown" if unknown else "unhealthy", now)
+    if now - first >= bound:
+      return self.recreate(f"{status.detail} for {(now - first) / 60:.0f} min")
+    if first == now:
+      self.vm.say(f"{status.detail}: waiting up to {bound / 60:.0f} min for it to recover")
+    return LATER
+
+  def usable(self, status: Status, now: float) -> str:
+    """READY (every node) and not reported unhealthy: keep the job running here; ssh failing counts as ill health."""
+    vm, job = self.vm, self.job
+    if job is None:
+      vm.say(f"READY ({vm.spec.accelerator}{f' × {vm.spec.slices}' if vm.spec.slices > 1 else ''}, "
+             f"{vm.spec.hosts} hosts)")
+      return DONE
+    try:
+      if not vm.alive(job):      # running already (a rerun of the launcher): adopt it, and leave its setup alone
+        if job.done():
+          vm.say(f"{job.name} is done")
+          return DONE
+        if self.started:
+          self.restart()
+        if not vm.set_up:
+          vm.setup()
+        vm.start(job)
+      self.started = True
+      self.since.pop("probe", None)
+    except JobFailed:
+      raise
+    except LaunchError as error:   # READY, yet ssh fails: a host in maintenance, or preempted since the describe
+      first = self.since.setdefault("probe", now)
+      if now - first >= self.limits.unhealthy_grace_s:
+        return self.recreate(f"unreachable over ssh for {(now - first) / 60:.0f} min ({error})")
+      vm.say(f"ssh failed on a READY TPU ({error}); looking again in {self.limits.poll_s:.0f}s")
+    return LATER
+
+  def restart(self) -> None:
+    """The job ran here and died: its own `error: ...` line ends the watch; anything else restarts it (bounded)."""
+    vm, job = self.vm, self.job
+    failure = [line for line in vm.logs(job).splitlines() if line.startswith("error: ")]
+    if failure:
+      raise JobFailed(f"{job.name} failed on {vm.spec.name}: {failure[-1][len('error: '):]}")
+    self.restarts += 1
+    if self.restarts > self.limits.max_restarts:
+      raise JobFailed(f"{job.name} died {self.restarts} times on a healthy {vm.spec.name} without finishing "
+                      f"(--max_restarts={self.limits.max_restarts}); its logs: "
+                      f"{job.logs_to or 'python -m launch.tpu logs'}")
+    vm.say(f"{job.name} died on a healthy TPU: restarting it there ({self.restarts}/{self.limits.max_restarts})")

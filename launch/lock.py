@@ -44,12 +44,17 @@ class Installed:
     return importlib.metadata.requires(name) or []
 
 
+# Markers are evaluated for the workers (Linux on x86_64), not for the launching machine (which may be a Mac).
+WORKER_ENVIRONMENT = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux",
+                      "platform_machine": "x86_64", "os_name": "posix"}
+
+
 def closure(requirements: list[str], installed: Installed | None = None,
             environment: dict | None = None) -> dict[str, str]:
   """{canonical name: installed version} of `requirements` and everything they require, recursively, with extras
-  and markers evaluated for `environment` (default: this interpreter's). A missing distribution raises ValueError."""
+  and markers evaluated for `environment` (default: a TPU worker's). A missing distribution raises ValueError."""
   installed = installed or Installed()
-  env = environment or default_environment()
+  env = environment or WORKER_ENVIRONMENT
   found: dict[str, str] = {}
   seen: set[tuple[str, frozenset]] = set()
   todo = [(Requirement(r), "") for r in requirements]

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from absl import app, flags
 
 from launch import gcloud, worker
-from launch.faults import Budget, BudgetExceeded, Status, Verdict, node_status, queued_status
-from launch.runner import NO_CAPACITY, PUBLICKEY, LaunchError, Runner, display, is_transient, reason
+from launch.faults import Budget, BudgetExceeded, JobFailed, Status, Verdict, Watch, node_status, queued_status
+from launch.runner import NO_CAPACITY, PUBLICKEY, LaunchError, Runner, display, reason
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ("setup.py", "README.md", "tokenformer_jax", "experiments", "launch")
@@ -213,8 +213,13 @@ class TpuVm:
       self.say("STARTUP_SCRIPT.sh, base64-encoded in the next command:")
       for line in self.setup_spec.script.splitlines()[1:]:
         self.runner.say(f"#   {line}")
-    self.runner.run(gcloud.ssh(self.spec, worker.run_setup(self.setup_spec.script)), quiet=True,
-                    also_transient=PUBLICKEY)
+    try:
+      self.runner.run(gcloud.ssh(self.spec, worker.run_setup(self.setup_spec.script)), quiet=True,
+                      also_transient=PUBLICKEY)
+    except LaunchError as error:
+      if "tokenformer setup FAILED" in str(error):   # the script's own line: /opt/tokenformer/setup.log says more
+        raise JobFailed(f"{error} (see /opt/tokenformer/setup.log on the workers)") from None
+      raise
     self.set_up = True
 
   def start(self, job: Job) -> None:
@@ -260,131 +265,9 @@ class TpuVm:
 
   # The watch ---------------------------------------------------------------------------------------------------
   def _watch(self, job: Job | None, budgets: list[Budget]) -> None:
-    """The one loop: every poll, read the TPU's state and health, act on it, and (with a job) keep the job going.
-    Without a job it returns as soon as the TPU is usable."""
-    limits, clock = self.limits, self.runner.clock
-    since: dict[str, float] = {}          # when each bounded trouble started
-    restarts = recreates = 0
-    started = False                       # the job was started (or adopted) on the current TPU
-    last, billing = clock(), False
-    saved = last
-    while True:
-      status = self.status()
-      now = clock()
-      if billing:
-        for budget in budgets:
-          budget.tpu_hours += self.spec.chips * (now - last) / 3600
-      last, billing = now, status.exists
-      if budgets and (now - saved >= 1800 or status.verdict is Verdict.PREEMPTED):
-        self._save_ledger()
-        saved = now
-      for budget in budgets:
-        budget.check()
-      verdict = status.verdict
-      for trouble in ("unknown", "unhealthy", "probe", "waiting"):
-        if trouble != {Verdict.UNKNOWN: "unknown", Verdict.UNHEALTHY: "unhealthy", Verdict.ABSENT: "waiting",
-                       Verdict.WAIT: "waiting", Verdict.USABLE: "probe"}.get(verdict):
-          since.pop(trouble, None)
-
-      if verdict in (Verdict.ABSENT, Verdict.WAIT):
-        first = since.setdefault("waiting", now)
-        if now - first > limits.ready_timeout_s:
-          raise LaunchError(f"TPU {self.spec.name} is still not usable ({status.detail}) after "
-                            f"{limits.ready_timeout_s / 3600:.1f} h; try another zone or --provisioning, or raise "
-                            "--ready_timeout_s")
-        if verdict is Verdict.ABSENT:
-          if job and started and job.done():
-            break
-          started = False
-          if self.create():
-            continue
-        self.sleep()
-        continue
-
-      if verdict in (Verdict.PREEMPTED, Verdict.LOST, Verdict.FAILED):
-        if job and started and job.done():
-          break
-        if verdict is Verdict.PREEMPTED:
-          for budget in budgets:
-            budget.preemptions += 1
-          for budget in budgets:
-            budget.check()
-          self.say(f"{status.detail}: preempted; deleting it to create it again")
-        else:
-          why = status.detail
-          if verdict is Verdict.FAILED and (self.spec.valid_until or not is_transient(why)):
-            raise LaunchError(f"queued resource {self.spec.name} {why}"   # --valid_until: a deadline was asked for
-                              + (f" (--valid_until={self.spec.valid_until})" if self.spec.valid_until else ""))
-          recreates += 1
-          if recreates > limits.max_recreates:
-            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times and still {why}")
-          self.say(f"{why}: deleting it to create it again ({recreates}/{limits.max_recreates})")
-        self.delete()
-        started = False
-        continue
-
-      if verdict in (Verdict.UNKNOWN, Verdict.UNHEALTHY):
-        trouble = "unknown" if verdict is Verdict.UNKNOWN else "unhealthy"
-        bound = limits.unknown_timeout_s if verdict is Verdict.UNKNOWN else limits.unhealthy_grace_s
-        first = since.setdefault(trouble, now)
-        if now - first >= bound:
-          recreates += 1
-          if recreates > limits.max_recreates:
-            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times and still "
-                              f"{status.detail}")
-          self.say(f"{status.detail} for {(now - first) / 60:.0f} min: deleting it to create it again "
-                   f"({recreates}/{limits.max_recreates})")
-          self.delete()
-          started = False
-          continue
-        if first == now:
-          self.say(f"{status.detail}: waiting up to {bound / 60:.0f} min for it to recover")
-        self.sleep()
-        continue
-
-      # USABLE: READY (every node), healthy or not reported
-      if job is None:
-        self.say(f"READY ({self.spec.accelerator}{f' × {self.spec.slices}' if self.spec.slices > 1 else ''}, "
-                 f"{self.spec.hosts} hosts)")
-        return
-      try:
-        alive = self.alive(job)   # running already (a rerun of the launcher): adopt it, and leave its setup alone
-        if not alive:
-          if job.done():
-            break
-          if started:   # it ran here and died: its own error ends the watch, anything else restarts it here
-            failure = [line for line in self.logs(job).splitlines() if line.startswith("error: ")]
-            if failure:
-              raise LaunchError(f"{job.name} failed on {self.spec.name}: {failure[-1][len('error: '):]}")
-            restarts += 1
-            if restarts > limits.max_restarts:
-              raise LaunchError(f"{job.name} died {restarts} times on a healthy {self.spec.name} without "
-                                f"finishing (--max_restarts={limits.max_restarts}); its logs: "
-                                f"{job.logs_to or 'python -m launch.tpu logs'}")
-            self.say(f"{job.name} died on a healthy TPU: restarting it there ({restarts}/{limits.max_restarts})")
-          if not self.set_up:
-            self.setup()
-          self.start(job)
-        started = True
-        since.pop("probe", None)
-      except LaunchError as error:
-        if "tokenformer setup FAILED" in str(error) or f"{job.name} failed on" in str(error) or \
-            f"{job.name} died" in str(error):
-          raise
-        first = since.setdefault("probe", now)   # READY, yet ssh fails: a host in maintenance, or just preempted
-        if now - first >= limits.unhealthy_grace_s:
-          recreates += 1
-          if recreates > limits.max_recreates:
-            raise LaunchError(f"TPU {self.spec.name} recreated {limits.max_recreates} times; ssh still fails: "
-                              f"{error}") from None
-          self.say(f"ssh has failed for {(now - first) / 60:.0f} min on a READY TPU ({error}): deleting it to "
-                   f"create it again ({recreates}/{limits.max_recreates})")
-          self.delete()
-          started = False
-          continue
-        self.say(f"ssh failed on a READY TPU ({error}); looking again in {limits.poll_s:.0f}s")
-      self.sleep()
-    self.say(f"{job.name} is done")
+    """Every poll, read the TPU's state and health and act on it; with a job, keep the job going until it is done.
+    Without a job, return as soon as the TPU is usable."""
+    Watch(self, job, budgets).run()
 
 
 # Logs on GCS -----------------------------------------------------------------------------------------------------

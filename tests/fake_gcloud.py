@@ -230,6 +230,9 @@ class FakeCloud:
       if "tokenformer-setup.sh" in command:
         encoded = re.search(r"echo (\S+) \| base64 -d", command).group(1)
         node["setups"].append(base64.b64decode(encoded).decode())
+        if self.scenario.get("setup_error"):
+          return result(1, "".join(f"tokenformer setup FAILED on {h}: {self.scenario['setup_error']}\n"
+                                   for h in hosts))
         out += [f"tokenformer setup done on {h}" for h in hosts]
       elif "nohup" in command:
         job = re.search(r"tokenformer-logs/([^ ]+)\.pid", command).group(1)

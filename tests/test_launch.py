@@ -320,6 +320,10 @@ def test_a_failed_stage_deletes_its_tpu_unless_asked_to_keep_it():
   fake, lines, error = play({"jobs": error_plan})
   assert error == "s.train failed on tf-test: the tokenizer has 2048 pieces; TPU tf-test deleted"
   assert not fake.state["queued"] and not fake.state["nodes"]
+  fake, lines, error = play({"jobs": error_plan, "setup_error": "No solution found when resolving: libtpu==0.0.42.1"})
+  assert error == ("`gcloud compute tpus tpu-vm ssh tf-test` failed (exit 1): tokenformer setup FAILED on "
+                   "tf-test-w-3: No solution found when resolving: libtpu==0.0.42.1 (see /opt/tokenformer/setup.log "
+                   "on the workers); TPU tf-test deleted")
   fake, lines, error = play({"jobs": error_plan}, keep_on_failure=True)
   assert error.endswith("; TPU tf-test kept running (--keep_on_failure); delete it with `python -m launch.tpu delete "
                         "--name=tf-test --project=proj --zone=us-central2-b --queued`")
