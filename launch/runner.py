@@ -84,16 +84,18 @@ class Runner:
     self.dry_run, self.sleep, self.clock, self.say, self.execute = dry_run, sleep, clock, say, execute
 
   def run(self, argv: Sequence[str], *, expect: Sequence[str] = (), quiet: bool = False,
-          also_transient: re.Pattern | None = None) -> Result:
+          also_transient: re.Pattern | None = None, attempts: int | None = None) -> Result:
     """Run argv until it succeeds, or fails with stderr containing one of `expect` (an answer such as
     NOT_FOUND, returned to the caller); raise LaunchError on a permanent failure or after the last attempt.
-    `also_transient` adds failures worth retrying for this call (e.g. PUBLICKEY right after creation)."""
+    `also_transient` adds failures worth retrying for this call (e.g. PUBLICKEY right after creation);
+    `attempts` lowers the number of tries for a call whose caller looks again anyway (a probe)."""
+    attempts = min(attempts or self.attempts, self.attempts)
     if self.dry_run:
       self.say(display(argv))
       return Result(0, "", "")
     if not quiet:
       self.say(f"$ {display(argv)}")
-    for attempt in range(1, self.attempts + 1):
+    for attempt in range(1, attempts + 1):
       done = self.execute(argv)
       if done.returncode == 0 or any(e in done.stderr for e in expect):
         return done
@@ -101,9 +103,9 @@ class Runner:
       why = reason(done.stderr) if done.stderr.strip() else reason(done.stdout)
       if not is_transient(output, also_transient):
         raise LaunchError(f"`{short(argv)}` failed (exit {done.returncode}): {why}")
-      if attempt == self.attempts:
+      if attempt == attempts:
         raise LaunchError(f"`{short(argv)}` still failing after {attempt} attempts (exit {done.returncode}): {why}")
       delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
-      self.say(f"transient failure of `{short(argv)}`: {why}; retry {attempt}/{self.attempts - 1} in {delay:.0f}s")
+      self.say(f"transient failure of `{short(argv)}`: {why}; retry {attempt}/{attempts - 1} in {delay:.0f}s")
       self.sleep(delay)
     raise AssertionError("unreachable")

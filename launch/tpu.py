@@ -228,8 +228,9 @@ class TpuVm:
 
   def alive(self, job: Job) -> bool:
     """True while the job runs on every worker (one dead worker leaves the others hanging: the job is dead)."""
+    # two tries: if ssh still fails, the watch describes the TPU again (preempted since?) before it asks again
     result = self.runner.run(gcloud.ssh(self.spec, worker.alive_script(job.name)), quiet=True,
-                             also_transient=PUBLICKEY)
+                             also_transient=PUBLICKEY, attempts=2)
     return "ALIVE" in result.stdout and "DEAD" not in result.stdout
 
   def logs(self, job: Job, lines: int = 20) -> str:

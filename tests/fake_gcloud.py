@@ -77,6 +77,12 @@ class FakeCloud:
   def execute(self, argv):
     argv = list(argv)
     self.state["calls"].append(argv)
+    answer = self._execute(argv)
+    if answer.returncode == 2:            # a command line gcloud would refuse: the tests assert there are none
+      self.state.setdefault("refused", []).append(argv)
+    return answer
+
+  def _execute(self, argv):
     words = argv[1:]
     if words and words[0] == "alpha":
       words = words[1:]

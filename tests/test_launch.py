@@ -167,6 +167,18 @@ def test_transient_failures_are_retried_with_exponential_backoff_and_permanent_o
   assert len(calls) == 1
 
 
+def test_the_fake_gcloud_refuses_what_gcloud_would():
+  fake = FakeCloud()
+  create = gcloud.create(SPEC)
+  assert fake.execute(create).returncode == 0
+  for argv in (create[:-1] + ["--version=tpu-ubuntu2204-base", "--preemptible-ish"],      # an unknown flag
+               [a for a in create if not a.startswith("--zone")],                          # a required one missing
+               create + ["--spot=yes"],                                                    # a value on a switch
+               ["gcloud", "compute", "tpus", "tpu-vm", "start", "tf-test", *WHERE]):       # a verb it does not use
+    assert fake.execute(argv).returncode == 2
+  assert len(fake.state["refused"]) == 4
+
+
 def test_every_state_and_health_value_has_a_decision():
   node_states = ["STATE_UNSPECIFIED", "CREATING", "READY", "RESTARTING", "REIMAGING", "DELETING", "REPAIRING",
                  "STOPPED", "STOPPING", "STARTING", "PREEMPTED", "TERMINATED", "HIDING", "HIDDEN", "UNHIDING",
@@ -206,6 +218,8 @@ def play(scenario, spec=SPOT, budgets=(), keep_on_failure=False, **limits):
     vm.run_job(job, list(budgets))
   except LaunchError as error:
     return fake, lines, str(error)
+  finally:
+    assert not fake.state.get("refused"), fake.state["refused"]   # every command line was one gcloud accepts
   return fake, lines, None
 
 
@@ -401,6 +415,7 @@ def test_consecutive_stages_on_the_same_slice_type_share_one_tpu_and_none_is_lef
   fake, lines = FakeCloud({"jobs": jobs}), []
   stages, backend = paper_backend(fake, lines)
   run_ladder(stages, backend, "gs://bkt/ladder", [], say=lines.append)
+  assert not fake.state.get("refused")
   creates = [c[5] for c in fake.calls("queued-resources", "create")]
   deletes = [c[5] for c in fake.calls("queued-resources", "delete")]
   assert creates == deletes == ["tokenformer-paper-124m", "tokenformer-paper-757m"]
@@ -649,6 +664,22 @@ def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
   assert ("tokenformer_jax.cli.grow --src=gs://bkt/ladder/paper_757m --step=57221 --config=experiments/ladder.py:"
           "paper_1_4b --dst=gs://bkt/ladder/paper_1_4b_grown --init=zero_keys --seed=0 --overwrite") in out
   assert "# stage paper_757m: 57,221 steps × 524,288 tokens (30B) on v4-128, grown from paper_354m (zero_keys)" in out
+
+
+def test_tpu_train_cli_recreates_a_preempted_tpu_and_deletes_it_at_the_end(fake):
+  done = checkpoint_url("gs://b/run", 30)
+  fake.script({"tick_s": 60, "jobs": {"train": [{"runs_s": 600, "then": "finish", "writes": [done]}]},
+               "events": [{"at": 1200, "node": "tf-x", "preempt": True}]}, {"gs://b/run/requirements.lock": LOCK})
+  result = run_cli("launch.tpu", "train", "--name=tf-x", "--project=proj", "--zone=us-central2-b",
+                   "--accelerator=v4-8", "--provisioning=spot", "--config=experiments/ladder.py:tiny_0",
+                   "--workdir=gs://b/run", "--poll_s=0", "--max_preemptions=1", "--env=A=1",
+                   "--attempts=1")   # no real waiting: a failed probe is looked at again on the next (0 s) poll
+  assert result.returncode == 0, result.stderr[-2000:]
+  cloud = fake.cloud
+  assert kinds(cloud) == ["create", "setup", "start", "delete", "create", "setup", "start", "delete"]
+  assert not cloud.state["nodes"] and not cloud.state["queued"] and not cloud.state.get("refused")
+  assert json.loads(cloud.state["objects"]["gs://b/run/launcher/usage.json"])["train"]["preemptions"] == 1
+  assert "[tf-x] train is done" in result.stdout and len(cloud.state["calls"]) < 60
 
 
 def test_a_rerun_tpu_ladder_skips_done_stages_and_adopts_a_running_job(fake):
