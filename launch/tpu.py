@@ -179,9 +179,11 @@ class TpuVm:
       return False
     return True
 
-  def delete(self) -> None:
-    self.runner.run(gcloud.delete(self.spec), expect=NOT_FOUND)
+  def delete(self) -> bool:
+    """Delete the TPU (with a queued resource, its nodes too); False if there was none."""
+    result = self.runner.run(gcloud.delete(self.spec), expect=NOT_FOUND)
     self.set_up = False
+    return result.returncode == 0
 
   def ensure_ready(self) -> None:
     """Create the TPU if it is absent, replace it if it is broken, and wait until it is usable (bounded)."""
@@ -191,17 +193,17 @@ class TpuVm:
       return
     self._watch(None, [])
 
-  def release(self, why: str) -> str:
+  def release(self) -> str:
     """After a failure: delete the TPU unless --keep_on_failure; returns what was done, to add to the error."""
     if self.keep_on_failure:
       return (f"TPU {self.spec.name} kept running (--keep_on_failure); delete it with `python -m launch.tpu delete "
               f"--name={self.spec.name} --project={self.spec.project} --zone={self.spec.zone}"
               f"{' --queued' if self.spec.queued else ''}`")
     try:
-      self.delete()
+      deleted = self.delete()
     except LaunchError as error:
       return f"could not delete TPU {self.spec.name} ({error}): delete it by hand: {display(gcloud.delete(self.spec))}"
-    return f"TPU {self.spec.name} deleted"
+    return f"TPU {self.spec.name} deleted" if deleted else f"no TPU {self.spec.name} is left"
 
   # Code and jobs -----------------------------------------------------------------------------------------------
   def setup(self) -> None:
@@ -253,7 +255,7 @@ class TpuVm:
     try:
       self._watch(job, list(budgets))
     except (LaunchError, BudgetExceeded) as error:
-      raise LaunchError(f"{error}; {self.release(str(error))}") from None
+      raise LaunchError(f"{error}; {self.release()}") from None
     finally:
       self._save_ledger()
 

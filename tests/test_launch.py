@@ -300,6 +300,7 @@ def test_an_hour_without_capacity_is_waited_out_directly_or_in_the_queue():
   assert error is None and kinds(fake) == ["create", "setup", "start"] and fake.now() >= 3600 + 600
   fake, lines, error = play({"jobs": finishes(600), "capacity_from": 3600}, spec=on_demand, ready_timeout_s=1800)
   assert error.startswith("TPU tf-test is still not usable (absent) after 0.5 h")
+  assert error.endswith("; no TPU tf-test is left")                       # never created: nothing to delete
 
 
 def test_a_job_that_crashes_on_a_healthy_tpu_is_restarted_there_a_bounded_number_of_times():
