@@ -154,7 +154,7 @@ class Watch:
         budget.tpu_hours += self.vm.spec.chips * (now - last) / 3600
       last, billing = now, status.exists
       if self.budgets and (now - saved >= 1800 or status.verdict is Verdict.PREEMPTED):
-        self.vm._save_ledger()
+        self.vm.save_ledger()
         saved = now
       for budget in self.budgets:
         budget.check()

@@ -257,9 +257,9 @@ class TpuVm:
     except (LaunchError, BudgetExceeded) as error:
       raise LaunchError(f"{error}; {self.release()}") from None
     finally:
-      self._save_ledger()
+      self.save_ledger()
 
-  def _save_ledger(self) -> None:
+  def save_ledger(self) -> None:
     if self.ledger is not None:
       try:
         self.ledger()
