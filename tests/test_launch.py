@@ -254,11 +254,13 @@ def test_a_preempted_spot_tpu_is_recreated_through_a_queued_resource_and_the_job
 
 
 def test_health_flapping_is_waited_out_and_lasting_ill_health_recreates():
-  flap = [{"at": 600, "node": "tf-test", "health": "TIMEOUT", "description": "the TPU is unresponsive"},
-          {"at": 780, "node": "tf-test", "health": "HEALTHY"}]
-  fake, lines, error = play({"jobs": finishes(1500), "events": flap})
-  assert error is None and kinds(fake) == ["create", "setup", "start"]   # no delete: it recovered
-  assert any("READY/TIMEOUT: the TPU is unresponsive: waiting up to 15 min" in line for line in lines)
+  flap = []   # three unhealthy spells of 3 min: 9 min in all, but each shorter than the 5 min of grace
+  for start in (600, 900, 1200):
+    flap += [{"at": start, "node": "tf-test", "health": "TIMEOUT", "description": "the TPU is unresponsive"},
+             {"at": start + 180, "node": "tf-test", "health": "HEALTHY"}]
+  fake, lines, error = play({"jobs": finishes(1500), "events": flap}, unhealthy_grace_s=300)
+  assert error is None and kinds(fake) == ["create", "setup", "start"]   # no delete: it recovered each time
+  assert sum("READY/TIMEOUT: the TPU is unresponsive: waiting up to 5 min" in line for line in lines) == 3
   sick = [{"at": 600, "node": "tf-test", "health": "UNHEALTHY_MAINTENANCE"}]
   fake, lines, error = play({"jobs": finishes(1500), "events": sick}, unhealthy_grace_s=600)
   assert error is None and kinds(fake) == ["create", "setup", "start", "delete", "create", "setup", "start"]
