@@ -76,7 +76,12 @@ def upload_code(runner: Runner, workdir: str) -> str:
   """Upload the code to WORKDIR/code/src-<digest>.tar.gz unless it is there already; returns the URL."""
   url = f"{workdir.rstrip('/')}/code/src-{code_digest()}.tar.gz"
   if not exists(runner, url):
-    runner.run(gcloud.storage_cp(str(build_archive()), url))
+    archive = build_archive()
+    try:
+      runner.run(gcloud.storage_cp(str(archive), url))
+    finally:
+      archive.unlink()
+      archive.parent.rmdir()
   return url
 
 

@@ -11,6 +11,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -28,6 +29,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from fake_gcloud import FakeCloud  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+  """The launcher's temporary files (archives, startup-scripts), here and in the CLIs run from here, in tmp_path."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 SPEC = gcloud.TpuSpec(name="tf-test", zone="us-central2-b", project="proj", accelerator="v4-32")
 SPOT = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-32", provisioning="spot", queued=True)
 WHERE = ["--zone=us-central2-b", "--project=proj"]
