@@ -20,6 +20,7 @@ setup(
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
         "sentencepiece>=0.2.3",
+        "tokenizers>=0.15",    # tokenizer.json files (GPT-NeoX-20B's BPE, the released TokenFormer models' tokenizer)
         "absl-py>=2.1",
         "tensorboard>=2.16",   # its TF-free event writer for training logs, and the viewer for them
         "numpy>=1.26",

@@ -51,12 +51,17 @@ def check_same_structure(stored, target, what: str) -> None:
 class RunCheckpoints:
   """Save and restore the checkpoints of one run."""
 
-  def __init__(self, path: str | epath.Path, *, keep: int | None = None, read_only: bool = False):
+  def __init__(self, path: str | epath.Path, *, keep: int | None = None, read_only: bool = False,
+               save_concurrent_gb: int | None = None):
+    """`save_concurrent_gb`: cap on the parameter bytes being written at once (Orbax's default, 96 GB, lets a
+    whole model's encoded copy be in flight: twice its size in memory)."""
     self.directory = checkpoints_dir(path)
     if read_only and not self.directory.exists():
       raise CheckpointError(f"no checkpoints at {self.directory}")
     # Handlers named up front, so a fresh process can read item metadata before restoring anything.
-    handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+    params_handler = (ocp.StandardCheckpointHandler() if save_concurrent_gb is None
+                      else ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb))
+    handlers = {"params": params_handler, "opt_state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
                 "data_iterator": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(

@@ -158,7 +158,7 @@ class DataConfig:
   tfds_data_dir: str = ""
   tfds_train_split: str = "train"
   tfds_validation_split: str = "validation"
-  tokenizer: str = str(SHIPPED_TOKENIZER)                  # a SentencePiece .model, local or gs://
+  tokenizer: str = str(SHIPPED_TOKENIZER)                  # SentencePiece .model or tokenizer.json, local or gs://
   seq_len: int = 1024
   shuffle_seed: int = 0
   worker_count: int = 0                                    # grain worker processes per host (0: in-process)

@@ -1,4 +1,4 @@
-"""Data: SentencePiece tokenizer, document sources (JSON lines, text, TFDS), and the grain pipeline.
+"""Data: tokenizers (SentencePiece or tokenizer.json), document sources (JSON lines, text, TFDS), and the grain pipeline.
 
     from tokenformer_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator
 

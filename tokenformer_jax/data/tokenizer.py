@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer: train one from text, load one from a local or gs:// path, encode and decode.
+"""Tokenizers: SentencePiece (train one from text) or a Hugging Face `tokenizer.json` (e.g. GPT-NeoX-20B's, the
+one the authors' Pile models use); `Tokenizer.load(path)` picks by file type and both offer the same interface:
+encode, encode_batch, decode, vocab_size, bos/eos/pad ids, fingerprint, and pickling for grain workers.
 
 Models trained here are BPE with `byte_fallback=True` and identity normalisation (no NFKC, whitespace
 kept as is), so every string round-trips exactly: `decode(encode(s)) == s`. Special ids are explicit and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,8 +47,8 @@ class Tokenizer:
                       "train it with eos_id set (python -m tokenformer_jax.data.tokenizer does)")
 
   @classmethod
-  def load(cls, path: str) -> Tokenizer:
-    """Reads a `.model` file from a local path or gs:// (through etils.epath)."""
+  def load(cls, path: str) -> Tokenizer | JsonTokenizer:
+    """Reads a SentencePiece `.model` or a `tokenizer.json` (a JSON file) from a local path or gs://."""
     p = epath.Path(path)
     try:
       proto = p.read_bytes()
@@ -57,6 +60,8 @@ class Tokenizer:
       raise DataError(f"tokenizer model {path} is a directory; give the .model file") from None
     except ImportError as e:  # epath reaches gs:// through TensorFlow or fsspec + gcsfs
       raise DataError(f"cannot read {path}: {e}; `pip install gcsfs` to read gs:// paths") from None
+    if str(path).endswith(".json") or proto.lstrip()[:1] == b"{":
+      return JsonTokenizer(proto, str(path), _special_tokens_beside(p))
     return cls(proto, str(path))
 
   # Special ids -------------------------------------------------------------------------------------
@@ -110,6 +115,107 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return (f"Tokenizer({self.path or '<in memory>'}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
+            f"bos={self.bos_id}, eos={self.eos_id})")
+
+
+# The eos token of a tokenizer.json, when no special_tokens_map.json beside it names one: GPT-NeoX's first.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def _special_tokens_beside(path: epath.Path) -> dict[str, str]:
+  """bos/eos/pad token strings from the special_tokens_map.json next to a tokenizer.json (as on the hub)."""
+  beside = path.parent / "special_tokens_map.json"
+  try:
+    values = json.loads(beside.read_text()) if beside.exists() else {}
+  except (OSError, ValueError):
+    raise DataError(f"{beside} is not valid JSON; fix or remove it") from None
+  out = {}
+  for key in ("bos_token", "eos_token", "pad_token"):
+    value = values.get(key)
+    value = value.get("content") if isinstance(value, dict) else value
+    if isinstance(value, str):
+      out[key] = value
+  return out
+
+
+class JsonTokenizer:
+  """A Hugging Face `tokenizers` tokenizer.json (e.g. GPT-NeoX-20B's BPE) with the interface of `Tokenizer`.
+
+  Special ids: eos (and bos) = the special_tokens_map.json's tokens when that file lies beside, else
+  `<|endoftext|>` (GPT-NeoX's, id 0) or another common eos string; pad = eos unless a pad token is named
+  (padding is always masked). Encoding adds no special tokens; decoding skips them.
+  """
+
+  def __init__(self, json_bytes: bytes, path: str = "", special: dict[str, str] | None = None):
+    import tokenizers  # pylint: disable=g-import-not-at-top  (only needed for tokenizer.json files)
+    self._json = bytes(json_bytes)
+    self.path = path
+    self._special = dict(special or {})
+    where = path or "tokenizer.json"
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises its own Exception type)
+      raise DataError(f"{where}: not a tokenizers tokenizer.json ({_first_line(e)})") from None
+    self._eos = self._id_of(self._special.get("eos_token"), where, "eos")
+    self._bos = self._id_of(self._special.get("bos_token"), where, "bos") if "bos_token" in self._special else self._eos
+    self._pad = self._id_of(self._special.get("pad_token"), where, "pad") if "pad_token" in self._special else self._eos
+
+  def _id_of(self, token: str | None, where: str, what: str) -> int:
+    for candidate in (token,) if token else EOS_CANDIDATES:
+      token_id = self._tok.token_to_id(candidate)
+      if token_id is not None:
+        return token_id
+    raise DataError(f"{where}: no {what} token ({token or ' / '.join(EOS_CANDIDATES)}) in its vocabulary; "
+                    "put a special_tokens_map.json naming it beside the file")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def unk_id(self) -> int:
+    model_unk = getattr(self._tok.model, "unk_token", None)
+    unk = self._tok.token_to_id(model_unk) if model_unk else None
+    return self._eos if unk is None else unk
+
+  @property
+  def fingerprint(self) -> str:
+    """A short hash of the tokenizer.json and the special ids chosen: equal means identical tokenization."""
+    special = json.dumps([self._eos, self._bos, self._pad]).encode()
+    return hashlib.sha256(self._json + b"\0" + special).hexdigest()[:16]
+
+  def serialized_model(self) -> bytes:
+    return self._json
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist(), skip_special_tokens=True)
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._tok.id_to_token(int(token_id)) or ""
+
+  def __reduce__(self):
+    return (JsonTokenizer, (self._json, self.path, self._special))
+
+  def __repr__(self) -> str:
+    return (f"JsonTokenizer({self.path or '<in memory>'}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
             f"bos={self.bos_id}, eos={self.eos_id})")
 
 

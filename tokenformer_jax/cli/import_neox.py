@@ -1,0 +1,44 @@
+"""Import one of the authors' PyTorch TokenFormer checkpoints (GPT-NeoX format) as a run directory here.
+
+  python -m tokenformer_jax.cli.import_neox --src=TokenFormer-150M --dst=runs/tokenformer-150m
+
+--src is a directory laid out as on the hub: `pytorch_model.bin` (or `model.safetensors`), `config.json` and,
+usually, `tokenizer.json`. torch is not needed: the file is read with a restricted unpickler and numpy, one
+tensor at a time (peak memory about the model's size). The result is a params-only Orbax checkpoint at step 0
+with its TrainConfig (the tokenizer copied beside it), which `cli.train --init_from`, `cli.grow` and the
+evaluation tools accept. Every tensor of the file is used exactly once; a missing, extra or misshapen tensor,
+or a config key this model cannot honour, ends with one line naming it, and nothing is written.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from tokenformer_jax.checkpoint import CheckpointError
+from tokenformer_jax.cli.common import one_line_errors
+from tokenformer_jax.data import DataError
+from tokenformer_jax.interop.convert import import_checkpoint
+from tokenformer_jax.interop.torch_format import FormatError
+
+SRC = flags.DEFINE_string("src", None, "Directory with pytorch_model.bin (or model.safetensors), config.json "
+                          "and tokenizer.json, as downloaded from the hub.")
+DST = flags.DEFINE_string("dst", None, "The run directory to create (new or empty).")
+VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "The tokenizer's vocabulary size when --src has no "
+                                  "tokenizer.json (default: every embedding row is a token).")
+NAME = flags.DEFINE_string("name", None, "The model's name in its config (default: the --src directory's name).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
+
+
+@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError, FormatError)
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  if not SRC.value or not DST.value:
+    raise ValueError("--src and --dst are required")
+  import_checkpoint(SRC.value, DST.value, vocab_size=VOCAB_SIZE.value, name=NAME.value, overwrite=OVERWRITE.value)
+  print(f"next: python -m tokenformer_jax.cli.train --config=CONFIG --set data.tokenizer={DST.value}/tokenizer.json "
+        f"--workdir=RUN --init_from={DST.value}   (CONFIG of the same shape, e.g. experiments/paper.py:pile_150m "
+        f"for TokenFormer-150M), or grow it: python -m tokenformer_jax.cli.grow --src={DST.value} ...")
+
+
+if __name__ == "__main__":
+  app.run(main)

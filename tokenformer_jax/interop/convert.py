@@ -1,0 +1,142 @@
+"""Whole-checkpoint conversion between the authors' GPT-NeoX files and run directories here.
+
+`import_checkpoint(src_dir, run_dir)`: pytorch_model.bin (or model.safetensors) + config.json (+ tokenizer.json)
+→ a params-only Orbax checkpoint at step 0 with its TrainConfig, the tokenizer files copied beside it.
+`export_run(run_dir, out_dir)`: a run's checkpoint → pytorch_model.bin + config.json (+ tokenizer.json).
+Both check everything before writing anything, and write to a temporary directory renamed when complete.
+The command-line tools are `tokenformer_jax.cli.import_neox` and `tokenformer_jax.cli.export_neox`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+from etils import epath
+
+from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
+from tokenformer_jax.config import DataConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.interop import neox
+from tokenformer_jax.interop.torch_format import read_tensors, save_state_dict
+from tokenformer_jax.model import abstract_params
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
+
+
+def weights_file(src: str) -> str:
+  for name in WEIGHT_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      return os.path.join(src, name)
+  raise ValueError(f"--src={src} holds none of {', '.join(WEIGHT_FILES)}; point it at the downloaded model "
+                   "directory")
+
+
+def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name: str | None = None,
+                      overwrite: bool = False, quiet: bool = False) -> TrainConfig:
+  """Convert the checkpoint in directory `src` into the run directory `dst`; returns the run's TrainConfig."""
+  started = time.time()
+  log = (lambda *_: None) if quiet else print
+  if not os.path.isdir(src):
+    raise ValueError(f"--src={src} is not a directory")
+  dst_path = epath.Path(os.path.abspath(dst))
+  if dst_path.exists() and any(dst_path.iterdir()) and not overwrite:
+    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
+  path = weights_file(src)
+  config_json = neox.read_config(os.path.join(src, "config.json"))
+  tokenizer_json = os.path.join(src, "tokenizer.json")
+  if os.path.isfile(tokenizer_json):
+    from tokenformer_jax.data.tokenizer import Tokenizer   # pylint: disable=g-import-not-at-top
+    tokenizer_vocab = Tokenizer.load(tokenizer_json).vocab_size
+    if vocab_size is not None and vocab_size != tokenizer_vocab:
+      raise ValueError(f"--vocab_size={vocab_size} but {tokenizer_json} has {tokenizer_vocab} tokens")
+    vocab_size = tokenizer_vocab
+  tensors = read_tensors(path)
+  if neox.EMBEDDING not in tensors or len(tensors[neox.EMBEDDING].shape) != 2:
+    raise neox.NeoXError(f"{path} has no 2-d tensor {neox.EMBEDDING}; it is not a TokenFormer NeoX checkpoint")
+  cfg = neox.model_config(config_json, embedding_rows=tensors[neox.EMBEDDING].shape[0], vocab_size=vocab_size,
+                          name=name or os.path.basename(os.path.normpath(src)))
+  neox.check_tensors(tensors, cfg, path)
+  size = neox.count_bytes(tensors)
+  log(f"importing {path}: {len(tensors)} tensors, {size / 1e9:.2f} GB, {cfg.n_layers} layers, d={cfg.d_model}, "
+      f"tokens {cfg.param_tokens.as_dict()}, vocabulary {cfg.vocab_size} (padded {cfg.padded_vocab})")
+
+  def progress(done, total, leaf):
+    print(f"\r  read {done}/{total} {leaf:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+  params = neox.load_params(tensors, cfg, progress=None if quiet else progress)
+  data = DataConfig(tokenizer=str(dst_path / "tokenizer.json")) if os.path.isfile(tokenizer_json) else DataConfig()
+  train_cfg = TrainConfig(model=cfg, data=data.replace(seq_len=min(cfg.max_seq_len, 2048)))
+  extra = {"imported_from": os.path.abspath(path), "neox_config": config_json}
+
+  temporary = dst_path.parent / f".{dst_path.name}.tmp-{os.getpid()}"
+  if temporary.exists():
+    shutil.rmtree(temporary)
+  try:
+    # Write at most about one leaf at a time: without the cap the whole model's encoded copy is in flight.
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    written = RunCheckpoints(temporary, keep=None, save_concurrent_gb=largest // 10**9 + 1)
+    written.save(0, params=params, config=to_dict(train_cfg), extra=extra)
+    written.wait()
+    written.close()
+    for file in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(src, file)):
+        shutil.copyfile(os.path.join(src, file), temporary / file)
+    if dst_path.exists():   # empty, or --overwrite: the new run is complete before the old one goes
+      shutil.rmtree(dst_path)
+    temporary.rename(dst_path)
+  finally:
+    if temporary.exists():
+      shutil.rmtree(temporary)
+  log(f"imported {cfg.name} ({count_params(cfg)['total'] / 1e6:.1f}M parameters) in {time.time() - started:.1f}s"
+      f"\nrun: {dst_path}")
+  return train_cfg
+
+
+def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool = False, overwrite: bool = False,
+               quiet: bool = False) -> str:
+  """Write the run `src` (checkpoint `step`, default latest) in the authors' format to directory `dst`."""
+  started = time.time()
+  log = (lambda *_: None) if quiet else print
+  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
+  source = RunCheckpoints(src, read_only=True)
+  step = source.resolve_step(step)
+  train_cfg = from_dict(TrainConfig, source.read_json(step))
+  cfg = train_cfg.model
+  neox.check_exportable(cfg, live_scale=live_scale)
+  device = jax.devices()[0]
+  one_device = jax.sharding.SingleDeviceSharding(device)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract_params(cfg))
+  params = source.restore_params(abstract, step)
+  if bad := neox.padding_is_zero(params, cfg):
+    raise CheckpointError(f"{bad[0]} has nonzero rows past its token count; they have no place in the "
+                          "authors' format (was the checkpoint edited outside tokenformer_jax?)")
+  extra = source.read_json(step, item="extra", default={})
+  config_json = neox.neox_config(cfg, base=extra.get("neox_config"))
+
+  dst = os.path.abspath(dst)
+  temporary = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+  shutil.rmtree(temporary, ignore_errors=True)
+  os.makedirs(temporary)
+  try:
+    save_state_dict(os.path.join(temporary, "pytorch_model.bin"), neox.export_tensors(params, cfg))
+    with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(config_json, f, indent=2)
+    tokenizer = train_cfg.data.tokenizer
+    if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
+      shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.json"))
+      beside = os.path.join(os.path.dirname(tokenizer), "special_tokens_map.json")
+      if os.path.isfile(beside):
+        shutil.copyfile(beside, os.path.join(temporary, "special_tokens_map.json"))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.rename(temporary, dst)
+  finally:
+    shutil.rmtree(temporary, ignore_errors=True)
+  log(f"exported {cfg.name} ({count_params(cfg, storage=False)['total'] / 1e6:.1f}M parameters) at step {step} "
+      f"in {time.time() - started:.1f}s\nwrote {dst}/pytorch_model.bin and config.json")
+  return dst
