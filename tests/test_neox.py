@@ -222,13 +222,21 @@ def test_writer_layout_is_torch_saves(tmp_path):
     np.testing.assert_array_equal(tf.read_state_dict(path)[name].read(), array)
 
 
-def test_safetensors_read_equals_the_torch_file(tmp_path, tiny_checkpoint):
+def test_safetensors_and_half_precision_files_import_the_same(tmp_path, tiny_checkpoint):
   _, sd = tiny_checkpoint
   tf.save_safetensors(tmp_path / "model.safetensors", sd)
   refs = tf.read_tensors(tmp_path / "model.safetensors")
   assert list(refs) == list(sd)
   for name, array in sd.items():
     np.testing.assert_array_equal(refs[name].read(), array)
+  # float16 and bfloat16 files load as float32 of the same values
+  cfg = neox.model_config(tiny_config(), embedding_rows=sd[neox.EMBEDDING].shape[0])
+  for dtype in (np.float16, tf.BFLOAT16):
+    tf.save_state_dict(tmp_path / "half.bin", {k: v.astype(dtype) for k, v in sd.items()})
+    params = neox.load_params(tf.read_tensors(tmp_path / "half.bin"), cfg)
+    np.testing.assert_array_equal(params["layers"]["ffn"]["key_param_tokens"][1],
+                                  sd["sequential.3.mlp.key_param_tokens"].astype(dtype).astype(np.float32))
+    np.testing.assert_array_equal(params["embedding"], sd[neox.EMBEDDING].astype(dtype).astype(np.float32))
 
 
 # Import: the authors' forward, exactly ----------------------------------------------------------------------

@@ -52,7 +52,7 @@ class RunCheckpoints:
   """Save and restore the checkpoints of one run."""
 
   def __init__(self, path: str | epath.Path, *, keep: int | None = None, read_only: bool = False,
-               save_concurrent_gb: int | None = None):
+               save_concurrent_gb: float | None = None):
     """`save_concurrent_gb`: cap on the parameter bytes being written at once (Orbax's default, 96 GB, lets a
     whole model's encoded copy be in flight: twice its size in memory)."""
     self.directory = checkpoints_dir(path)

@@ -11,13 +11,20 @@ or a config key this model cannot honour, ends with one line naming it, and noth
 """
 from __future__ import annotations
 
-from absl import app, flags
+import os
 
-from tokenformer_jax.checkpoint import CheckpointError
-from tokenformer_jax.cli.common import one_line_errors
-from tokenformer_jax.data import DataError
-from tokenformer_jax.interop.convert import import_checkpoint
-from tokenformer_jax.interop.torch_format import FormatError
+# On CPU the parameters are spread over 8 host "devices" so that Orbax writes them in pieces, not whole
+# leaves (peak memory; see interop/neox.py load_params). The flag only affects the CPU platform.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+
+from absl import app, flags  # noqa: E402  (after XLA_FLAGS, before anything imports jax)
+
+from tokenformer_jax.checkpoint import CheckpointError  # noqa: E402
+from tokenformer_jax.cli.common import one_line_errors  # noqa: E402
+from tokenformer_jax.data import DataError  # noqa: E402
+from tokenformer_jax.interop.convert import import_checkpoint  # noqa: E402
+from tokenformer_jax.interop.torch_format import FormatError  # noqa: E402
 
 SRC = flags.DEFINE_string("src", None, "Directory with pytorch_model.bin (or model.safetensors), config.json "
                           "and tokenizer.json, as downloaded from the hub.")

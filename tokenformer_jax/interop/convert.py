@@ -43,6 +43,8 @@ def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name
   if not os.path.isdir(src):
     raise ValueError(f"--src={src} is not a directory")
   dst_path = epath.Path(os.path.abspath(dst))
+  if dst_path.exists() and not dst_path.is_dir():
+    raise ValueError(f"--dst={dst} is a file; give a directory for the run")
   if dst_path.exists() and any(dst_path.iterdir()) and not overwrite:
     raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
   path = weights_file(src)
@@ -72,13 +74,14 @@ def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name
   train_cfg = TrainConfig(model=cfg, data=data.replace(seq_len=min(cfg.max_seq_len, 2048)))
   extra = {"imported_from": os.path.abspath(path), "neox_config": config_json}
 
+  dst_path.parent.mkdir(parents=True, exist_ok=True)
   temporary = dst_path.parent / f".{dst_path.name}.tmp-{os.getpid()}"
   if temporary.exists():
     shutil.rmtree(temporary)
   try:
-    # Write at most about one leaf at a time: without the cap the whole model's encoded copy is in flight.
-    largest = max(x.nbytes for x in jax.tree.leaves(params))
-    written = RunCheckpoints(temporary, keep=None, save_concurrent_gb=largest // 10**9 + 1)
+    # Write about one device piece at a time: without the cap Orbax has a copy of the whole model in flight.
+    largest = max(shard.data.nbytes for x in jax.tree.leaves(params) for shard in x.addressable_shards)
+    written = RunCheckpoints(temporary, keep=None, save_concurrent_gb=largest * 1.01 / 1e9)
     written.save(0, params=params, config=to_dict(train_cfg), extra=extra)
     written.wait()
     written.close()
@@ -101,6 +104,8 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
   """Write the run `src` (checkpoint `step`, default latest) in the authors' format to directory `dst`."""
   started = time.time()
   log = (lambda *_: None) if quiet else print
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise ValueError(f"--dst={dst} is a file; give a directory")
   if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
     raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
   source = RunCheckpoints(src, read_only=True)

@@ -209,37 +209,61 @@ def check_tensors(tensors: Mapping[str, TensorRef], cfg: ModelConfig, where: str
 
 
 # Import: file → device arrays, one leaf at a time ---------------------------------------------------------
-def _fill(out: np.ndarray, ref: TensorRef) -> None:
-  """Copy `ref` into the float32 row block `out` (its leading rows; storage padding rows stay zero)."""
-  rows = ref.shape[0] if ref.shape else 0
-  target = out[:rows] if out.ndim == 2 else out
-  if ref.dtype == np.float32 and target.flags.c_contiguous:
-    ref.read(out=target)
+def _fill(out: np.ndarray, ref: TensorRef, rows: slice) -> None:
+  """Copy `rows` of `ref` into the float32 block `out` (a 1-d tensor whole); rows past `ref`'s stay zero
+  (storage padding of a Pattention)."""
+  if len(ref.shape) == 1:
+    out[...] = ref.read().astype(np.float32, copy=False)
+    return
+  start, stop, _ = rows.indices(ref.shape[0])
+  target = out[:max(stop - start, 0)]
+  if ref.dtype == np.float32:
+    ref.read(out=target, rows=slice(start, stop))
   else:
-    target[...] = ref.read().astype(np.float32)
+    target[...] = ref.read(rows=slice(start, stop)).astype(np.float32)
 
 
-def load_params(tensors: Mapping[str, TensorRef], cfg: ModelConfig, *, device=None, progress=None) -> dict:
-  """The parameter tree of `cfg` (float32 jax arrays on `device`), read leaf by leaf from `tensors`.
+def _pieces(n: int, devices: int) -> int:
+  """The most pieces (≤ devices) that split n rows evenly."""
+  return max(k for k in range(1, min(n, devices) + 1) if n % k == 0)
 
-  Call `check_tensors` first. Only one leaf is ever held on the host: it is read from the file straight into
-  its slot of a stacked buffer, moved to the device, and dropped.
+
+def load_params(tensors: Mapping[str, TensorRef], cfg: ModelConfig, *, devices=None, progress=None) -> dict:
+  """The parameter tree of `cfg` (float32 jax arrays), read from `tensors` one device piece at a time.
+
+  Call `check_tensors` first. The stacked layer leaves (along layers) and the embedding (along rows) are split
+  over up to all of `devices` (default: this host's), the final norm replicated, so that only one piece is on
+  the host in transit and a checkpoint writer holds pieces, not whole leaves, in flight. Every leaf lives on
+  the same devices; restoring onto any other mesh later works as usual.
   """
   from tokenformer_jax.model import abstract_params   # pylint: disable=g-import-not-at-top
-  device = device or jax.devices()[0]
+  devices = list(devices or jax.local_devices())
   by_leaf: dict[tuple[str, ...], dict[int | None, TensorRef]] = {}
   for name, (path, layer) in tensor_layout(cfg).items():
     by_leaf.setdefault(path, {})[layer] = tensors[name]
-  abstract = abstract_params(cfg)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  pieces = _pieces(math.gcd(cfg.n_layers, cfg.padded_vocab), len(devices))
+  mesh = jax.sharding.Mesh(np.array(devices[:pieces]), ("pieces",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("pieces"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
   leaves = []
   for index, (key_path, spec) in enumerate(flat):
     path = tuple(k.key for k in key_path)
-    host = np.zeros(spec.shape, np.float32)
-    for layer, ref in by_leaf[path].items():
-      _fill(host if layer is None else host[layer], ref)
-    leaves.append(jax.device_put(host, device))
-    del host
+    refs = by_leaf[path]
+    sharding = split if len(spec.shape) > 1 else replicated
+
+    def piece(block, refs=refs, shape=spec.shape):
+      first = block[0]
+      start, stop, _ = first.indices(shape[0])
+      host = np.zeros((stop - start, *shape[1:]), np.float32)
+      if None in refs:                          # one tensor: rows [start, stop) of it
+        _fill(host, refs[None], slice(start, stop))
+      else:                                      # stacked layers [start, stop)
+        for i, layer in enumerate(range(start, stop)):
+          _fill(host[i], refs[layer], slice(None))
+      return host
+
+    leaves.append(jax.make_array_from_callback(spec.shape, sharding, piece))
     if progress:
       progress(index + 1, len(flat), "/".join(path))
   return jax.tree_util.tree_unflatten(treedef, leaves)

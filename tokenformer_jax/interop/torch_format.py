@@ -122,21 +122,26 @@ class TensorRef:
       flat = np.memmap(st.path, dtype=st.dtype, mode="r", offset=st.offset, shape=(st.numel,))
     return self._span(flat[self.storage_offset:])
 
-  def read(self, out: np.ndarray | None = None) -> np.ndarray:
-    """A C-contiguous copy, read from the file with one copy (into `out`, C-contiguous, when given)."""
+  def read(self, out: np.ndarray | None = None, rows: slice | None = None) -> np.ndarray:
+    """A C-contiguous copy (of `rows` of the leading axis, default all), read from the file with one copy
+    (into `out`, C-contiguous and of the result's shape, when given)."""
     st = self.storage
-    if out is not None and (out.shape != self.shape or out.dtype != st.dtype or not out.flags.c_contiguous):
-      raise ValueError(f"tensor {self.name}: out must be a C-contiguous {st.dtype}{list(self.shape)}")
+    start, stop, _ = (rows or slice(None)).indices(self.shape[0] if self.shape else 1)
+    shape = (stop - start, *self.shape[1:]) if self.shape else ()
+    if out is not None and (out.shape != shape or out.dtype != st.dtype or not out.flags.c_contiguous):
+      raise ValueError(f"tensor {self.name}: out must be a C-contiguous {st.dtype}{list(shape)}")
     if st.data is not None or not self._contiguous():
+      part = self.view()[start:stop] if self.shape else self.view()
       if out is None:
-        return np.array(self.view(), copy=True, order="C")
-      out[...] = self.view()
+        return np.array(part, copy=True, order="C")
+      out[...] = part
       return out
-    out = np.empty(self.shape, st.dtype) if out is None else out
+    out = np.empty(shape, st.dtype) if out is None else out
     if out.nbytes == 0:
       return out
+    row_elements = math.prod(self.shape[1:]) if self.shape else 1
     with open(st.path, "rb") as f:
-      f.seek(st.offset + self.storage_offset * st.dtype.itemsize)
+      f.seek(st.offset + (self.storage_offset + start * row_elements) * st.dtype.itemsize)
       got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
     if got != out.nbytes:
       raise FormatError(f"tensor {self.name}: the file ends after {got} of its {out.nbytes} bytes; it is truncated")
