@@ -14,9 +14,11 @@ of tensors needs (anything else is refused: a pickle can otherwise run arbitrary
 straight from the file into a fresh array (`read()`, one copy, no page-cache mapping kept alive), so a 6 GB
 checkpoint can be converted tensor by tensor without holding it twice.
 
-`save_state_dict` writes the same layout byte for byte the way torch.save does (pickle protocol 2, storages
-numbered in order, data aligned to 64 bytes with a zip extra field, a `version` record), so `torch.load`
-reads it. safetensors (`read_safetensors`, `save_safetensors`): an 8-byte header length, a JSON header of
+`save_state_dict` writes torch.save's layout: the same protocol-2 pickle (GLOBAL names, memo and persistent
+ids as torch's pickler emits them), storages numbered in order, stored members whose data is aligned to 64
+bytes with an "FB" zip extra field, `byteorder` and `version` records (newer torch also writes
+`.data/serialization_id`, which readers do not need). Only names `torch.load(weights_only=True)` allows appear.
+safetensors (`read_safetensors`, `save_safetensors`): an 8-byte header length, a JSON header of
 {name: {dtype, shape, data_offsets}}, then the data.
 """
 from __future__ import annotations
@@ -29,7 +31,6 @@ import math
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 
