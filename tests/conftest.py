@@ -3,6 +3,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Token stores the pipeline prepares from test corpora go to one temporary cache per session (shared with the
+# CLI subprocesses), not ~/.cache.
+if "TOKENFORMER_JAX_CACHE" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["TOKENFORMER_JAX_CACHE"] = tempfile.mkdtemp(prefix="tokenformer-stores-")
+  atexit.register(shutil.rmtree, os.environ["TOKENFORMER_JAX_CACHE"], ignore_errors=True)
 
 
 import pytest  # noqa: E402  (after the environment above, which must precede any jax import)

@@ -159,6 +159,11 @@ class DataConfig:
   tfds_train_split: str = "train"
   tfds_validation_split: str = "validation"
   tokenizer: str = str(SHIPPED_TOKENIZER)                  # SentencePiece .model or tokenizer.json, local or gs://
+  # A token store (python -m tokenformer_jax.data.prepare), local or gs://: read instead of the files/TFDS above.
+  # Unset: those are prepared into a store under `cache_dir` (default $TOKENFORMER_JAX_CACHE or
+  # ~/.cache/tokenformer_jax/stores), keyed by their names, sizes, mtimes, the splitting and the tokenizer.
+  store: str = ""
+  cache_dir: str = ""
   seq_len: int = 1024
   shuffle_seed: int = 0
   worker_count: int = 0                                    # grain worker processes per host (0: in-process)

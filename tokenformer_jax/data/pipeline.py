@@ -23,38 +23,35 @@ is the (i mod W)-th element of epoch i // W. Host p of P takes positions p, p + 
 `global_batch / P` of them, so step b's global batch is positions [b·G, (b + 1)·G) spread over the hosts
 (row r of host p is position b·G + r·P + p): the same rows for any number of hosts, each read by one host.
 
-Everything (tokenizing included) happens once when the iterator is made: this in-memory path is for corpora
-that fit in a host's memory (a 1 GB corpus is ~250M tokens, 1 GB of int32). For larger corpora, or to spare
-every TPU host the tokenizing, `pretokenize.py` writes the streams to array_record files once; train_files
-naming such files are read by random access instead, with the same windows, order and batches. Iterator state is grain's
-`{"next_index": ...}`: `get_state()`/`set_state()` (or grain.checkpoint.CheckpointSave/Restore inside an
-Orbax Composite) resume at exactly the next batch.
+Every corpus is read through a token store (store.py): `data.store` names one made by
+`python -m tokenformer_jax.data.prepare`; otherwise the files or TFDS dataset are prepared once into a store in
+a cache directory keyed by their fingerprint (prepare.cached_store). Windows are read by random access from the
+store's shards (memory-mapped, or ranged reads for gs://), each host only its own rows, so start-up and memory
+do not grow with the corpus. Iterator state is grain's `{"next_index": ...}`: `get_state()`/`set_state()` (or
+grain.checkpoint.CheckpointSave/Restore inside an Orbax Composite) resume at exactly the next batch.
 """
 from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Sequence
 
 import grain
 import numpy as np
 from absl import logging
 
 from tokenformer_jax.config import DataConfig
-from tokenformer_jax.data import pretokenize, sources
+from tokenformer_jax.data import prepare, store
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.tokenizer import Tokenizer
-
-_ENCODE_CHUNK = 256   # documents per SentencePiece call
 
 
 class TokenStream:
   """One split as a flat int32 stream `[eos] + doc + [eos] + doc + [eos] ...` (see the module docstring).
 
-  `ids` is a numpy array, or a pretokenize.ChunkedTokens reading array_record files (len and [a:b] slices).
+  `ids` is a numpy array or a store.SplitTokens (len and [a:b] slices).
   """
 
-  def __init__(self, ids: np.ndarray, num_documents: int):
+  def __init__(self, ids, num_documents: int):
     self.ids = ids
     self.num_documents = num_documents
 
@@ -64,17 +61,6 @@ class TokenStream:
 
   def num_windows(self, seq_len: int) -> int:
     return -(-self.num_targets // seq_len)
-
-
-def tokenize_documents(documents: Sequence[sources.Document], tokenizer: Tokenizer) -> TokenStream:
-  eos = np.array([tokenizer.eos_id], np.int32)
-  pieces = [eos]
-  for start in range(0, len(documents), _ENCODE_CHUNK):
-    chunk = documents[start:start + _ENCODE_CHUNK]
-    for ids in tokenizer.encode_batch([doc.text for doc in chunk]):
-      pieces.append(np.asarray(ids, np.int32))
-      pieces.append(eos)
-  return TokenStream(np.concatenate(pieces) if documents else np.zeros(0, np.int32), len(documents))
 
 
 class Windows:
@@ -87,6 +73,7 @@ class Windows:
     if seq_len < 1:
       raise DataError(f"seq_len must be positive, got {seq_len}")
     self._ids = stream.ids
+    self.source_path = getattr(stream.ids, "location", None) and stream.ids.location.path or ""
     self._seq_len = seq_len
     self._pad_id = pad_id
     self.num_real = stream.num_windows(seq_len)
@@ -117,22 +104,27 @@ _CACHE_SIZE = 2
 _CACHE_LOCK = threading.Lock()
 
 
-def load_token_streams(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenStream, TokenStream]:
-  """(train, validation) streams of `data`, tokenized once per process for the same files and tokenizer."""
-  key = (sources.fingerprint_inputs(data), tokenizer.fingerprint)
+def store_path(data: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1) -> str:
+  """`data.store`, or the cached store of `data`'s files / TFDS dataset (prepared now if it is not yet)."""
+  if data.store:
+    return data.store
+  return prepare.cached_store(data, tokenizer, process_index=process_index, process_count=process_count)
+
+
+def load_token_streams(data: DataConfig, tokenizer: Tokenizer, *, process_index: int = 0,
+                       process_count: int = 1) -> tuple[TokenStream, TokenStream]:
+  """(train, validation) streams of `data`'s store, opened once per process for the same store and tokenizer."""
+  path = store_path(data, tokenizer, process_index=process_index, process_count=process_count)
+  key = (path, tokenizer.fingerprint)
   with _CACHE_LOCK:
     if key in _CACHE:
       _CACHE.move_to_end(key)
       return _CACHE[key]
-  if not data.tfds_name and pretokenize.is_pretokenized(data.train_files):
-    train, validation = _pretokenized_streams(data, tokenizer)
-  else:
-    train_docs, validation_docs = sources.load_splits(data)
-    train = tokenize_documents(train_docs, tokenizer)
-    validation = tokenize_documents(validation_docs, tokenizer)
-  where = f"TFDS {data.tfds_name}" if data.tfds_name else ", ".join(data.train_files)
-  logging.info("data from %s: train %d documents, %d tokens (%d windows of %d+1); "
-               "validation %d documents, %d tokens (%d windows)", where,
+  token_store = store.TokenStore(path, tokenizer)
+  train, validation = (TokenStream(token_store.splits[s], token_store.splits[s].num_documents)
+                       for s in store.SPLITS)
+  logging.info("data from store %s: train %d documents, %d tokens (%d windows of %d+1); "
+               "validation %d documents, %d tokens (%d windows)", path,
                train.num_documents, train.num_targets, train.num_windows(data.seq_len), data.seq_len,
                validation.num_documents, validation.num_targets, validation.num_windows(data.seq_len))
   with _CACHE_LOCK:
@@ -140,19 +132,6 @@ def load_token_streams(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenStr
     while len(_CACHE) > _CACHE_SIZE:
       _CACHE.popitem(last=False)
   return train, validation
-
-
-def _pretokenized_streams(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenStream, TokenStream]:
-  train = pretokenize.read_tokens(data.train_files, tokenizer, what="DataConfig.train_files")
-  streams = [TokenStream(train, train.header["num_documents"])]
-  if data.validation_files:
-    if not pretokenize.is_pretokenized(data.validation_files):
-      raise DataError("pre-tokenized train_files need pre-tokenized validation_files (or none)")
-    validation = pretokenize.read_tokens(data.validation_files, tokenizer, what="DataConfig.validation_files")
-    streams.append(TokenStream(validation, validation.header["num_documents"]))
-  else:   # documents are already merged: no fraction can be held out
-    streams.append(TokenStream(np.zeros(0, np.int32), 0))
-  return streams[0], streams[1]
 
 
 def _check_batch(global_batch: int, process_index: int, process_count: int) -> int:
@@ -168,9 +147,10 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def train_windows(data: DataConfig, tokenizer: Tokenizer, global_batch: int) -> Windows:
+def train_windows(data: DataConfig, tokenizer: Tokenizer, global_batch: int, *, process_index: int = 0,
+                  process_count: int = 1) -> Windows:
   """The training split as windows, padded to a whole number of global batches."""
-  train, _ = load_token_streams(data, tokenizer)
+  train, _ = load_token_streams(data, tokenizer, process_index=process_index, process_count=process_count)
   windows = Windows(train, data.seq_len, tokenizer.pad_id)
   return Windows(train, data.seq_len, tokenizer.pad_id, _round_up(windows.num_real, global_batch))
 
@@ -187,16 +167,25 @@ def make_train_iterator(data: DataConfig, tokenizer: Tokenizer, *, global_batch:
   seed = data.shuffle_seed if seed is None else seed
   if not 0 <= seed < 2**32:
     raise DataError(f"shuffle seed must be in [0, 2**32), got {seed}")
-  windows = train_windows(data, tokenizer, global_batch)
+  windows = train_windows(data, tokenizer, global_batch, process_index=process_index,
+                          process_count=process_count)
   logging.info("train iterator: %d windows per epoch (%d padding), %d steps of %d per epoch; host %d of %d "
                "reads %d rows a step", len(windows), len(windows) - windows.num_real,
                len(windows) // global_batch, global_batch, process_index, process_count, local_batch)
+  return windows_iterator(windows, seed=seed, local_batch=local_batch, process_index=process_index,
+                          process_count=process_count, worker_count=data.worker_count)
+
+
+def windows_iterator(windows: Windows, *, seed: int, local_batch: int, process_index: int = 0, process_count: int = 1,
+                     worker_count: int = 0) -> grain.DatasetIterator:
+  """Shuffled epochs of `windows`, host `process_index`'s positions, batched (make_train_iterator's grain part)."""
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()   # repeat() reseeds the shuffle per epoch
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
-  # In-memory windows cost microseconds each: a couple of threads and a short buffer are plenty.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  if data.worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  # A local window is a memmap slice (microseconds); remote ones are ranged reads: threads hide their latency.
+  remote = store.is_remote(windows.source_path)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=16 if remote else 2, prefetch_buffer_size=16 if remote else 4))
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 
 
@@ -213,7 +202,7 @@ def make_eval_batches(data: DataConfig, tokenizer: Tokenizer, *, global_batch: i
   Raises DataError if the split is empty.
   """
   local_batch = _check_batch(global_batch, process_index, process_count)
-  _, validation = load_token_streams(data, tokenizer)
+  _, validation = load_token_streams(data, tokenizer, process_index=process_index, process_count=process_count)
   if validation.num_targets == 0:
     raise DataError("the validation split is empty: set DataConfig.validation_files, a validation_fraction "
                     "> 0 with at least two documents, or a TFDS validation split")

@@ -99,12 +99,41 @@ def _utf8(raw: bytes, path: epath.Path, line: int | None = None) -> str:
                     "re-encode the file as UTF-8") from None
 
 
-def read_file(path: epath.Path | str, *, text_field: str = "text") -> Iterator[Document]:
-  """The documents of one file: one per JSON line (blank lines skipped), or the whole .txt file."""
+class _CountingReader:
+  """A binary file that adds the bytes read from it to `counter[0]` (progress through compressed input)."""
+
+  def __init__(self, f, counter: list[int]):
+    self._f, self._counter = f, counter
+
+  def read(self, size: int = -1) -> bytes:
+    data = self._f.read(size)
+    self._counter[0] += len(data)
+    return data
+
+  def readline(self, size: int = -1) -> bytes:
+    data = self._f.readline(size)
+    self._counter[0] += len(data)
+    return data
+
+  def __iter__(self):
+    return iter(self.readline, b"")
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
+
+
+def read_file(path: epath.Path | str, *, text_field: str = "text",
+              bytes_read: list[int] | None = None) -> Iterator[Document]:
+  """The documents of one file: one per JSON line (blank lines skipped), or the whole .txt file.
+
+  `bytes_read[0]`, if given, grows by the bytes read from the file as it goes (for progress lines).
+  """
   path = epath.Path(path)
   suffix = _suffix(path)
   try:
     with path.open("rb") as raw_file:
+      if bytes_read is not None:
+        raw_file = _CountingReader(raw_file, bytes_read)
       f = gzip.GzipFile(fileobj=raw_file, mode="rb") if suffix.endswith(".gz") else raw_file
       if suffix.startswith(".txt"):
         yield Document(path.name, _utf8(f.read(), path))
@@ -147,12 +176,31 @@ def read_documents(patterns: Sequence[str], *, text_field: str = "text",
 
   Raises DataError if nothing matches, if a file is bad, or if the files hold no text at all.
   """
+  return list(iter_documents(patterns, text_field=text_field, what=what))
+
+
+def iter_documents(patterns: Sequence[str], *, text_field: str = "text", what: str = "DataConfig.train_files",
+                   bytes_read: list[int] | None = None) -> Iterator[Document]:
+  """`read_documents` as a stream: documents one at a time, in the same order, with the same errors
+
+  (the "no text" one once every file has been read). `bytes_read` as in `read_file`.
+  """
   files = expand_patterns(patterns, what=what)
-  documents = [doc for path in files for doc in read_file(path, text_field=text_field) if doc.text]
-  if not documents:
+  count = 0
+  for path in files:
+    for doc in read_file(path, text_field=text_field, bytes_read=bytes_read):
+      if doc.text:
+        count += 1
+        yield doc
+  if not count:
     shown = ", ".join(str(p) for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     raise DataError(f"no text in {shown} (every document is empty); point {what} at files with text")
-  return documents
+
+
+def input_bytes(patterns: Sequence[str], *, what: str = "DataConfig.train_files") -> int:
+  """The total size of the files matching `patterns` (what `bytes_read` counts up to)."""
+  return sum(path.stat().length if "://" in str(path) else os.path.getsize(path)
+             for path in expand_patterns(patterns, what=what))
 
 
 # TFDS --------------------------------------------------------------------------------------------------
@@ -182,6 +230,18 @@ def read_tfds_split(name: str, split: str, *, data_dir: str = "", text_field: st
 
   (random access over array_record files: no TensorFlow needed). Text features arrive as bytes.
   """
+  return list(iter_tfds_split(name, split, data_dir=data_dir, text_field=text_field))
+
+
+def tfds_split_size(name: str, split: str, data_dir: str = "") -> int:
+  """Records in one split (0 if the dataset has no such split)."""
+  info = tfds_builder(name, data_dir).info.splits
+  return info[split].num_examples if split in info else 0
+
+
+def iter_tfds_split(name: str, split: str, *, data_dir: str = "", text_field: str = "text",
+                    records_read: list[int] | None = None) -> Iterator[Document]:
+  """`read_tfds_split` as a stream; `records_read[0]`, if given, counts the records read."""
   builder = tfds_builder(name, data_dir)
   splits = list(builder.info.splits.keys())
   if split not in splits:
@@ -192,8 +252,9 @@ def read_tfds_split(name: str, split: str, *, data_dir: str = "", text_field: st
   except Exception as e:  # noqa: BLE001  (tfds: NotImplementedError, ValueError, ... by file format)
     raise DataError(f"TFDS dataset {name!r} split {split!r} cannot be read as a data source ({e}); "
                     "it must be prepared with file_format='array_record'") from None
-  documents = []
   for index in range(len(source)):
+    if records_read is not None:
+      records_read[0] += 1
     record = source[index]
     where = f"TFDS {name}[{split}][{index}]"
     if text_field not in record:
@@ -210,8 +271,7 @@ def read_tfds_split(name: str, split: str, *, data_dir: str = "", text_field: st
     key = record.get("id")
     key = key.decode("utf-8", "replace") if isinstance(key, bytes) else f"{split}:{index}"
     if text:
-      documents.append(Document(key, text))
-  return documents
+      yield Document(key, text)
 
 
 # The held-out split ------------------------------------------------------------------------------------
@@ -264,6 +324,81 @@ def load_splits(data) -> tuple[list[Document], list[Document]]:
                                 what="DataConfig.validation_files")
     return train, validation
   return hold_out(train, data.validation_fraction)
+
+
+class SplitProgress:
+  """What `iter_splits` has read so far: for progress lines and for `hold_out`'s smallest-hash rule."""
+
+  def __init__(self):
+    self.done = [0]          # bytes (files) or records (TFDS) read
+    self.total = 0           # what `done` counts up to (0: unknown)
+    self.documents = 0       # documents of the held-out stream seen (the hash decides their split)
+    self.held = 0            # of those, held out
+    self.smallest = (2.0, -1)   # (stable_fraction, index) of the document with the smallest hash
+
+
+def iter_splits(data, *, forced_index: int = -1,
+                progress: SplitProgress | None = None) -> Iterator[tuple[str, Document]]:
+  """`load_splits(data)` as a stream of ("train" | "validation", document), each split in its order.
+
+  With `validation_fraction` held out of one stream, a document goes to validation when its
+  stable_fraction(key) < fraction, or when it is the `forced_index`-th document of that stream: hold_out's
+  rule for a corpus where no hash falls below the fraction (the caller sees that at the end, in
+  `progress.held == 0`, and streams again with forced_index=progress.smallest[1]).
+  """
+  progress = progress or SplitProgress()
+  fraction = data.validation_fraction
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"validation_fraction must be in [0, 1), got {fraction}")
+
+  def held_out(documents):
+    for index, doc in enumerate(documents):
+      score = stable_fraction(doc.key)
+      progress.documents += 1
+      if score < progress.smallest[0]:
+        progress.smallest = (score, index)
+      held = score < fraction or index == forced_index
+      progress.held += held
+      yield ("validation" if held else "train"), doc
+
+  if data.tfds_name:
+    name, data_dir, field = data.tfds_name, data.tfds_data_dir, data.text_field
+    splits = [data.tfds_train_split] + ([data.tfds_validation_split] if data.tfds_validation_split else [])
+    available = tfds_split_names(name, data_dir)
+    for split in splits:   # before reading anything
+      if split not in available:
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r} (it has: {', '.join(available) or 'none'}); "
+                        "set DataConfig.tfds_train_split / tfds_validation_split")
+    progress.total = sum(tfds_split_size(name, split, data_dir) for split in splits)
+    train = iter_tfds_split(name, data.tfds_train_split, data_dir=data_dir, text_field=field,
+                            records_read=progress.done)
+    if not data.tfds_validation_split:
+      yield from held_out(train)
+      return
+    count = 0
+    for doc in train:
+      count += 1
+      yield "train", doc
+    if not count:
+      raise DataError(f"TFDS dataset {name!r} split {data.tfds_train_split!r} holds no text")
+    for doc in iter_tfds_split(name, data.tfds_validation_split, data_dir=data_dir, text_field=field,
+                               records_read=progress.done):
+      yield "validation", doc
+    return
+  field = data.text_field
+  progress.total = input_bytes(data.train_files, what="DataConfig.train_files")
+  if data.validation_files:
+    progress.total += input_bytes(data.validation_files, what="DataConfig.validation_files")
+  train = iter_documents(data.train_files, text_field=field, what="DataConfig.train_files",
+                         bytes_read=progress.done)
+  if not data.validation_files:
+    yield from held_out(train)
+    return
+  for doc in train:
+    yield "train", doc
+  for doc in iter_documents(data.validation_files, text_field=field, what="DataConfig.validation_files",
+                            bytes_read=progress.done):
+    yield "validation", doc
 
 
 def fingerprint_inputs(data) -> tuple:
