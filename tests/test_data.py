@@ -1,4 +1,7 @@
-"""Data layer: tokenizer, sources, the grain pipeline (every token once per epoch, exact resume), errors, TFDS."""
+"""Data layer: tokenizer, sources, the grain pipeline (every token once per epoch, exact resume), errors, TFDS.
+
+The token store itself (prepare, lazy reading, resume, bad stores) is tested in test_store.py.
+"""
 import collections
 import gzip
 import importlib.util
@@ -348,34 +351,3 @@ def test_tfds_builder_round_trip_without_tensorflow(tmp_path, corpus, tok):
                                max_batches=1)
   with pytest.raises(DataError, match="not found in data_dir"):
     pipeline.make_train_iterator(from_tfds.replace(tfds_name="no_such_docs"), tok, global_batch=4)
-
-
-# Pre-tokenized array_record ----------------------------------------------------------------------------
-def test_pretokenized_files_give_the_same_batches_as_text(tmp_path, corpus, tok, shipped_docs):
-  from tokenformer_jax.data import pretokenize
-  root, _ = corpus
-  text = DataConfig(train_files=(f"{root}/*",), validation_fraction=0.2, seq_len=40, shuffle_seed=5)
-  written = pretokenize.pretokenize(text, tok, str(tmp_path / "tokens"), chunk_tokens=999)
-  assert set(written) == {"train", "validation"}
-  tokens = text.replace(train_files=(written["train"],), validation_files=(written["validation"],))
-  train_stream, _ = pipeline.load_token_streams(text, tok)
-  assert train_stream.num_targets > 10 * 999       # many records; windows of 41 cross their boundaries
-  steps = pipeline.steps_per_epoch(text, tok, global_batch=4)
-  assert pipeline.steps_per_epoch(tokens, tok, global_batch=4) == steps
-  for p in range(2):   # same order and sharding, epoch after epoch
-    a = pipeline.make_train_iterator(text, tok, global_batch=4, process_index=p, process_count=2)
-    b = pipeline.make_train_iterator(tokens, tok, global_batch=4, process_index=p, process_count=2)
-    for _ in range(2 * steps):
-      x, y = next(a), next(b)
-      np.testing.assert_array_equal(x["tokens"], y["tokens"])
-      np.testing.assert_array_equal(x["mask"], y["mask"])
-  assert rows(pipeline.make_eval_batches(tokens, tok, global_batch=4, max_batches=50)) == rows(
-      pipeline.make_eval_batches(text, tok, global_batch=4, max_batches=50))
-  with pytest.raises(DataError, match="already exists"):
-    pretokenize.pretokenize(text, tok, str(tmp_path / "tokens"))
-  other = train_tokenizer([d["text"] for d in shipped_docs[6:10]], str(tmp_path / "other.model"), 400)
-  with pytest.raises(DataError, match="tokenized with another tokenizer"):
-    pipeline.make_train_iterator(tokens, other, global_batch=4)
-  with pytest.raises(DataError, match="mix pre-tokenized"):
-    pipeline.make_train_iterator(tokens.replace(train_files=(written["train"], f"{root}/a.jsonl")), tok,
-                                 global_batch=4)

@@ -158,3 +158,106 @@ def test_four_hosts_read_disjoint_rows_and_resume_exactly(shipped, tok, monkeypa
     fresh.set_state(states[p])
     for w in want[p]:
       np.testing.assert_array_equal(next(fresh)["tokens"], w)
+
+
+def copy_store(src, dst):
+  dst.mkdir()
+  for name, data in files_of(src).items():
+    (dst / name).write_bytes(data)
+  return str(dst)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"train-00002\.tokens: missing \(the store's manifest lists it\)"),
+    ("truncated", r"train-00002\.tokens: 79998 bytes, the manifest says \d+ \(truncated\)"),
+    ("manifest_count", r"train-00001\.tokens: \d+ bytes, the manifest says \d+ \(longer than the manifest says\)"),
+    ("manifest_totals", r"manifest\.json: the train split's totals .* the manifest does not match its shards"),
+    ("tokenizer", r"manifest\.json: the store was tokenized with another tokenizer \(fingerprint \w+ .* set data"),
+    ("not_a_store", r"manifest\.json not found: .* is not a finished token store"),
+])
+def test_bad_store_gives_one_line_naming_the_file(shipped, tok, tmp_path, case, pattern):
+  data, path, _ = shipped
+  bad = copy_store(path, tmp_path / "bad")
+  manifest = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+  other = tok
+  if case == "missing":
+    (tmp_path / "bad" / "train-00002.tokens").unlink()
+  elif case == "truncated":
+    with open(tmp_path / "bad" / "train-00002.tokens", "r+b") as f:
+      f.truncate(79_998)
+  elif case in ("manifest_count", "manifest_totals"):
+    if case == "manifest_count":   # a shard's count (and the totals) edited: its file is now longer
+      manifest["splits"]["train"]["shards"][1]["tokens"] -= 7
+      manifest["splits"]["train"]["tokens"] -= 7
+    else:
+      manifest["splits"]["train"]["documents"] += 1
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps(manifest))
+  elif case == "tokenizer":
+    other = train_tokenizer(["some other text to learn from"] * 5, str(tmp_path / "other.model"), 300)
+  elif case == "not_a_store":
+    (tmp_path / "bad" / "manifest.json").unlink()
+  before = files_of(bad)
+  with pytest.raises(DataError, match=pattern) as info:
+    pipeline.make_train_iterator(data.replace(store=bad), other, global_batch=8)
+  assert "\n" not in str(info.value) and files_of(bad) == before    # one line; nothing touched
+
+
+def test_prepare_cli_refuses_to_overwrite_and_verifies(shipped, tmp_path):
+  data, path, manifest = shipped
+  out = tmp_path / "cli"
+  corpus = tmp_path / "three.jsonl"   # three documents, no hash below 0.05: hold_out's smallest-hash rule
+  corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document number {i} " * 20}) + "\n"
+                            for i in (0, 1, 2)))
+  three = DataConfig(train_files=(str(corpus),), validation_fraction=0.05)
+  _, held = sources.load_splits(three)
+  assert len(held) == 1 and sources.stable_fraction(held[0].key) >= 0.05
+  corrupt = copy_store(path, tmp_path / "corrupt")
+  raw = bytearray((tmp_path / "corrupt" / "validation-00000.tokens").read_bytes())
+  raw[100] ^= 1
+  (tmp_path / "corrupt" / "validation-00000.tokens").write_bytes(bytes(raw))
+  def cli(*flags):
+    return subprocess.run([sys.executable, "-m", "tokenformer_jax.data.prepare", *flags], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+  first = cli(f"--store={out}", f"--train_files={corpus}", "--workers=0", "--validation_fraction=0.05")
+  assert first.returncode == 0 and "wrote" in first.stdout and "train with --set data.store=" in first.stdout
+  before = files_of(out)
+  again = cli(f"--store={out}", f"--train_files={corpus}", "--workers=0")
+  assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+      f"error: {out}/manifest.json exists: {out} is a finished token store and is never overwritten; choose another "
+      "--store, or delete it to prepare it again"]
+  assert files_of(out) == before
+  verified = cli(f"--verify={out}")
+  assert verified.returncode == 0 and f"{out}: ok (train: 2 documents" in verified.stdout
+  damaged = cli(f"--verify={tmp_path / 'corrupt'}")
+  assert damaged.returncode == 1 and damaged.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'corrupt'}/validation-00000.tokens: checksum differs from the manifest's; the file is "
+      "damaged: re-copy the store or prepare it again into a new directory"]
+  # The prepared splits are load_splits' (the smallest-hash document held out), and the store verifies.
+  made = store.TokenStore(str(out))
+  assert [made.splits[s].num_documents for s in store.SPLITS] == [2, 1]
+  tok = Tokenizer.load(str(SHIPPED_TOKENIZER))
+  np.testing.assert_array_equal(made.splits["validation"][0:10**6], in_memory_stream(held, tok).ids)
+  assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+      "manifest.json", "train-00000.docs", "train-00000.json", "train-00000.tokens", "validation-00000.docs",
+      "validation-00000.json", "validation-00000.tokens"]
+
+
+def test_remote_cache_is_prepared_by_process_0_and_read_by_the_others(shipped, tok, tmp_path):
+  import fsspec
+  data, path, _ = shipped
+  remote = data.replace(cache_dir="memory://cache")
+  made = pipeline.store_path(remote, tok, process_index=0, process_count=4)
+  assert made.startswith("memory://cache/")
+  assert pipeline.store_path(remote, tok, process_index=3, process_count=4) == made
+  first = pipeline.make_train_iterator(remote, tok, global_batch=8, process_index=3, process_count=4)
+  local = pipeline.make_train_iterator(data.replace(store=path), tok, global_batch=8, process_index=3, process_count=4)
+  np.testing.assert_array_equal(next(first)["tokens"], next(local)["tokens"])
+  # Process 0 fails on bad input: the others get its one-line error instead of waiting.
+  (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+  bad = remote.replace(train_files=(str(tmp_path / "bad.jsonl"),))
+  with pytest.raises(DataError, match="no field 'text'"):
+    pipeline.store_path(bad, tok, process_index=0, process_count=2)
+  with pytest.raises(DataError, match=r"bad\.jsonl:1: the JSON object has no field 'text'"):
+    pipeline.store_path(bad, tok, process_index=1, process_count=2)
+  fsspec.filesystem("memory").rm("/cache", recursive=True)

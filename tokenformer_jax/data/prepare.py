@@ -172,8 +172,8 @@ def describe_source(data: DataConfig) -> dict:
 
 # The preparation ---------------------------------------------------------------------------------------------
 class _Progress:
-  def __init__(self, enabled: bool, split_progress: sources.SplitProgress, unit: str):
-    self.enabled, self.split_progress, self.unit = enabled, split_progress, unit
+  def __init__(self, enabled: bool, split_progress: sources.SplitProgress):
+    self.enabled, self.split_progress = enabled, split_progress
     self.start = self.last = time.monotonic()
     self.documents = self.tokens = 0
 
@@ -189,7 +189,8 @@ class _Progress:
     eta = ""
     if total and done:
       left = elapsed * (total - done) / done
-      eta = f", {done / total:6.1%} of the input, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+      eta = (f", {done / total:6.1%} of the input, "
+             f"ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
     sys.stderr.write(f"\rprepare: {self.documents:,} documents ({self.documents / elapsed:,.0f}/s), "
                      f"{self.tokens / 1e6:,.1f}M tokens ({self.tokens / elapsed / 1e6:,.2f}M/s){eta}   ")
     if force:
@@ -251,7 +252,7 @@ def _prepare_pass(data, tokenizer, location, settings, dtype, workers, show_prog
   writers = {split: _ShardWriter(location, split, len(finished[split]), settings["shard_tokens"], dtype, on_finished)
              for split in store.SPLITS}
   split_progress = sources.SplitProgress()
-  progress = _Progress(show_progress, split_progress, "bytes")
+  progress = _Progress(show_progress, split_progress)
   if workers is None:
     workers = os.cpu_count() or 1
   if workers > 0:
@@ -359,6 +360,8 @@ def cached_store(data: DataConfig, tokenizer: Tokenizer, *, process_index: int =
     return path
   error = store.Location(f"{path}.error")
   if process_index == 0:
+    if error.exists("message"):   # a failure of an earlier run; this one tries again
+      error.remove("message")
     try:
       prepare(data, tokenizer, path, workers=workers, progress=workers is None)
     except DataError as e:

@@ -141,9 +141,10 @@ def read_manifest(location: Location) -> dict:
                     "python -m tokenformer_jax.data.prepare") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{where}: not a token store manifest ({e}); prepare the store again") from None
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise DataError(f"{where}: not a token store manifest (format {str(manifest.get('format') if isinstance(manifest, dict) else manifest)[:40]!r}, "
-                    f"expected {FORMAT!r}); prepare the store again")
+  found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+  if found != FORMAT:
+    raise DataError(f"{where}: not a token store manifest (format {str(found)[:40]!r}, expected {FORMAT!r}); "
+                    "prepare the store again")
   return manifest
 
 
