@@ -14,8 +14,9 @@ the shards hold `doc + [eos]` for each document in order, and the leading eos is
 empty stream). `SplitTokens` gives `len()` and `[a:b]` int32 slices of that stream, reading only the shards the
 slice touches:
 
-* local stores through `np.memmap` (opened on first use, one per shard): nothing is loaded up front, start-up
-  is a manifest read and one `stat` per shard, and resident memory is the pages read (file-backed, reclaimable);
+* local stores by `os.pread` from each shard (opened on first use; `TOKENFORMER_JAX_STORE_READ=memmap` maps
+  them with np.memmap instead): nothing is loaded up front, start-up is a manifest read and one `stat` per shard,
+  and resident memory does not grow with what is read (mapped pages would: see LOCAL_READ);
 * remote stores through fsspec ranged reads (`cat_file(path, start, end)`: one request per shard a window
   touches, ~2 KB for a 1024-token window): no local disk, nothing copied first, memory flat. Latency (tens of
   ms per request on GCS) is hidden by grain's reader threads; see the README's data section for the figures.
@@ -26,6 +27,7 @@ verified by `verify_store` (`python -m tokenformer_jax.data.prepare --verify=STO
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +41,11 @@ FORMAT = "tokenformer_jax.store/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 _DOC_DTYPE = np.dtype("<i8")
+# Local shards are read with os.pread by default: a window costs one system call, and the process's resident
+# memory stays flat (the kernel's page cache holds what was read, outside the process). "memmap" maps the shards
+# instead: as fast, but every page read stays mapped, so RSS (file-backed) grows towards the store's size over
+# an epoch (benchmarks/bench_store.py measures both).
+LOCAL_READ = os.environ.get("TOKENFORMER_JAX_STORE_READ", "pread")
 
 
 def is_remote(path: str) -> bool:
@@ -46,7 +53,7 @@ def is_remote(path: str) -> bool:
 
 
 class Location:
-  """A directory, local (os, np.memmap) or remote (fsspec), with the few operations the store needs."""
+  """A directory, local (os) or remote (fsspec), with the few operations the store needs."""
 
   def __init__(self, path: str):
     self.path = str(path).rstrip("/")
@@ -151,7 +158,7 @@ def read_manifest(location: Location) -> dict:
 class SplitTokens:
   """One split's stream `[eos] + shards` as a random-access int32 sequence: `len()` and `[a:b]` slices.
 
-  Shards are opened on first touch (memmap locally, ranged reads remotely); pickling drops open handles,
+  Shards are opened on first touch (pread or memmap locally, ranged reads remotely); pickling drops open handles,
   so grain worker processes reopen what they read.
   """
 
@@ -164,7 +171,7 @@ class SplitTokens:
     self.shards = [(s["name"], int(s["tokens"])) for s in info["shards"]]
     self._starts = np.cumsum([1] + [tokens for _, tokens in self.shards])   # shard i: stream [starts[i], [i+1])
     self._length = int(self._starts[-1]) if self.num_documents else 0
-    self._maps: dict[int, np.memmap] = {}
+    self._maps: dict = {}   # shard -> file descriptor, np.memmap, or True (a remote shard whose size was checked)
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -174,6 +181,12 @@ class SplitTokens:
     state = self.__dict__.copy()
     state["_maps"], state["_lock"] = {}, None
     return state
+
+  def __del__(self):
+    for handle in getattr(self, "_maps", {}).values():
+      if isinstance(handle, int) and not isinstance(handle, bool):
+        with contextlib.suppress(OSError):
+          os.close(handle)
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -198,20 +211,26 @@ class SplitTokens:
 
   def _read(self, shard: int, a: int, b: int) -> np.ndarray:
     name, tokens = self.shards[shard]
+    size = self.dtype.itemsize
     if self.location.local:
-      mapped = self._maps.get(shard)
-      if mapped is None:
+      handle = self._maps.get(shard)
+      if handle is None:
         with self._lock:
-          mapped = self._maps.get(shard)
-          if mapped is None:
+          handle = self._maps.get(shard)
+          if handle is None:
             check_shard_size(self.location, name, tokens, self.dtype)
-            mapped = np.memmap(self.location.full(f"{name}.tokens"), self.dtype, mode="r", shape=(tokens,))
-            self._maps[shard] = mapped
-      return mapped[a:b]
+            path = self.location.full(f"{name}.tokens")
+            if LOCAL_READ == "memmap":
+              handle = np.memmap(path, self.dtype, mode="r", shape=(tokens,))
+            else:
+              handle = os.open(path, os.O_RDONLY)
+            self._maps[shard] = handle
+      if LOCAL_READ == "memmap":
+        return handle[a:b]
+      return np.frombuffer(os.pread(handle, (b - a) * size, a * size), self.dtype)
     if shard not in self._maps:   # remote: check the size once per shard, then ranged reads
       check_shard_size(self.location, name, tokens, self.dtype)
       self._maps[shard] = True
-    size = self.dtype.itemsize
     raw = self.location.read_range(f"{name}.tokens", a * size, b * size)
     if len(raw) != (b - a) * size:
       raise DataError(f"{self.location.name(name + '.tokens')}: short read ({len(raw)} of {(b - a) * size} bytes at "
