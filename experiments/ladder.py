@@ -58,12 +58,17 @@ def _stage(name, base: TrainConfig, model: ModelConfig, first: ModelConfig, toke
 
 # The paper's ladder (§4.1, App. D): OpenWebText, seq 1024, batch 512, AdamW 6e-4, 2000 warmup steps then
 # cosine to zero, weight decay 0.1. 124M from scratch on ~300B tokens, then 30B tokens per grown stage.
-# The data need `--set data.tfds_data_dir=gs://...` (OpenWebText prepared as array_record) and
-# `--set data.tokenizer=gs://...` (a SentencePiece model of 50,277 pieces) on the command line.
+# The data are a token store of OpenWebText prepared once (README, "Data at scale"):
+#   python -m tokenformer_jax.data.prepare --tfds_name=openwebtext --tfds_data_dir=gs://BUCKET/tensorflow_datasets \
+#       --tokenizer=gs://BUCKET/tokenizer.model --store=gs://BUCKET/stores/openwebtext
+# and the command line names it and the tokenizer (a model of 50,277 pieces): `--set data.store=gs://...`
+# `--set data.tokenizer=gs://...`. Every host then reads its own windows from the store (no tokenizing at start).
+# Without a store, `--set data.tfds_data_dir=gs://...` still works: process 0 prepares the store once into
+# gs://.../tensorflow_datasets/tokenformer_stores/KEY (the other hosts wait) and every later run reuses it.
 _PAPER_MODELS = load_config(f"{_HERE / 'paper.py'}:LADDER")
 _PAPER_BASE = TrainConfig(
     model=_PAPER_MODELS[0],
-    data=DataConfig(tfds_name="openwebtext", seq_len=1024),
+    data=DataConfig(tfds_name="openwebtext", store="", seq_len=1024),
     optim=OptimConfig(learning_rate=6e-4, warmup_steps=2000, schedule="cosine", min_lr_ratio=0.0,
                       weight_decay=0.1),
     global_batch=512, eval_every=2000, eval_batches=20, log_every=100, checkpoint_every=2000, keep_checkpoints=3)

@@ -98,6 +98,9 @@ class Windows:
     return f"Windows(real={self.num_real}, length={self._length}, seq_len={self._seq_len})"
 
 
+REMOTE_THREADS = 64   # reader threads (and batches read ahead) for a remote store; see benchmarks/bench_store.py
+
+
 # Loading (cached: the trainer asks for the train iterator and the eval batches of the same data) ----------
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 2
@@ -181,9 +184,13 @@ def windows_iterator(windows: Windows, *, seed: int, local_batch: int, process_i
   """Shuffled epochs of `windows`, host `process_index`'s positions, batched (make_train_iterator's grain part)."""
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()   # repeat() reseeds the shuffle per epoch
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
-  # A local window is a memmap slice (microseconds); remote ones are ranged reads: threads hide their latency.
-  remote = store.is_remote(windows.source_path)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=16 if remote else 2, prefetch_buffer_size=16 if remote else 4))
+  # A local window is one pread (microseconds). A remote one is a ranged read (tens of ms on GCS), and a batch's
+  # windows are read in turn by one thread: many threads, each on its own batch, hide that latency.
+  if store.is_remote(windows.source_path):
+    options = grain.ReadOptions(num_threads=REMOTE_THREADS, prefetch_buffer_size=REMOTE_THREADS)
+  else:
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+  it = ds.to_iter_dataset(options)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)

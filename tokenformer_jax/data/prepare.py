@@ -326,8 +326,18 @@ def _prepare_pass(data, tokenizer, location, settings, dtype, workers, show_prog
 
 # The cache for small corpora --------------------------------------------------------------------------------
 def cache_root(data: DataConfig) -> str:
-  return (data.cache_dir or os.environ.get("TOKENFORMER_JAX_CACHE")
-          or os.path.join(os.path.expanduser("~"), ".cache", "tokenformer_jax", "stores"))
+  """data.cache_dir, else $TOKENFORMER_JAX_CACHE, else beside remote inputs (a TFDS data_dir or the first train
+  file's directory on gs://: one store that every host and every later run shares), else
+  ~/.cache/tokenformer_jax/stores (local inputs: each host prepares its own copy).
+  """
+  if data.cache_dir or os.environ.get("TOKENFORMER_JAX_CACHE"):
+    return data.cache_dir or os.environ["TOKENFORMER_JAX_CACHE"]
+  if data.tfds_name and store.is_remote(data.tfds_data_dir):
+    return f"{data.tfds_data_dir.rstrip('/')}/tokenformer_stores"
+  if not data.tfds_name and data.train_files and store.is_remote(data.train_files[0]):
+    first = str(sources.expand_patterns(data.train_files[:1])[0])
+    return f"{first.rsplit('/', 1)[0]}/tokenformer_stores"
+  return os.path.join(os.path.expanduser("~"), ".cache", "tokenformer_jax", "stores")
 
 
 def cache_key(data: DataConfig, tokenizer: Tokenizer) -> str:
