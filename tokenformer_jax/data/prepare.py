@@ -358,6 +358,9 @@ def cached_store(data: DataConfig, tokenizer: Tokenizer, *, process_index: int =
   location = store.Location(path)
   if location.exists(store.MANIFEST):
     return path
+  if process_count == 1 and "jax" in sys.modules:   # a caller that did not say which process it is (cli/grow.py)
+    jax = sys.modules["jax"]
+    process_index, process_count = jax.process_index(), jax.process_count()
   size = 0 if data.tfds_name else sources.input_bytes(data.train_files)
   workers = None if size > _POOL_BYTES else 0
   if location.local:
