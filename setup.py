@@ -24,6 +24,7 @@ setup(
         "absl-py>=2.1",
         "tensorboard>=2.16",   # its TF-free event writer for training logs, and the viewer for them
         "numpy>=1.26",
+        "fsspec>=2024.1",      # token stores on gs:// (with gcsfs, the 'tpu' extra) or memory:// are read through it
     ],
     extras_require={
         # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU.

@@ -111,7 +111,8 @@ def write_synthetic_store(path: str, tokens: int, shard_tokens: int = 128 << 20,
   manifest = {"format": store.FORMAT, "dtype": "<u2", "vocab_size": 2048, "eos_id": 3, "pad_id": 0,
               "tokenizer": str(SHIPPED_TOKENIZER), "tokenizer_fingerprint": tok.fingerprint, "source": "synthetic",
               "shard_tokens": shard_tokens,
-              "splits": {"train": {"tokens": tokens, "documents": sum(s["documents"] for s in shards), "shards": shards},
+              "splits": {"train": {"tokens": tokens, "documents": sum(s["documents"] for s in shards),
+                                   "shards": shards},
                          "validation": {"tokens": 0, "documents": 0, "shards": []}}}
   with open(os.path.join(path, store.MANIFEST), "w") as f:
     json.dump(manifest, f)

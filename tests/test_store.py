@@ -92,6 +92,8 @@ def test_killed_preparation_resumes_byte_identical_and_remote_store(shipped, tok
   assert sum(name.endswith(".json") and "-" in name for name in os.listdir(killed)) == 5
   assert any(name.endswith(".tmp") for name in os.listdir(killed))       # a half-written shard, as a kill leaves
   (tmp_path / "killed" / "train-00003.json").unlink()                    # and a shard whose marker never landed
+  with pytest.raises(DataError, match="holds an unfinished preparation of other inputs or settings"):
+    prepare.prepare(data, tok, killed, shard_tokens=SHARD_TOKENS + 1, workers=0, progress=False)
   # The rerun tokenizes in a pool of 2 processes: the same bytes as the uninterrupted in-process run.
   again = prepare.prepare(data, tok, killed, shard_tokens=SHARD_TOKENS, workers=2, progress=False)
   assert again == manifest and files_of(killed) == files_of(path)

@@ -215,8 +215,9 @@ def prepare(data: DataConfig, tokenizer: Tokenizer, store_path: str, *, shard_mb
     raise DataError(f"validation_fraction must be in [0, 1), got {data.validation_fraction}")
   dtype = store.store_dtype(tokenizer.vocab_size)
   shard_tokens = shard_tokens or max(int(shard_mb * (1 << 20)) // dtype.itemsize, 1)
+  inputs = hashlib.sha256(repr(sources.fingerprint_inputs(data)).encode()).hexdigest()[:20]   # names, sizes, mtimes
   settings = {"format": store.FORMAT, "source": describe_source(data), "tokenizer_fingerprint": tokenizer.fingerprint,
-              "dtype": dtype.str, "shard_tokens": shard_tokens, "forced_validation_index": -1}
+              "dtype": dtype.str, "shard_tokens": shard_tokens, "inputs": inputs, "forced_validation_index": -1}
   if location.listdir() and not location.exists(_SETTINGS):
     raise DataError(f"{location.path} is a directory that holds other files, not an unfinished token store; "
                     "choose a new or empty --store directory")
@@ -226,7 +227,8 @@ def prepare(data: DataConfig, tokenizer: Tokenizer, store_path: str, *, shard_mb
     if {k: v for k, v in earlier.items() if k != "forced_validation_index"} != {
         k: v for k, v in settings.items() if k != "forced_validation_index"}:
       raise DataError(f"{location.name(_SETTINGS)}: {location.path} holds an unfinished preparation of other inputs "
-                      "or settings; give the same ones to resume it, or choose another --store")
+                      "or settings (or its files changed since); give the same ones to resume it, or choose another "
+                      "--store")
     settings = earlier
   else:
     location.write_atomically(_SETTINGS, json.dumps(settings, sort_keys=True).encode())

@@ -374,6 +374,8 @@ def iter_splits(data, *, forced_index: int = -1,
                             records_read=progress.done)
     if not data.tfds_validation_split:
       yield from held_out(train)
+      if not progress.documents:
+        raise DataError(f"TFDS dataset {name!r} split {data.tfds_train_split!r} holds no text")
       return
     count = 0
     for doc in train:
