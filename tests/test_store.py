@@ -263,3 +263,19 @@ def test_remote_cache_is_prepared_by_process_0_and_read_by_the_others(shipped, t
   with pytest.raises(DataError, match=r"bad\.jsonl:1: the JSON object has no field 'text'"):
     pipeline.store_path(bad, tok, process_index=1, process_count=2)
   fsspec.filesystem("memory").rm("/cache", recursive=True)
+
+
+def test_a_vocabulary_over_65536_is_stored_as_uint32(tok, tmp_path):
+  class Big(Tokenizer):     # the shipped model, claiming a vocabulary that uint16 cannot hold
+    vocab_size = 100_000
+
+  big = Big(tok.serialized_model(), tok.path)
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (50 * i)}) + "\n"
+                                               for i in range(1, 6)))
+  data = DataConfig(train_files=(str(tmp_path / "docs.jsonl"),), validation_fraction=0.0, seq_len=16)
+  manifest = prepare.prepare(data, big, str(tmp_path / "s"), workers=0, progress=False)
+  assert manifest["dtype"] == "<u4" and (tmp_path / "s" / "train-00000.tokens").stat().st_size == 4 * manifest[
+      "splits"]["train"]["tokens"]
+  want = in_memory_stream(sources.load_splits(data)[0], tok).ids
+  got = store.TokenStore(str(tmp_path / "s"), big).splits["train"]
+  np.testing.assert_array_equal(got[0:len(got)], want)
