@@ -26,7 +26,7 @@ is the (i mod W)-th element of epoch i // W. Host p of P takes positions p, p + 
 Every corpus is read through a token store (store.py): `data.store` names one made by
 `python -m tokenformer_jax.data.prepare`; otherwise the files or TFDS dataset are prepared once into a store in
 a cache directory keyed by their fingerprint (prepare.cached_store). Windows are read by random access from the
-store's shards (memory-mapped, or ranged reads for gs://), each host only its own rows, so start-up and memory
+store's shards (os.pread, or ranged reads for gs://), each host only its own rows, so start-up and memory
 do not grow with the corpus. Iterator state is grain's `{"next_index": ...}`: `get_state()`/`set_state()` (or
 grain.checkpoint.CheckpointSave/Restore inside an Orbax Composite) resume at exactly the next batch.
 """
