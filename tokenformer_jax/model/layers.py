@@ -36,12 +36,18 @@ class LayerNorm(nn.Module):
     return layer_norm(x, self.eps, scale, bias)
 
 
-def apply_rotary(x: jax.Array, rotary_dims: int, base: float) -> jax.Array:
-  """GPT-NeoX rotary embedding on the first `rotary_dims` of each head.  x: [batch, length, heads, head_dim]."""
+def apply_rotary(x: jax.Array, rotary_dims: int, base: float, positions: jax.Array | None = None) -> jax.Array:
+  """GPT-NeoX rotary embedding on the first `rotary_dims` of each head.  x: [batch, length, heads, head_dim].
+
+  `positions`: the absolute position of each token, [batch, length] or [length]; default 0, 1, ..., length - 1.
+  """
   half = rotary_dims // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv_freq[None, :]   # [length, half]
-  cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  if positions is None:
+    positions = jnp.arange(x.shape[1])
+  positions = jnp.broadcast_to(positions, x.shape[:2]).astype(jnp.float32)
+  angles = positions[:, :, None] * inv_freq   # [batch, length, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
   rot, rest = x[..., :rotary_dims].astype(jnp.float32), x[..., rotary_dims:]
   x1, x2 = rot[..., :half], rot[..., half:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -63,3 +69,37 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
   return out.reshape(batch, length, d)
+
+
+# Decoding with a KV cache -------------------------------------------------------------------------------
+# One layer's cache: {"k", "v"}: [batch, cache_length, heads, head_dim], keys stored after the rotary.
+CACHE_AXES = ("batch", "length", "heads", None)
+
+
+def cached_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig, cache: dict,
+                          start: jax.Array) -> tuple[jax.Array, dict]:
+  """Attention of new tokens at absolute positions start[b], start[b] + 1, ... over the cache and themselves.
+
+  q, k, v: [batch, new, d] (new = the bucketed prompt length when prefilling, 1 per decode step); start: [batch]
+  int32. The new keys and values are written into the cache at their positions, and a query at position p sees
+  the cache slots 0..p: with right-padded prompts every slot a query sees holds a real token, since a decode step
+  writes slot p before it reads it. Returns (out [batch, new, d], the updated cache).
+  """
+  batch, new, d = q.shape
+  split = lambda t: nn.with_logical_constraint(t.reshape(batch, new, cfg.n_heads, cfg.head_dim), HEADS_AXES)
+  q, k, v = split(q), split(k), split(v)
+  positions = start[:, None] + jnp.arange(new, dtype=start.dtype)[None, :]   # [batch, new]
+  if cfg.positions == "rotary":
+    q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base, positions)
+    k = apply_rotary(k, cfg.rotary_dims, cfg.rotary_base, positions)
+  write = jax.vmap(lambda slots, rows, at: jax.lax.dynamic_update_slice(slots, rows, (at, 0, 0)))
+  cache = {name: nn.with_logical_constraint(write(cache[name], new_rows.astype(cache[name].dtype), start),
+                                            CACHE_AXES)
+           for name, new_rows in (("k", k), ("v", v))}
+  keys, values = cache["k"].astype(q.dtype), cache["v"].astype(v.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+  visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]   # [batch, new, slots]
+  logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, values, preferred_element_type=jnp.float32).astype(v.dtype)
+  return out.reshape(batch, new, d), cache

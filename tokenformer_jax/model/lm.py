@@ -32,11 +32,15 @@ class LanguageModel(nn.Module):
 
   The layers are one `nn.scan` over a block, so parameters carry a leading "layers" axis and a 40-layer
   model compiles as fast as a 1-layer one.
+
+  Decoding: `apply(variables, tokens, cache, start)` runs `tokens` at positions start[b], start[b] + 1, ...
+  against a KV cache {"k", "v"}: [layers, batch, cache_length, heads, head_dim] (`inference.decode.init_cache`)
+  and returns (logits, updated cache); see `layers.cached_self_attention`.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
     cfg = self.cfg
     embedding = self.param(
         "embedding",
@@ -50,9 +54,9 @@ class LanguageModel(nn.Module):
       # prevent_cse must.
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=cfg.n_layers, unroll=cfg.n_layers if cfg.unroll_layers else 1,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(cfg, name="layers")(x, None)
+                     in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                     unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, cache = layers(cfg, name="layers")(x, cache, start)   # the cache (None when training) is scanned too
 
     if cfg.final_norm_params:
       x = LayerNorm(cfg.layer_norm_eps, name="final_norm")(x)
@@ -63,7 +67,8 @@ class LanguageModel(nn.Module):
       logits = logits / jnp.sqrt(cfg.d_model)
     if cfg.padded_vocab > cfg.vocab_size:   # ids past the tokenizer's never occur: keep them out of the softmax
       logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
-    return nn.with_logical_constraint(logits, LOGITS_AXES)
+    logits = nn.with_logical_constraint(logits, LOGITS_AXES)
+    return logits if cache is None else (logits, cache)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, causal_self_attention, layer_norm
+from tokenformer_jax.model.layers import ACTIVATION_AXES, cached_self_attention, causal_self_attention, layer_norm
 from tokenformer_jax.model.pattention import Pattention
 
 
@@ -37,10 +37,15 @@ class TokenFormerBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, _=None):
+  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
+    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
     cfg = self.cfg
     h = layer_norm(x, cfg.layer_norm_eps)
     q, k, v = (make_pattention(cfg, p)(h) for p in ("query", "key", "value"))
-    x = x + make_pattention(cfg, "output")(causal_self_attention(q, k, v, cfg))
+    if cache is None:
+      attended = causal_self_attention(q, k, v, cfg)
+    else:
+      attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
+    x = x + make_pattention(cfg, "output")(attended)
     x = x + make_pattention(cfg, "ffn")(layer_norm(x, cfg.layer_norm_eps))
-    return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), cache

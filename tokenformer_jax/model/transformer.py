@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, causal_self_attention
+from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, cached_self_attention, causal_self_attention
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float = 0.02) -> nn.Dense:
@@ -20,15 +20,19 @@ class TransformerBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, _=None):
+  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
+    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
     cfg = self.cfg
     d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)   # GPT-2's scaled init of residual projections
     h = LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x)
     q, k, v = (dense(cfg, d, ("embed", "heads"), p)(h) for p in ("query", "key", "value"))
-    attended = causal_self_attention(q, k, v, cfg)
+    if cache is None:
+      attended = causal_self_attention(q, k, v, cfg)
+    else:
+      attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
     x = x + dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended)
     h = LayerNorm(cfg.layer_norm_eps, name="mlp_norm")(x)
     h = jax.nn.gelu(dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h), approximate=False)
     x = x + dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h)
-    return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), cache

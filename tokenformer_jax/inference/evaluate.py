@@ -1,0 +1,143 @@
+"""Evaluate a model on a corpus: loss, perplexity and bits per byte, over a whole split or its first N tokens.
+
+A corpus becomes the same token stream and [seq_len + 1] windows as in training (`data.pipeline`): an eos before
+every document, each corpus token a target exactly once, context restarting at every window. The windows are
+evaluated in order with the trainer's own jitted eval step (`train.steps.make_eval_step`), sharded over the mesh
+like training, so evaluating a run's validation split reproduces the trainer's evaluation loss.
+
+Bits per byte = total nats / (ln 2 × UTF-8 bytes of the evaluated text): comparable across tokenizers. The bytes
+are counted from the evaluated target tokens themselves (each piece's UTF-8 length; eos and other special ids
+count 0; SentencePiece's dummy "▁" before a document's first piece is not text), so the count also works for a
+pre-tokenized corpus whose text is not at hand. Over a whole split it equals the documents' UTF-8 length.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tokenformer_jax.data import pipeline, sources
+from tokenformer_jax.data.errors import DataError
+from tokenformer_jax.train import steps
+from tokenformer_jax.train.loop import to_global
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_CHUNK = 1 << 20   # tokens per numpy pass when counting bytes
+
+
+def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), tfds_name: str = "",
+                tfds_split: str = "validation", tfds_data_dir: str = "") -> pipeline.TokenStream:
+  """The corpus to evaluate, as one token stream: `files` (globs of .jsonl/.jsonl.gz/.txt), else a TFDS split,
+  else the run's own "train" or "validation" split (its DataConfig: held-out fraction, files or TFDS)."""
+  cfg, tokenizer = model.config, model.tokenizer
+  if files:
+    documents = sources.read_documents(tuple(files), text_field=cfg.data.text_field, what="--files")
+  elif tfds_name:
+    documents = sources.read_tfds_split(tfds_name, tfds_split, data_dir=tfds_data_dir,
+                                        text_field=cfg.data.text_field)
+  else:
+    if split not in ("train", "validation"):
+      raise DataError(f"split must be 'train' or 'validation' (the run's own splits), got {split!r}; "
+                      "evaluate other data with --files or --tfds_name")
+    train, validation = pipeline.load_token_streams(cfg.data, tokenizer)
+    stream = train if split == "train" else validation
+    if stream.num_targets == 0:
+      raise DataError(f"the run's {split} split is empty; evaluate other data with --files or --tfds_name")
+    return stream
+  if not documents:
+    raise DataError("the corpus holds no text")
+  return pipeline.tokenize_documents(documents, tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _piece_bytes(tokenizer) -> tuple[np.ndarray, np.ndarray, bool]:
+  """(UTF-8 bytes of each id, whether its piece starts with "▁", whether encoding adds a dummy "▁")."""
+  if hasattr(tokenizer, "token_byte_lengths"):   # a tokenizer that knows its pieces' bytes says so
+    return tokenizer.token_byte_lengths()
+  special = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id}
+  lengths = np.zeros(tokenizer.vocab_size, np.int64)
+  leading_space = np.zeros(tokenizer.vocab_size, bool)
+  for i in range(tokenizer.vocab_size):
+    piece = tokenizer.id_to_piece(i)
+    if i in special:
+      continue
+    if _BYTE_PIECE.match(piece):
+      lengths[i] = 1
+    else:
+      lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+      leading_space[i] = piece.startswith("\u2581")
+  first = tokenizer.encode("a")
+  dummy_prefix = bool(first) and tokenizer.id_to_piece(first[0]).startswith("\u2581")
+  return lengths, leading_space, dummy_prefix
+
+
+def count_bytes(stream: pipeline.TokenStream, num_targets: int, tokenizer) -> int:
+  """UTF-8 bytes of the text behind the first `num_targets` targets of `stream` (stream[1 : num_targets + 1])."""
+  lengths, leading_space, dummy_prefix = _piece_bytes(tokenizer)
+  total = 0
+  for start in range(0, num_targets, _CHUNK):
+    stop = min(start + _CHUNK, num_targets)
+    ids = np.asarray(stream.ids[start:stop + 1], np.int64)
+    inputs, targets = ids[:-1], ids[1:]
+    counted = lengths[targets]
+    if dummy_prefix:
+      counted = counted - ((inputs == tokenizer.eos_id) & leading_space[targets])
+    total += int(counted.sum())
+  return total
+
+
+def evaluate(model, stream: pipeline.TokenStream, *, batch_size: int | None = None, max_tokens: int | None = None,
+             progress: Callable[[dict], None] | None = None) -> dict:
+  """Loss (nats per token), perplexity and bits per byte of `model` over `stream`'s windows in order: all of
+  them, or the first ceil(max_tokens / seq_len). `batch_size` (default the run's global batch) is rounded up
+  to a multiple of the data-parallel devices. `progress(partial result)` is called after every batch."""
+  import jax
+  cfg, mesh, tokenizer = model.config, model.mesh, model.tokenizer
+  seq_len = cfg.data.seq_len
+  windows = pipeline.Windows(stream, seq_len, tokenizer.pad_id)
+  count = windows.num_real
+  if max_tokens is not None:
+    if max_tokens < 1:
+      raise DataError(f"max_tokens must be positive, got {max_tokens}")
+    count = min(count, -(-max_tokens // seq_len))
+  if count == 0:
+    raise DataError("nothing to evaluate: the corpus is empty")
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  multiple = math.lcm(data_parallel, jax.process_count())
+  batch = -(-(batch_size or cfg.global_batch) // multiple) * multiple
+  hosts, host = jax.process_count(), jax.process_index()
+  eval_step = steps.make_eval_step(cfg.model, steps.TrainState(step=None, params=model.param_shardings,
+                                                                 opt_state=None), mesh)
+  num_batches = -(-count // batch)
+  padding = {"tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32), "mask": np.zeros(seq_len, np.float32)}
+  total, targets, started = 0.0, 0.0, time.perf_counter()
+  result = {}
+  for b in range(num_batches):
+    indices = [b * batch + r * hosts + host for r in range(batch // hosts)]
+    rows = [windows[i] if i < count else padding for i in indices]
+    host_batch = {k: np.stack([row[k] for row in rows]) for k in ("tokens", "mask")}
+    loss_sum, batch_targets = jax.device_get(eval_step(model.params, to_global(host_batch, mesh)))
+    total, targets = total + float(loss_sum), targets + float(batch_targets)
+    result = _metrics(total, targets, None, time.perf_counter() - started, b + 1, num_batches)
+    if progress is not None:
+      progress(result)
+  evaluated = int(round(targets))
+  num_bytes = count_bytes(stream, evaluated, tokenizer)
+  result = _metrics(total, targets, num_bytes, time.perf_counter() - started, num_batches, num_batches)
+  result.update(windows=count, split_tokens=stream.num_targets, documents=stream.num_documents)
+  return result
+
+
+def _metrics(total: float, targets: float, num_bytes: int | None, seconds: float, batches: int,
+             num_batches: int) -> dict:
+  loss = total / max(targets, 1.0)
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "nats": total, "tokens": int(round(targets)),
+         "seconds": seconds, "tokens_per_second": targets / max(seconds, 1e-9), "batches": batches,
+         "num_batches": num_batches}
+  if num_bytes is not None:
+    out.update(bytes=num_bytes, bits_per_byte=total / (math.log(2) * num_bytes) if num_bytes else float("nan"))
+  return out
