@@ -193,17 +193,27 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
-                  on_text: Callable[[int, str], None] | None = None, **sampling) -> Generation:
+                  on_text: Callable[[int, str], None] | None = None, max_prompt_tokens: int | None = None,
+                  **sampling) -> Generation:
   """`generate` for text prompts with a LoadedModel: each completion stops at eos, max_new_tokens, or the
-  first of the `stop` strings (cut before it). `on_text(row, new_text)` streams each row's text as it grows."""
+  first of the `stop` strings (cut before it). `on_text(row, new_text)` streams each row's text as it grows.
+  `max_prompt_tokens`: keep only the last this many tokens of a longer prompt (default: refuse it)."""
   tokenizer = model.tokenizer
   ids = [encode_prompt(tokenizer, text) for text in prompts]
+  if max_prompt_tokens:
+    ids = [prompt[-max_prompt_tokens:] for prompt in ids]
   shown = [""] * len(prompts)
+  prompt_texts = [tokenizer.decode(prompt) for prompt in ids]
+
+  def completion(i: int, tokens: list[int]) -> str:
+    # Decoded after its prompt: SentencePiece drops the leading space of a text's first piece.
+    whole = tokenizer.decode(ids[i] + tokens)
+    return whole[len(prompt_texts[i]):] if whole.startswith(prompt_texts[i]) else tokenizer.decode(tokens)
 
   def on_step(t, new):
     stopped = []
     for i, tokens in enumerate(new):
-      full = tokenizer.decode(tokens)
+      full = completion(i, tokens)
       text = _cut(full, stop)
       if len(text) < len(full):
         stopped.append(i)
@@ -216,7 +226,7 @@ def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int, stop: S
 
   result = generate(model.model, model.params, ids, max_new_tokens=max_new_tokens, mesh=model.mesh,
                     eos_id=tokenizer.eos_id, on_step=on_step if on_text is not None or stop else None, **sampling)
-  result.texts = [_cut(tokenizer.decode(tokens), stop) for tokens in result.tokens]
+  result.texts = [_cut(completion(i, tokens), stop) for i, tokens in enumerate(result.tokens)]
   return result
 
 

@@ -55,6 +55,7 @@ def load_model(checkpoint: str, *, step: int | None = None, overrides=(), mesh: 
                tokenizer: str | None = None) -> LoadedModel:
   """Load RUN[/STEP] (latest step by default). `overrides`: "field=value" strings applied to the run's config
   (e.g. "mesh.data=-1", "data.seq_len=256"); `mesh` replaces its mesh; `tokenizer` its tokenizer path."""
+  sharding.initialize_distributed()   # a multi-host slice: join the other hosts before touching devices
   path, parsed_step = parse_checkpoint(checkpoint)
   checkpoints = RunCheckpoints(path, read_only=True)
   step = checkpoints.resolve_step(step if step is not None else parsed_step)

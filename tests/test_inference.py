@@ -1,0 +1,235 @@
+"""Using a trained model: KV-cache decoding, evaluation (perplexity, bits per byte), the lm-eval adapter, the CLIs.
+
+Numbers are checked against independent computations: the full forward pass recomputed over the whole
+sequence, the trainer's own logged evaluation, log-softmax sums done here with numpy.
+"""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from helpers import REPO, assert_fails_with_one_line, run_cli
+
+from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
+from tokenformer_jax.growth import grow, grown_config
+from tokenformer_jax.inference import decode, eval_stream, evaluate, load_model
+from tokenformer_jax.model import LanguageModel, init_params
+
+TINY = dict(vocab_size=61, vocab_multiple=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+
+
+def log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def tiny_config(architecture: str, positions: str, tokens=ParamTokens(24, 20, 28, 16, 72)) -> ModelConfig:
+  return ModelConfig(name=f"{architecture}-{positions}", architecture=architecture, positions=positions,
+                     param_tokens=tokens if architecture == "tokenformer" else None, token_multiple=8,
+                     rotary_fraction=0.5, **TINY)
+
+
+def grown_tokenformer():
+  """A rotary TokenFormer grown by growth.grow with random new keys, so that the new tokens change the function
+  (the decode must use the grown rows, not just reproduce the small model)."""
+  small = tiny_config("tokenformer", "rotary")
+  big = grown_config(small, small.replace(name="grown", param_tokens=ParamTokens(50, 37, 61, 29, 150)))
+  params = grow(init_params(small, jax.random.key(3)), small, big, init="random", rng=jax.random.key(4))
+  return big, params
+
+
+# Both architectures, both position schemes, and a grown TokenFormer (rotary).
+@pytest.mark.parametrize("case", ["tokenformer-none", "transformer-rotary", "grown-rotary"])
+def test_cache_decoding_equals_full_recomputation(case):
+  if case == "grown-rotary":
+    cfg, params = grown_tokenformer()
+  else:
+    cfg = tiny_config(*case.split("-"))
+    params = init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(4, cfg.vocab_size, n)) for n in (3, 11, 7)]   # one bucket (16), ragged
+  result = decode.generate(cfg, params, prompts, max_new_tokens=6, return_logits=True)
+  # Each whole sequence in one causal forward pass (right-padded into one batch): position t's logits are
+  # those of the prefix up to t.
+  sequences = np.zeros((len(prompts), 11 + 6), np.int32)
+  for row, (prompt, new) in enumerate(zip(prompts, result.tokens)):
+    sequences[row, :len(prompt) + len(new)] = prompt + new
+  full = np.asarray(LanguageModel(cfg).apply({"params": params}, sequences))
+  for prompt, new, logits, row_logits in zip(prompts, result.tokens, result.logits, full):
+    assert len(new) == 6 and logits.shape == (6, cfg.padded_vocab)
+    expected = row_logits[len(prompt) - 1: len(prompt) - 1 + len(new)]
+    np.testing.assert_allclose(logits[:, :cfg.vocab_size], expected[:, :cfg.vocab_size], atol=1e-5, rtol=0)
+    assert list(np.argmax(expected, -1)) == new   # greedy: identical tokens
+  if case != "tokenformer-none":
+    return
+  # Other prompt lengths in the same bucket (and other sampling settings) compile nothing new.
+  prefill, step = decode.decode_functions(cfg, None)
+  compiled = (prefill._cache_size(), step._cache_size())
+  decode.generate(cfg, params, [prompts[1][:5], prompts[0] + prompts[2], [7]], max_new_tokens=6,
+                  temperature=0.8, top_k=5, top_p=0.9, seed=3)
+  assert (prefill._cache_size(), step._cache_size()) == compiled == (1, 1)
+
+
+def test_sampling_respects_top_k_top_p_and_seed():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32))
+  key = jax.random.key(0)
+  draw = lambda **kw: np.asarray(decode.sample(logits, key, kw.get("t", 1.0), kw.get("k", 0), kw.get("p", 1.0)))
+  assert set(draw(t=0.0)) == {0}
+  assert set(draw(k=2)) == {0, 1}
+  assert set(draw(p=0.7)) == {0, 1} and set(draw(p=0.85)) == {0, 1, 2}
+  counts = np.bincount(draw(), minlength=4) / 2000
+  np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+  np.testing.assert_array_equal(draw(), draw())
+  assert (np.asarray(decode.sample(logits, jax.random.key(1), 1.0, 0, 1.0)) != draw()).any()
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+  return load_model(str(trained_run))
+
+
+def test_eval_equals_the_trainers_evaluation(loaded, trained_run):
+  cfg = loaded.config
+  logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+  trainer_loss = [r["eval/loss"] for r in logged if "eval/loss" in r and r["step"] == cfg.steps][-1]
+  stream = eval_stream(loaded, split="validation")
+  # The trainer evaluates its first eval_batches global batches; the same windows here, in other batches.
+  result = evaluate(loaded, stream, batch_size=4, max_tokens=cfg.eval_batches * cfg.global_batch * cfg.data.seq_len)
+  assert result["windows"] == cfg.eval_batches * cfg.global_batch
+  assert result["loss"] == pytest.approx(trainer_loss, rel=1e-6)
+  assert result["perplexity"] == pytest.approx(math.exp(trainer_loss), rel=1e-5)
+  # The whole split: its bytes are the documents' UTF-8 bytes.
+  from tokenformer_jax.data import sources
+  _, validation_docs = sources.load_splits(cfg.data)
+  whole = evaluate(loaded, stream)
+  assert whole["tokens"] == stream.num_targets
+  assert whole["bytes"] == sum(len(d.text.encode("utf-8")) for d in validation_docs)
+
+
+def test_bits_per_byte_by_hand(loaded, tmp_path):
+  text = "Dictionaries map keys to values.\nTuples are immutable: (1, 2) — ünïcode too, 日本."
+  path = tmp_path / "small.txt"
+  path.write_text(text, encoding="utf-8")
+  result = evaluate(loaded, eval_stream(loaded, files=[str(path)]))
+  tokenizer, seq_len = loaded.tokenizer, loaded.config.data.seq_len
+  ids = [tokenizer.eos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
+  assert len(ids) > seq_len + 1   # more than one window: context restarts at the boundary
+  nats = 0.0
+  for start in range(0, len(ids) - 1, seq_len):
+    window = np.array(ids[start:start + seq_len + 1])
+    logits = LanguageModel(loaded.model).apply({"params": loaded.params}, window[None, :-1])[0]
+    nats -= log_softmax(logits)[np.arange(len(window) - 1), window[1:]].sum()
+  assert result["tokens"] == len(ids) - 1 and result["bytes"] == len(text.encode("utf-8"))
+  assert result["bits_per_byte"] == pytest.approx(nats / (math.log(2) * len(text.encode("utf-8"))), rel=1e-5)
+  assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
+
+
+def request(*args):
+  from lm_eval.api.instance import Instance
+  return Instance("loglikelihood", doc={}, arguments=args, idx=0)
+
+
+def test_adapter_log_likelihoods_are_the_models_own_sums(loaded):
+  from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
+  lm = TokenFormerLM(model=loaded, batch_size=4)
+  tokenizer, forward = loaded.tokenizer, jax.jit(lambda t: LanguageModel(loaded.model).apply(
+      {"params": loaded.params}, t))
+  pairs = [("To define a function, use the keyword", " def"), ("A list is written between square ", "brackets"),
+           ("", "Hello world"), ("x" * 80, " and a context longer than max_length")]
+  got = lm.loglikelihood([request(*pair) for pair in pairs])
+  for (context, continuation), (log_prob, greedy) in zip(pairs, got):
+    context, continuation = context.rstrip(" "), context[len(context.rstrip(" ")):] + continuation
+    ids = [tokenizer.eos_id] + tokenizer.encode(context + continuation)
+    n = len(ids) - 1 - (len(tokenizer.encode(context)) if context else 0)
+    ids = ids[-(lm.max_length + 1):]
+    lps = log_softmax(forward(np.array([ids[:-1]])))[0]
+    targets = np.array(ids[1:])
+    assert log_prob == pytest.approx(lps[np.arange(len(targets)), targets][-n:].sum(), rel=1e-5, abs=1e-4)
+    assert greedy == bool((lps.argmax(-1) == targets)[-n:].all())
+  # Rolling: the text in max_length windows, context restarting at each (as the evaluation pipeline).
+  text = "Tuples are immutable; lists are not. " * 8
+  (rolling,) = lm.loglikelihood_rolling([request(text)])
+  ids, expected = [tokenizer.eos_id] + tokenizer.encode(text), 0.0
+  assert len(ids) > 2 * lm.max_length
+  for start in range(0, len(ids) - 1, lm.max_length):
+    window = np.array(ids[start:start + lm.max_length + 1])
+    expected += log_softmax(forward(window[None, :-1]))[0][np.arange(len(window) - 1), window[1:]].sum()
+  assert rolling == pytest.approx(expected, rel=1e-5)
+  # generate_until: greedy text, cut at the stop string.
+  (generated,) = lm.generate_until([request("The Python", {"until": ["on"], "max_gen_toks": 6})])
+  full = decode.generate_text(loaded, ["The Python"], max_new_tokens=6).texts[0]
+  assert generated == full.split("on")[0]
+
+
+def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path):
+  """`python -m tokenformer_jax.cli.lm_eval --model tokenformer_jax ...` end to end on the shipped local task;
+  its accuracy equals the one computed here from the adapter's own log-likelihoods."""
+  from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
+  result = run_cli("tokenformer_jax.cli.lm_eval", "--model", "tokenformer_jax", "--model_args",
+                   f"checkpoint={trained_run}", "--include_path", "tests/lm_eval_task", "--tasks",
+                   "tokenformer_local_mc", "--output_path", str(tmp_path / "out"), "--batch_size", "8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (written,) = list((tmp_path / "out").rglob("results_*.json"))
+  accuracy = json.loads(written.read_text())["results"]["tokenformer_local_mc"]["acc,none"]
+  lm = TokenFormerLM(model=loaded)
+  docs = [json.loads(line) for line in (REPO / "tests/lm_eval_task/local_mc.jsonl").read_text().splitlines()]
+  correct = [int(np.argmax([lp for lp, _ in lm.loglikelihood([request(d["context"], c) for c in d["choices"]])]))
+             == d["label"] for d in docs]
+  assert accuracy == pytest.approx(np.mean(correct), abs=1e-9)
+  assert "tokenformer_local_mc" in result.stdout and "acc" in result.stdout
+
+
+def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path):
+  cfg = load_config("experiments/demo.py:test_run")
+  out = tmp_path / "eval.json"
+  result = run_cli("tokenformer_jax.cli.eval", f"--checkpoint={trained_run}/{cfg.steps}",
+                   f"--max_tokens={cfg.eval_batches * cfg.global_batch * cfg.data.seq_len}", f"--json_out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+  trainer_loss = [r["eval/loss"] for r in logged if "eval/loss" in r and r["step"] == cfg.steps][-1]
+  written = json.loads(out.read_text())
+  assert written["loss"] == pytest.approx(trainer_loss, rel=1e-6) and written["step"] == cfg.steps
+  assert written["bits_per_byte"] == pytest.approx(written["nats"] / (math.log(2) * written["bytes"]))
+  assert "eval 2/2 batches" in result.stderr and "bits per byte" in result.stdout
+
+
+def test_generate_cli_streams_the_greedy_completion(loaded, trained_run):
+  result = run_cli("tokenformer_jax.cli.generate", f"--checkpoint={trained_run}", "--prompt=The Python",
+                   "--max_new_tokens=12")
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = decode.generate_text(loaded, ["The Python"], max_new_tokens=12).texts[0]
+  assert result.stdout == "The Python" + expected + "\n"
+  assert "new tokens" in result.stderr
+
+
+def test_generate_cli_bad_inputs_end_in_one_line(trained_run, tmp_path, capsys):
+  from absl import flags
+
+  from tokenformer_jax.cli import generate as cli   # in-process: four subprocesses would cost ~20 s
+  from tokenformer_jax.data.tokenizer import train_tokenizer
+  other = train_tokenizer(["some text to learn a few pieces from"] * 20, str(tmp_path / "other.model"), 300)
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n \n")
+
+  def run(*args):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["generate", *args])
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(["generate"])
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
+
+  def one_line(err, *phrases):
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and all(p in lines[0] for p in phrases), err
+
+  try:
+    one_line(run(f"--checkpoint={tmp_path}/missing", "--prompt=hi"), "no checkpoints at")
+    one_line(run(f"--checkpoint={trained_run}", "--prompt=" + "word " * 40), "max_seq_len is 32")
+    one_line(run(f"--checkpoint={trained_run}", "--prompt=hi", f"--tokenizer={other.path}"),
+             "has 300 pieces", "vocab_size=2048")
+    one_line(run(f"--checkpoint={trained_run}", f"--prompts_file={empty}"), "has no prompts")
+  finally:
+    flags.FLAGS.unparse_flags()

@@ -1,0 +1,70 @@
+"""Evaluate a trained run on a corpus: loss, perplexity and bits per byte.
+
+  python -m tokenformer_jax.cli.eval --checkpoint=runs/demo                     # its validation split
+  python -m tokenformer_jax.cli.eval --checkpoint=runs/demo/400 --files='my/*.jsonl.gz' --json_out=eval.json
+  python -m tokenformer_jax.cli.eval --checkpoint=runs/demo --tfds_name=my_corpus --tfds_split=test \
+      --tfds_data_dir=/data/tfds --max_tokens=1000000
+
+The corpus is tokenized and windowed exactly as in training (data.seq_len of the run, or --set data.seq_len=N)
+and evaluated with the trainer's eval step, sharded over all devices (--set mesh.data=... to choose), so the run's
+validation split gives the trainer's validation loss. Bits per byte = nats / (ln 2 × UTF-8 bytes of the text).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from etils import epath
+
+from tokenformer_jax.checkpoint import CheckpointError
+from tokenformer_jax.cli.common import OVERRIDES, one_line_errors
+from tokenformer_jax.data import DataError
+from tokenformer_jax.inference import eval_stream, evaluate, load_model
+from tokenformer_jax.train.loop import write_json_atomically
+
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The run: RUN (latest step) or RUN/STEP.")
+SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The run's own split (its data config), "
+                          "when neither --files nor --tfds_name is given.")
+FILES = flags.DEFINE_list("files", [], "Globs of .jsonl/.jsonl.gz/.txt files (local or gs://) to evaluate.")
+TFDS_NAME = flags.DEFINE_string("tfds_name", "", "A prepared TFDS dataset (array_record) to evaluate.")
+TFDS_SPLIT = flags.DEFINE_string("tfds_split", "validation", "Its split.")
+TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "Its data_dir.")
+MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Evaluate only the first windows covering this many "
+                                  "tokens (default: the whole corpus).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Windows per step (default: the run's global_batch).")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "Another tokenizer than the run's (must match the model).")
+JSON_OUT = flags.DEFINE_string("json_out", None, "Write the result here as JSON (for scripts).")
+
+
+def show_progress(result: dict) -> None:
+  print(f"\reval {result['batches']}/{result['num_batches']} batches | {result['tokens'] / 1e3:.1f}k tokens | "
+        f"loss {result['loss']:.4f} | {result['tokens_per_second'] / 1e3:.1f}k tok/s", end="", file=sys.stderr,
+        flush=True)
+
+
+@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  if not CHECKPOINT.value:
+    raise ValueError("--checkpoint is required: a run directory (RUN) or one of its steps (RUN/STEP)")
+  if FILES.value and TFDS_NAME.value:
+    raise ValueError("give --files or --tfds_name, not both")
+  model = load_model(CHECKPOINT.value, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  stream = eval_stream(model, split=SPLIT.value, files=FILES.value, tfds_name=TFDS_NAME.value,
+                       tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value)
+  result = evaluate(model, stream, batch_size=BATCH_SIZE.value, max_tokens=MAX_TOKENS.value, progress=show_progress)
+  print(file=sys.stderr)
+  source = (", ".join(FILES.value) if FILES.value else f"TFDS {TFDS_NAME.value}[{TFDS_SPLIT.value}]"
+            if TFDS_NAME.value else f"the run's {SPLIT.value} split")
+  result.update(checkpoint=model.path, step=model.step, model=model.model.name, data=source,
+                seq_len=model.config.data.seq_len)
+  print(f"{model.model.name} step {model.step} on {source}: loss {result['loss']:.4f} | perplexity "
+        f"{result['perplexity']:.3f} | bits per byte {result['bits_per_byte']:.4f} | {result['tokens']} tokens, "
+        f"{result['bytes']} bytes | {result['tokens_per_second'] / 1e3:.1f}k tok/s")
+  if JSON_OUT.value:
+    write_json_atomically(epath.Path(JSON_OUT.value), result)
+
+
+if __name__ == "__main__":
+  app.run(main)
