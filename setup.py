@@ -27,12 +27,18 @@ setup(
         "fsspec>=2024.1",      # token stores on gs:// (with gcsfs, the 'tpu' extra) or memory:// are read through it
     ],
     extras_require={
-        # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU.
-        "test": ["pytest>=8", "jax[tpu]>=0.10.2"],
+        # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU; lm_eval for
+        # tests/test_inference.py, which runs the lm-evaluation-harness adapter and a local task through lm_eval.
+        # lm_eval's own requirements have no torch (torch comes only with its "hf"/"vllm"/... extras, never here).
+        "test": ["pytest>=8", "jax[tpu]>=0.10.2", "lm_eval>=0.4.13"],
+        # lm-evaluation-harness (the paper's zero-shot tasks): python -m tokenformer_jax.cli.lm_eval, without torch.
+        "eval": ["lm_eval>=0.4.13"],
         # The TPU compiler, to plan a TPU run from any machine (cli/plan.py): jax[tpu] pins the libtpu its jax
         # was built with (libtpu==0.0.42.* for jax 0.10.2). Without a TPU, set JAX_PLATFORMS=cpu for other runs.
         "plan": ["jax[tpu]>=0.10.2"],
         # gcsfs: gs:// paths for data, tokenizers and checkpoints without TensorFlow (through fsspec).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs"],
     },
+    # lm_eval with the "tokenformer_jax" model registered (lm_eval has no plugin entry points for models).
+    entry_points={"console_scripts": ["tokenformer-lm-eval=tokenformer_jax.cli.lm_eval:main"]},
 )

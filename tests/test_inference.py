@@ -56,7 +56,7 @@ def test_cache_decoding_equals_full_recomputation(case):
   sequences = np.zeros((len(prompts), 11 + 6), np.int32)
   for row, (prompt, new) in enumerate(zip(prompts, result.tokens)):
     sequences[row, :len(prompt) + len(new)] = prompt + new
-  full = np.asarray(LanguageModel(cfg).apply({"params": params}, sequences))
+  full = np.asarray(jax.jit(LanguageModel(cfg).apply)({"params": params}, sequences))
   for prompt, new, logits, row_logits in zip(prompts, result.tokens, result.logits, full):
     assert len(new) == 6 and logits.shape == (6, cfg.padded_vocab)
     expected = row_logits[len(prompt) - 1: len(prompt) - 1 + len(new)]
@@ -90,6 +90,22 @@ def loaded(trained_run):
   return load_model(str(trained_run))
 
 
+@pytest.fixture(scope="module")
+def next_token_log_probs(loaded):
+  """ids (at most seq_len + 1) → log p(ids[t + 1] | ids[:t + 1]) for every t, and whether each is the argmax: one
+  plain causal forward pass, right-padded to seq_len (padding after a position cannot change its logits)."""
+  width = loaded.config.data.seq_len
+  forward = jax.jit(LanguageModel(loaded.model).apply)
+
+  def log_probs(ids):
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(ids) - 1] = ids[:-1]
+    lps = log_softmax(forward({"params": loaded.params}, tokens))[0, :len(ids) - 1]
+    targets = np.asarray(ids[1:])
+    return lps[np.arange(len(targets)), targets], lps.argmax(-1) == targets
+  return log_probs
+
+
 def test_eval_equals_the_trainers_evaluation(loaded, trained_run):
   cfg = loaded.config
   logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +124,7 @@ def test_eval_equals_the_trainers_evaluation(loaded, trained_run):
   assert whole["bytes"] == sum(len(d.text.encode("utf-8")) for d in validation_docs)
 
 
-def test_bits_per_byte_by_hand(loaded, tmp_path):
+def test_bits_per_byte_by_hand(loaded, next_token_log_probs, tmp_path):
   text = "Dictionaries map keys to values.\nTuples are immutable: (1, 2) — ünïcode too, 日本."
   path = tmp_path / "small.txt"
   path.write_text(text, encoding="utf-8")
@@ -118,9 +134,7 @@ def test_bits_per_byte_by_hand(loaded, tmp_path):
   assert len(ids) > seq_len + 1   # more than one window: context restarts at the boundary
   nats = 0.0
   for start in range(0, len(ids) - 1, seq_len):
-    window = np.array(ids[start:start + seq_len + 1])
-    logits = LanguageModel(loaded.model).apply({"params": loaded.params}, window[None, :-1])[0]
-    nats -= log_softmax(logits)[np.arange(len(window) - 1), window[1:]].sum()
+    nats -= next_token_log_probs(ids[start:start + seq_len + 1])[0].sum()
   assert result["tokens"] == len(ids) - 1 and result["bytes"] == len(text.encode("utf-8"))
   assert result["bits_per_byte"] == pytest.approx(nats / (math.log(2) * len(text.encode("utf-8"))), rel=1e-5)
   assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
@@ -131,11 +145,10 @@ def request(*args):
   return Instance("loglikelihood", doc={}, arguments=args, idx=0)
 
 
-def test_adapter_log_likelihoods_are_the_models_own_sums(loaded):
+def test_adapter_log_likelihoods_are_the_models_own_sums(loaded, next_token_log_probs):
   from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
   lm = TokenFormerLM(model=loaded, batch_size=4)
-  tokenizer, forward = loaded.tokenizer, jax.jit(lambda t: LanguageModel(loaded.model).apply(
-      {"params": loaded.params}, t))
+  tokenizer = loaded.tokenizer
   pairs = [("To define a function, use the keyword", " def"), ("A list is written between square ", "brackets"),
            ("", "Hello world"), ("x" * 80, " and a context longer than max_length")]
   got = lm.loglikelihood([request(*pair) for pair in pairs])
@@ -143,19 +156,16 @@ def test_adapter_log_likelihoods_are_the_models_own_sums(loaded):
     context, continuation = context.rstrip(" "), context[len(context.rstrip(" ")):] + continuation
     ids = [tokenizer.eos_id] + tokenizer.encode(context + continuation)
     n = len(ids) - 1 - (len(tokenizer.encode(context)) if context else 0)
-    ids = ids[-(lm.max_length + 1):]
-    lps = log_softmax(forward(np.array([ids[:-1]])))[0]
-    targets = np.array(ids[1:])
-    assert log_prob == pytest.approx(lps[np.arange(len(targets)), targets][-n:].sum(), rel=1e-5, abs=1e-4)
-    assert greedy == bool((lps.argmax(-1) == targets)[-n:].all())
+    lps, is_argmax = next_token_log_probs(ids[-(lm.max_length + 1):])
+    assert log_prob == pytest.approx(lps[-n:].sum(), rel=1e-5, abs=1e-4)
+    assert greedy == bool(is_argmax[-n:].all())
   # Rolling: the text in max_length windows, context restarting at each (as the evaluation pipeline).
   text = "Tuples are immutable; lists are not. " * 8
   (rolling,) = lm.loglikelihood_rolling([request(text)])
   ids, expected = [tokenizer.eos_id] + tokenizer.encode(text), 0.0
   assert len(ids) > 2 * lm.max_length
   for start in range(0, len(ids) - 1, lm.max_length):
-    window = np.array(ids[start:start + lm.max_length + 1])
-    expected += log_softmax(forward(window[None, :-1]))[0][np.arange(len(window) - 1), window[1:]].sum()
+    expected += next_token_log_probs(ids[start:start + lm.max_length + 1])[0].sum()
   assert rolling == pytest.approx(expected, rel=1e-5)
   # generate_until: greedy text, cut at the stop string.
   (generated,) = lm.generate_until([request("The Python", {"until": ["on"], "max_gen_toks": 6})])

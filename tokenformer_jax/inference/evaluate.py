@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tokenformer_jax.data import pipeline, sources
+from tokenformer_jax.data import pipeline, pretokenize, sources
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.loop import to_global
@@ -31,9 +31,14 @@ _CHUNK = 1 << 20   # tokens per numpy pass when counting bytes
 
 def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), tfds_name: str = "",
                 tfds_split: str = "validation", tfds_data_dir: str = "") -> pipeline.TokenStream:
-  """The corpus to evaluate, as one token stream: `files` (globs of .jsonl/.jsonl.gz/.txt), else a TFDS split,
-  else the run's own "train" or "validation" split (its DataConfig: held-out fraction, files or TFDS)."""
+  """The corpus to evaluate, as one token stream: `files` (globs of .jsonl/.jsonl.gz/.txt, or one pre-tokenized
+  file written by data.pretokenize), else a TFDS split, else the run's own "train" or "validation" split (its
+  DataConfig: held-out fraction, files or TFDS). Every corpus kind enters here (a token store plugs in the same
+  way: a stream of ids with an eos before every document)."""
   cfg, tokenizer = model.config, model.tokenizer
+  if files and pretokenize.is_pretokenized(tuple(files)):
+    ids = pretokenize.read_tokens(tuple(files), tokenizer, what="--files")
+    return pipeline.TokenStream(ids, ids.header["num_documents"])
   if files:
     documents = sources.read_documents(tuple(files), text_field=cfg.data.text_field, what="--files")
   elif tfds_name:
