@@ -9,7 +9,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, assert_fails_with_one_line, run_cli
+from helpers import REPO
 
 from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
 from tokenformer_jax.growth import grow, grown_config
@@ -116,12 +116,12 @@ def test_eval_equals_the_trainers_evaluation(loaded, trained_run):
   assert result["windows"] == cfg.eval_batches * cfg.global_batch
   assert result["loss"] == pytest.approx(trainer_loss, rel=1e-6)
   assert result["perplexity"] == pytest.approx(math.exp(trainer_loss), rel=1e-5)
-  # The whole split: its bytes are the documents' UTF-8 bytes.
+  # Bytes counted from the target pieces, over the whole split, are the documents' UTF-8 bytes.
   from tokenformer_jax.data import sources
+  from tokenformer_jax.inference.evaluate import count_bytes
   _, validation_docs = sources.load_splits(cfg.data)
-  whole = evaluate(loaded, stream)
-  assert whole["tokens"] == stream.num_targets
-  assert whole["bytes"] == sum(len(d.text.encode("utf-8")) for d in validation_docs)
+  assert count_bytes(stream, stream.num_targets, loaded.tokenizer) == sum(
+      len(d.text.encode("utf-8")) for d in validation_docs)
 
 
 def test_bits_per_byte_by_hand(loaded, next_token_log_probs, tmp_path):
@@ -173,73 +173,75 @@ def test_adapter_log_likelihoods_are_the_models_own_sums(loaded, next_token_log_
   assert generated == full.split("on")[0]
 
 
-def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path):
-  """`python -m tokenformer_jax.cli.lm_eval --model tokenformer_jax ...` end to end on the shipped local task;
-  its accuracy equals the one computed here from the adapter's own log-likelihoods."""
+def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypatch, capsys):
+  """`python -m tokenformer_jax.cli.lm_eval --model tokenformer_jax ...` end to end on the shipped local task (its
+  main, in this process); its accuracy equals the one computed here from the adapter's own log-likelihoods."""
+  from tokenformer_jax.cli import lm_eval as cli
   from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
-  result = run_cli("tokenformer_jax.cli.lm_eval", "--model", "tokenformer_jax", "--model_args",
-                   f"checkpoint={trained_run}", "--include_path", "tests/lm_eval_task", "--tasks",
-                   "tokenformer_local_mc", "--output_path", str(tmp_path / "out"), "--batch_size", "8")
-  assert result.returncode == 0, result.stderr[-3000:]
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setattr("sys.argv", ["lm_eval", "--model", "tokenformer_jax", "--model_args",
+                                   f"checkpoint={trained_run}", "--include_path", "tests/lm_eval_task", "--tasks",
+                                   "tokenformer_local_mc", "--output_path", str(tmp_path / "out"), "--batch_size", "8"])
+  cli.main()
   (written,) = list((tmp_path / "out").rglob("results_*.json"))
   accuracy = json.loads(written.read_text())["results"]["tokenformer_local_mc"]["acc,none"]
+  assert "tokenformer_local_mc" in capsys.readouterr().out
   lm = TokenFormerLM(model=loaded)
   docs = [json.loads(line) for line in (REPO / "tests/lm_eval_task/local_mc.jsonl").read_text().splitlines()]
   correct = [int(np.argmax([lp for lp, _ in lm.loglikelihood([request(d["context"], c) for c in d["choices"]])]))
              == d["label"] for d in docs]
   assert accuracy == pytest.approx(np.mean(correct), abs=1e-9)
-  assert "tokenformer_local_mc" in result.stdout and "acc" in result.stdout
 
 
-def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path):
+def run_main(module, capsys, *args) -> tuple[int, str, str]:
+  """A CLI's main in this process (a subprocess costs seconds of imports): (exit code, stdout, stderr)."""
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS([module.__name__, *args])
+  code = 0
+  try:
+    module.main([module.__name__])
+  except SystemExit as exit_info:
+    code = exit_info.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path, capsys):
+  from tokenformer_jax.cli import eval as cli
   cfg = load_config("experiments/demo.py:test_run")
   out = tmp_path / "eval.json"
-  result = run_cli("tokenformer_jax.cli.eval", f"--checkpoint={trained_run}/{cfg.steps}",
-                   f"--max_tokens={cfg.eval_batches * cfg.global_batch * cfg.data.seq_len}", f"--json_out={out}")
-  assert result.returncode == 0, result.stderr[-3000:]
+  code, stdout, stderr = run_main(cli, capsys, f"--checkpoint={trained_run}/{cfg.steps}", f"--json_out={out}",
+                                  f"--max_tokens={cfg.eval_batches * cfg.global_batch * cfg.data.seq_len}")
+  assert code == 0, stderr[-3000:]
   logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
   trainer_loss = [r["eval/loss"] for r in logged if "eval/loss" in r and r["step"] == cfg.steps][-1]
   written = json.loads(out.read_text())
   assert written["loss"] == pytest.approx(trainer_loss, rel=1e-6) and written["step"] == cfg.steps
   assert written["bits_per_byte"] == pytest.approx(written["nats"] / (math.log(2) * written["bytes"]))
-  assert "eval 2/2 batches" in result.stderr and "bits per byte" in result.stdout
+  assert "eval 2/2 batches" in stderr and "bits per byte" in stdout
 
 
-def test_generate_cli_streams_the_greedy_completion(loaded, trained_run):
-  result = run_cli("tokenformer_jax.cli.generate", f"--checkpoint={trained_run}", "--prompt=The Python",
-                   "--max_new_tokens=12")
-  assert result.returncode == 0, result.stderr[-3000:]
-  expected = decode.generate_text(loaded, ["The Python"], max_new_tokens=12).texts[0]
-  assert result.stdout == "The Python" + expected + "\n"
-  assert "new tokens" in result.stderr
-
-
-def test_generate_cli_bad_inputs_end_in_one_line(trained_run, tmp_path, capsys):
-  from absl import flags
-
-  from tokenformer_jax.cli import generate as cli   # in-process: four subprocesses would cost ~20 s
+def test_generate_cli_streams_and_bad_inputs_end_in_one_line(loaded, trained_run, tmp_path, capsys):
+  from tokenformer_jax.cli import generate as cli
   from tokenformer_jax.data.tokenizer import train_tokenizer
+  code, stdout, stderr = run_main(cli, capsys, f"--checkpoint={trained_run}", "--prompt=The Python",
+                                  "--max_new_tokens=12")
+  assert code == 0, stderr[-3000:]
+  expected = decode.generate_text(loaded, ["The Python"], max_new_tokens=12).texts[0]
+  assert stdout == "The Python" + expected + "\n" and "new tokens" in stderr
+
   other = train_tokenizer(["some text to learn a few pieces from"] * 20, str(tmp_path / "other.model"), 300)
   empty = tmp_path / "empty.txt"
   empty.write_text("\n \n")
-
-  def run(*args):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["generate", *args])
-    with pytest.raises(SystemExit) as exit_info:
-      cli.main(["generate"])
-    assert exit_info.value.code == 1
-    return capsys.readouterr().err
-
-  def one_line(err, *phrases):
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and all(p in lines[0] for p in phrases), err
-
-  try:
-    one_line(run(f"--checkpoint={tmp_path}/missing", "--prompt=hi"), "no checkpoints at")
-    one_line(run(f"--checkpoint={trained_run}", "--prompt=" + "word " * 40), "max_seq_len is 32")
-    one_line(run(f"--checkpoint={trained_run}", "--prompt=hi", f"--tokenizer={other.path}"),
-             "has 300 pieces", "vocab_size=2048")
-    one_line(run(f"--checkpoint={trained_run}", f"--prompts_file={empty}"), "has no prompts")
-  finally:
-    flags.FLAGS.unparse_flags()
+  for args, phrases in [((f"--checkpoint={tmp_path}/missing", "--prompt=hi"), ("no checkpoints at",)),
+                        ((f"--checkpoint={trained_run}", "--prompt=" + "word " * 40), ("max_seq_len is 32",)),
+                        ((f"--checkpoint={trained_run}", "--prompt=hi", f"--tokenizer={other.path}"),
+                         ("has 300 pieces", "vocab_size=2048")),
+                        ((f"--checkpoint={trained_run}", f"--prompts_file={empty}"), ("has no prompts",))]:
+    code, stdout, stderr = run_main(cli, capsys, *args)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1 and all(p in errors[0] for p in phrases), stderr

@@ -17,12 +17,12 @@ from absl import app, flags
 from etils import epath
 
 from tokenformer_jax.checkpoint import CheckpointError
+from tokenformer_jax.cli.checkpoint_flags import JSON_OUT, TOKENIZER, require_checkpoint
 from tokenformer_jax.cli.common import OVERRIDES, one_line_errors
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import eval_stream, evaluate, load_model
 from tokenformer_jax.train.loop import write_json_atomically
 
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The run: RUN (latest step) or RUN/STEP.")
 SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The run's own split (its data config), "
                           "when neither --files nor --tfds_name is given.")
 FILES = flags.DEFINE_list("files", [], "Globs of .jsonl/.jsonl.gz/.txt files (local or gs://) to evaluate.")
@@ -32,8 +32,6 @@ TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "Its data_dir.")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Evaluate only the first windows covering this many "
                                   "tokens (default: the whole corpus).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Windows per step (default: the run's global_batch).")
-TOKENIZER = flags.DEFINE_string("tokenizer", None, "Another tokenizer than the run's (must match the model).")
-JSON_OUT = flags.DEFINE_string("json_out", None, "Write the result here as JSON (for scripts).")
 
 
 def show_progress(result: dict) -> None:
@@ -46,11 +44,9 @@ def show_progress(result: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  if not CHECKPOINT.value:
-    raise ValueError("--checkpoint is required: a run directory (RUN) or one of its steps (RUN/STEP)")
   if FILES.value and TFDS_NAME.value:
     raise ValueError("give --files or --tfds_name, not both")
-  model = load_model(CHECKPOINT.value, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  model = load_model(require_checkpoint(), overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
   stream = eval_stream(model, split=SPLIT.value, files=FILES.value, tfds_name=TFDS_NAME.value,
                        tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value)
   result = evaluate(model, stream, batch_size=BATCH_SIZE.value, max_tokens=MAX_TOKENS.value, progress=show_progress)

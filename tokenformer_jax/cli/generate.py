@@ -17,12 +17,12 @@ from absl import app, flags
 from etils import epath
 
 from tokenformer_jax.checkpoint import CheckpointError
+from tokenformer_jax.cli.checkpoint_flags import JSON_OUT, TOKENIZER, require_checkpoint
 from tokenformer_jax.cli.common import OVERRIDES, one_line_errors
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import generate_text, load_model
 from tokenformer_jax.train.loop import write_json_atomically
 
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The run: RUN (latest step) or RUN/STEP.")
 PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
 PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts, one a line (.txt) or JSON lines with a "
                                    "'prompt' or 'text' field (.jsonl); generated together as one batch.")
@@ -32,8 +32,6 @@ TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens 
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probability reaches p.")
 SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 STOP = flags.DEFINE_multi_string("stop", [], "Cut a completion before this string (repeatable).")
-TOKENIZER = flags.DEFINE_string("tokenizer", None, "Another tokenizer than the run's (must match the model).")
-JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the prompts and completions here as JSON.")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -63,12 +61,10 @@ def read_prompts(path: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  if not CHECKPOINT.value:
-    raise ValueError("--checkpoint is required: a run directory (RUN) or one of its steps (RUN/STEP)")
   if (PROMPT.value is None) == (PROMPTS_FILE.value is None):
     raise ValueError("give exactly one of --prompt and --prompts_file")
   prompts = [PROMPT.value] if PROMPT.value is not None else read_prompts(PROMPTS_FILE.value)
-  model = load_model(CHECKPOINT.value, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  model = load_model(require_checkpoint(), overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
   sampling = dict(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value, seed=SEED.value)
   single = len(prompts) == 1
   if single:
