@@ -141,6 +141,24 @@ def test_bits_per_byte_by_hand(loaded, next_token_log_probs, tmp_path):
   assert result["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
 
 
+def test_bytes_of_a_byte_level_bpe_tokenizer_json():
+  """GPT-NeoX-style tokenizer.json (byte-level BPE): bits per byte counts each piece's bytes, not its characters."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from tokenformer_jax.data import pipeline, sources
+  from tokenformer_jax.data.tokenizer import JsonTokenizer
+  from tokenformer_jax.inference.evaluate import count_bytes
+  texts = ["Dictionaries map keys to values.", "Tuples — ünïcode, 日本語 and   spaces\n\nnew lines"]
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+  bpe.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = JsonTokenizer(bpe.to_str().encode())
+  documents = [sources.Document(str(i), text) for i, text in enumerate(texts + ["é"])]
+  stream = pipeline.tokenize_documents(documents, tokenizer)
+  assert count_bytes(stream, stream.num_targets, tokenizer) == sum(len(d.text.encode("utf-8")) for d in documents)
+
+
 def request(*args):
   from lm_eval.api.instance import Instance
   return Instance("loglikelihood", doc={}, arguments=args, idx=0)

@@ -13,6 +13,7 @@ pre-tokenized corpus whose text is not at hand. Over a whole split it equals the
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import time
@@ -22,6 +23,7 @@ import numpy as np
 
 from tokenformer_jax.data import pipeline, pretokenize, sources
 from tokenformer_jax.data.errors import DataError
+from tokenformer_jax.data.tokenizer import JsonTokenizer
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.loop import to_global
 
@@ -60,12 +62,27 @@ def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), 
 
 @functools.lru_cache(maxsize=4)
 def _piece_bytes(tokenizer) -> tuple[np.ndarray, np.ndarray, bool]:
-  """(UTF-8 bytes of each id, whether its piece starts with "▁", whether encoding adds a dummy "▁")."""
-  if hasattr(tokenizer, "token_byte_lengths"):   # a tokenizer that knows its pieces' bytes says so
-    return tokenizer.token_byte_lengths()
+  """(UTF-8 bytes of each id, whether its piece starts with "▁", whether encoding adds a dummy "▁").
+
+  SentencePiece: "▁" is a space, <0xNN> one byte, special ids none. A tokenizer.json with a byte-level BPE
+  (GPT-NeoX's): each character of a vocabulary piece stands for one byte; added tokens count their text's bytes,
+  special ones none.
+  """
   special = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id}
   lengths = np.zeros(tokenizer.vocab_size, np.int64)
   leading_space = np.zeros(tokenizer.vocab_size, bool)
+  if isinstance(tokenizer, JsonTokenizer):
+    spec = json.loads(tokenizer.serialized_model())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+      raise DataError(f"bits per byte: {tokenizer.path} is not a byte-level BPE tokenizer.json, whose pieces' "
+                      "bytes are known; use a SentencePiece model or a byte-level tokenizer.json")
+    added = {token["id"]: token for token in spec.get("added_tokens", [])}
+    for i in range(tokenizer.vocab_size):
+      if i in added:
+        lengths[i] = 0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
+      elif i not in special:
+        lengths[i] = len(tokenizer.id_to_piece(i))
+    return lengths, leading_space, False
   for i in range(tokenizer.vocab_size):
     piece = tokenizer.id_to_piece(i)
     if i in special:
