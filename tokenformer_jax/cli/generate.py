@@ -71,11 +71,17 @@ def main(argv):
     print(prompts[0], end="", flush=True)
   else:
     print(f"generating {len(prompts)} prompts together ...", file=sys.stderr, flush=True)
-  stream = (lambda row, text: print(text, end="", flush=True)) if single else None
-  result = generate_text(model, prompts, max_new_tokens=MAX_NEW_TOKENS.value, stop=STOP.value, on_text=stream,
-                         **sampling)
-  if single:
-    print()
+  printed = []
+
+  def stream(row: int, text: str) -> None:
+    printed.append(text)
+    print(text, end="", flush=True)
+
+  result = generate_text(model, prompts, max_new_tokens=MAX_NEW_TOKENS.value, stop=STOP.value,
+                         on_text=stream if single else None, **sampling)
+  if single:   # what streaming held back (a character still incomplete when the last token came)
+    shown = "".join(printed)
+    print(result.texts[0][len(shown):] if result.texts[0].startswith(shown) else "")
   else:
     for i, (prompt, text) in enumerate(zip(prompts, result.texts), start=1):
       print(f"=== {i} ===\n{prompt}{text}\n")
