@@ -145,7 +145,7 @@ def test_bytes_of_a_byte_level_bpe_tokenizer_json():
   """GPT-NeoX-style tokenizer.json (byte-level BPE): bits per byte counts each piece's bytes, not its characters."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-  from tokenformer_jax.data import pipeline, sources
+  from tokenformer_jax.data import pipeline
   from tokenformer_jax.data.tokenizer import JsonTokenizer
   from tokenformer_jax.inference.evaluate import count_bytes
   texts = ["Dictionaries map keys to values.", "Tuples — ünïcode, 日本語 and   spaces\n\nnew lines"]
@@ -154,9 +154,10 @@ def test_bytes_of_a_byte_level_bpe_tokenizer_json():
   bpe.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tokenizer = JsonTokenizer(bpe.to_str().encode())
-  documents = [sources.Document(str(i), text) for i, text in enumerate(texts + ["é"])]
-  stream = pipeline.tokenize_documents(documents, tokenizer)
-  assert count_bytes(stream, stream.num_targets, tokenizer) == sum(len(d.text.encode("utf-8")) for d in documents)
+  documents = texts + ["é"]
+  ids = [tokenizer.eos_id] + [i for text in documents for i in tokenizer.encode(text) + [tokenizer.eos_id]]
+  stream = pipeline.TokenStream(np.array(ids, np.int32), len(documents))   # the pipeline's stream layout
+  assert count_bytes(stream, stream.num_targets, tokenizer) == sum(len(text.encode("utf-8")) for text in documents)
 
 
 def request(*args):

@@ -4,6 +4,7 @@
   python -m tokenformer_jax.cli.eval --checkpoint=runs/demo/400 --files='my/*.jsonl.gz' --json_out=eval.json
   python -m tokenformer_jax.cli.eval --checkpoint=runs/demo --tfds_name=my_corpus --tfds_split=test \
       --tfds_data_dir=/data/tfds --max_tokens=1000000
+  python -m tokenformer_jax.cli.eval --checkpoint=runs/demo --store=gs://bucket/stores/owt --split=validation
 
 The corpus is tokenized and windowed exactly as in training (data.seq_len of the run, or --set data.seq_len=N)
 and evaluated with the trainer's eval step, sharded over all devices (--set mesh.data=... to choose), so the run's
@@ -23,12 +24,14 @@ from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import eval_stream, evaluate, load_model
 from tokenformer_jax.train.loop import write_json_atomically
 
-SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The run's own split (its data config), "
-                          "when neither --files nor --tfds_name is given.")
+SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split of --store, or of the run's "
+                          "own data config when none of --files, --tfds_name, --store is given.")
 FILES = flags.DEFINE_list("files", [], "Globs of .jsonl/.jsonl.gz/.txt files (local or gs://) to evaluate.")
 TFDS_NAME = flags.DEFINE_string("tfds_name", "", "A prepared TFDS dataset (array_record) to evaluate.")
 TFDS_SPLIT = flags.DEFINE_string("tfds_split", "validation", "Its split.")
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "Its data_dir.")
+STORE = flags.DEFINE_string("store", "", "A token store (python -m tokenformer_jax.data.prepare), local or gs://; "
+                            "--split picks its split.")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Evaluate only the first windows covering this many "
                                   "tokens (default: the whole corpus).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Windows per step (default: the run's global_batch).")
@@ -44,15 +47,16 @@ def show_progress(result: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  if FILES.value and TFDS_NAME.value:
-    raise ValueError("give --files or --tfds_name, not both")
+  if sum(map(bool, (FILES.value, TFDS_NAME.value, STORE.value))) > 1:
+    raise ValueError("give one of --files, --tfds_name and --store")
   model = load_model(require_checkpoint(), overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
   stream = eval_stream(model, split=SPLIT.value, files=FILES.value, tfds_name=TFDS_NAME.value,
-                       tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value)
+                       tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value, store=STORE.value)
   result = evaluate(model, stream, batch_size=BATCH_SIZE.value, max_tokens=MAX_TOKENS.value, progress=show_progress)
   print(file=sys.stderr)
   source = (", ".join(FILES.value) if FILES.value else f"TFDS {TFDS_NAME.value}[{TFDS_SPLIT.value}]"
-            if TFDS_NAME.value else f"the run's {SPLIT.value} split")
+            if TFDS_NAME.value else f"store {STORE.value} [{SPLIT.value}]" if STORE.value
+            else f"the run's {SPLIT.value} split")
   result.update(checkpoint=model.path, step=model.step, model=model.model.name, data=source,
                 seq_len=model.config.data.seq_len)
   print(f"{model.model.name} step {model.step} on {source}: loss {result['loss']:.4f} | perplexity "

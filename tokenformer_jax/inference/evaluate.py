@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tokenformer_jax.data import pipeline, pretokenize, sources
+from tokenformer_jax.data import pipeline
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.tokenizer import JsonTokenizer
 from tokenformer_jax.train import steps
@@ -32,32 +32,31 @@ _CHUNK = 1 << 20   # tokens per numpy pass when counting bytes
 
 
 def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), tfds_name: str = "",
-                tfds_split: str = "validation", tfds_data_dir: str = "") -> pipeline.TokenStream:
-  """The corpus to evaluate, as one token stream: `files` (globs of .jsonl/.jsonl.gz/.txt, or one pre-tokenized
-  file written by data.pretokenize), else a TFDS split, else the run's own "train" or "validation" split (its
-  DataConfig: held-out fraction, files or TFDS). Every corpus kind enters here (a token store plugs in the same
-  way: a stream of ids with an eos before every document)."""
+                tfds_split: str = "validation", tfds_data_dir: str = "", store: str = "") -> pipeline.TokenStream:
+  """The corpus to evaluate, as one token stream, read like every corpus through a token store (data.store):
+  `files` (globs of .jsonl/.jsonl.gz/.txt, all of them), else one split of a TFDS dataset, else `split`
+  ("train" or "validation") of the token store `store`, else that split of the run's own data config. Files and
+  TFDS splits are prepared into the store cache once (data.prepare.cached_store), then read from there."""
+  import jax
   cfg, tokenizer = model.config, model.tokenizer
-  if files and pretokenize.is_pretokenized(tuple(files)):
-    ids = pretokenize.read_tokens(tuple(files), tokenizer, what="--files")
-    return pipeline.TokenStream(ids, ids.header["num_documents"])
+  data, pick = cfg.data, split
+  if split not in ("train", "validation"):
+    raise DataError(f"split must be 'train' or 'validation', got {split!r}")
+  whole = dict(validation_files=(), validation_fraction=0.0, store="")   # everything lands in "train"
   if files:
-    documents = sources.read_documents(tuple(files), text_field=cfg.data.text_field, what="--files")
+    data, pick = data.replace(train_files=tuple(files), tfds_name="", **whole), "train"
   elif tfds_name:
-    documents = sources.read_tfds_split(tfds_name, tfds_split, data_dir=tfds_data_dir,
-                                        text_field=cfg.data.text_field)
-  else:
-    if split not in ("train", "validation"):
-      raise DataError(f"split must be 'train' or 'validation' (the run's own splits), got {split!r}; "
-                      "evaluate other data with --files or --tfds_name")
-    train, validation = pipeline.load_token_streams(cfg.data, tokenizer)
-    stream = train if split == "train" else validation
-    if stream.num_targets == 0:
-      raise DataError(f"the run's {split} split is empty; evaluate other data with --files or --tfds_name")
-    return stream
-  if not documents:
-    raise DataError("the corpus holds no text")
-  return pipeline.tokenize_documents(documents, tokenizer)
+    data, pick = data.replace(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, tfds_train_split=tfds_split,
+                              tfds_validation_split="", **whole), "train"
+  elif store:
+    data = data.replace(store=store)
+  train, validation = pipeline.load_token_streams(data, tokenizer, process_index=jax.process_index(),
+                                                  process_count=jax.process_count())
+  stream = train if pick == "train" else validation
+  if stream.num_targets == 0:
+    raise DataError(f"the {pick} split to evaluate is empty; evaluate other data with --files, --tfds_name "
+                    "or --store")
+  return stream
 
 
 @functools.lru_cache(maxsize=4)
