@@ -25,6 +25,7 @@ setup(
         "tensorboard>=2.16",   # its TF-free event writer for training logs, and the viewer for them
         "numpy>=1.26",
         "fsspec>=2024.1",      # token stores on gs:// (with gcsfs, the 'tpu' extra) or memory:// are read through it
+        "matplotlib>=3.8",   # cli/report.py and experiments/: loss-against-FLOPs plots (PNG, Agg backend)
     ],
     extras_require={
         # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU; lm_eval for

@@ -31,6 +31,7 @@ from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_ur
                         define_tpu_flags, ledger_budgets, job_env, make_spec, make_vm, preflight, worker_setup)
 from tokenformer_jax.config import apply_overrides, load_config
 from tokenformer_jax.growth import check_growable
+from tokenformer_jax.report import ladder_report
 
 LADDER_FILE = "experiments/ladder.py"
 
@@ -155,7 +156,8 @@ class LocalBackend:
     pass
 
   def end(self, stage) -> None:
-    pass
+    if not self.runner.dry_run:   # loss against cumulative FLOPs of every stage so far: WORKDIR/report/
+      ladder_report(self.workdir, self.runner.say)
 
   def run(self, stage, kind: str, argv: list[str], done) -> None:
     if self.runner.dry_run:

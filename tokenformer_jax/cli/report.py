@@ -1,0 +1,41 @@
+"""Draw runs and ladders: validation (and train) loss against cumulative training FLOPs and tokens.
+
+  python -m tokenformer_jax.cli.report runs/demo                          # one run → runs/demo/report/
+  python -m tokenformer_jax.cli.report runs/tiny_ladder                   # a ladder: stages chained
+  python -m tokenformer_jax.cli.report runs/a runs/b runs/ladder --out=runs/compare --title="a vs b"
+
+Writes OUT/report.png and OUT/report.md (a markdown table of the final numbers). Reads only metrics.jsonl,
+config.json and, in a ladder directory, the grown checkpoints' provenance (which stage grew from which).
+"""
+from __future__ import annotations
+
+from absl import app, flags
+from etils import epath
+
+from tokenformer_jax.cli.common import one_line_errors
+from tokenformer_jax.report import write_report
+
+OUT = flags.DEFINE_string("out", None, "Where report.png and report.md go (default: WORKDIR/report for one "
+                          "WORKDIR; required for several).")
+TITLE = flags.DEFINE_string("title", "", "A title for the figure and the table.")
+
+
+@one_line_errors(ValueError, FileNotFoundError)
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise ValueError("name at least one run or ladder directory: python -m tokenformer_jax.cli.report WORKDIR... "
+                     "[--out=DIR]")
+  for path in paths:
+    if not epath.Path(path).is_dir():
+      raise FileNotFoundError(f"{path} is not a directory; give run directories (with metrics.jsonl) or ladder "
+                              "directories")
+  if OUT.value is None and len(paths) > 1:
+    raise ValueError("several directories need --out=DIR for the combined report")
+  out = OUT.value or str(epath.Path(paths[0]) / "report")
+  png, md = write_report(paths, out, TITLE.value)
+  print(f"wrote {png}\nwrote {md}")
+
+
+if __name__ == "__main__":
+  app.run(main)
