@@ -33,8 +33,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 
 
-def parse_args(description: str, name: str, argv=None) -> argparse.Namespace:
+def parse_args(description: str, name: str, argv=None, styles: tuple[str, ...] = ()) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=description)
+  if styles:
+    parser.add_argument("--style", choices=styles, default=styles[0], help="the TokenFormers' init style")
   parser.add_argument("--workdir", default="runs/growth", help="where the runs go (shared by the experiments; "
                       "rerun to resume)")
   parser.add_argument("--out", default=str(RESULTS), help="where the PNG and the markdown table go")

@@ -76,18 +76,20 @@ def test_every_experiment_runs_in_smoke_mode(tmp_path, fast_compiles):
   cost = token_cost.run(str(runs), str(out), smoke=True)
   for name in ("growth_pays", "theta_ablation", "continued_training", "token_cost"):
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"![" in (out / f"{name}.md").read_text() and f"({name}.png)" in (out / f"{name}.md").read_text()
+    assert "![" in (out / f"{name}.md").read_text() and f"({name}.png)" in (out / f"{name}.md").read_text()
 
   # growth: each grown stage starts where its parent ended, on both axes, and has a compute ratio entry
   curves = growth["curves"]
-  for init in growth_pays.INITS:
-    assert curves[f"grown_{init}_1"].start_flops == curves["scratch_0_full"].end_flops > 0
-    assert (init, 1, "scratch_1_full") in growth["ratios"]
+  grown = curves["grown_zero_keys_1"]
+  assert grown.start_flops == curves["scratch_0_full"].end_flops > 0
+  assert grown.start_tokens == curves["scratch_0_full"].end_tokens > 0
+  assert set(growth["ratios"]) == {("zero_keys", 1, "scratch_1_full"), ("zero_keys", 1, "dense_1_full")}
   # the same stage-0 run serves every experiment: trained once
-  assert len([p for p in runs.iterdir() if p.name.startswith("tokenformer_x0-")]) == 3   # three Θ
+  assert len([p for p in runs.iterdir() if p.name.startswith("tokenformer_x0-")]) == 2   # two Θ (smoke)
   # zero-key growth with the kept scale leaves the loss where it was; the live sqrt(n) moves it
-  assert theta["after_growth"]["keep"][0] == pytest.approx(theta["parents"][0], abs=1e-4)
-  assert abs(theta["after_growth"]["follow"][0] - theta["parents"][0]) > 1e-3
+  # (smoke: a 4-step model, so the live scale moves it by only ~5e-4; deterministic, 20× the bound on the kept one)
+  assert abs(theta["after_growth"]["keep"][0] - theta["parents"][0]) < 1e-5
+  assert abs(theta["after_growth"]["follow"][0] - theta["parents"][0]) > 2e-4
   # continued training: both grown models start on the new corpus from a step-0 evaluation
   for key in ("tokenformer", "transformer"):
     assert continued["curves"][key].eval_steps[0] == 0
