@@ -59,7 +59,8 @@ def run(workdir: str, out: str, smoke: bool = False, seeds: int | None = None) -
     curves["tokenformer_scratch"] = h.train_run(new_config(tf_models[1]), workdir,
                                                 name="TokenFormer ×4, scratch on the new data")
     curves["transformer_scratch"] = h.train_run(new_config(dense_models[1]), workdir,
-                                                name=f"Transformer d={dense_models[1].d_model}, scratch on the new data")
+                                                name=f"Transformer d={dense_models[1].d_model}, scratch on the "
+                                                     "new data")
   summary = summarize(curves, tf_pre, dense_pre, s, steps)
   plot(curves, epath.Path(out) / f"{NAME}.png")
   h.write_results(out, NAME, summary["markdown"])

@@ -93,6 +93,8 @@ def run(workdir: str, out: str, smoke: bool = False, seeds: int | None = None, s
       if not (i == 0 and label == "full"):
         curves[f"scratch_{i}_{label}"] = h.train_run(config(s, tf_models[i], steps), workdir,
                                                      name=f"TokenFormer ×{scale[i]:.0f}, scratch, {tag}")
+      if smoke and i > 0:   # (smoke: the width-16 Transformer, which continued_training needs, is enough)
+        continue
       curves[f"dense_{i}_{label}"] = h.train_run(config(s, dense_models[i], steps), workdir,
                                                  name=f"Transformer d={dense_models[i].d_model}, scratch, {tag}")
 
@@ -124,8 +126,10 @@ def summarize(curves, tf_models, dense_models, scale, s, name: str = NAME, style
     def loss(key):
       return f"{curves[key].final_eval_loss:.3f}" if key in curves else "—"
     rows.append(f"| ×{scale[i]:.0f} | {report.human(h.non_embedding(model))} ({model.param_tokens.query}/"
-                f"{model.param_tokens.ffn}) | {dense_models[i].d_model} ({report.human(h.non_embedding(dense_models[i]))}) | "
-                f"{loss(f'grown_zero_keys_{i}') if i else '(stage 0)'} | {loss(f'grown_random_{i}') if i else '(stage 0)'} | "
+                f"{model.param_tokens.ffn}) | {dense_models[i].d_model} "
+                f"({report.human(h.non_embedding(dense_models[i]))}) | "
+                f"{loss(f'grown_zero_keys_{i}') if i else '(stage 0)'} | "
+                f"{loss(f'grown_random_{i}') if i else '(stage 0)'} | "
                 f"{loss(f'scratch_{i}_full')} | {loss(f'scratch_{i}_reduced')} | {loss(f'dense_{i}_full')} | "
                 f"{loss(f'dense_{i}_reduced')} |")
   if "probe_neox" in curves:
@@ -133,14 +137,15 @@ def summarize(curves, tf_models, dense_models, scale, s, name: str = NAME, style
                 f"{report.human(h.non_embedding(tf_models[0]))} | — | — | — | "
                 f"{curves['probe_neox'].final_eval_loss:.3f} | — | — | — |")
   ratios = ["| grown model | its final loss | twin (scratch, B) | twin's loss | twin's FLOPs | cumulative FLOPs to "
-            "reach the twin's loss | ratio (cumulative) | ratio (this stage only) |", "|---|---|---|---|---|---|---|---|"]
+            "reach the twin's loss | ratio (cumulative) | ratio (this stage only) |",
+            "|---|---|---|---|---|---|---|---|"]
   results = {}
   for init in INITS:
     for i in range(1, len(tf_models)):
       if f"grown_{init}_{i}" not in curves:
         continue
       grown = curves[f"grown_{init}_{i}"]
-      for twin_key in (f"scratch_{i}_full", f"dense_{i}_full"):
+      for twin_key in (k for k in (f"scratch_{i}_full", f"dense_{i}_full") if k in curves):
         twin = curves[twin_key]
         cumulative, own = reach(grown, twin)
         ratio = None if cumulative is None else cumulative / twin.end_flops
@@ -149,9 +154,11 @@ def summarize(curves, tf_models, dense_models, scale, s, name: str = NAME, style
         ratios.append(
             f"| {grown.name} | {grown.final_eval_loss:.3f} | {twin.name} | {twin.final_eval_loss:.3f} | "
             f"{report.human(twin.end_flops)} | {report.human(cumulative) if cumulative else 'not reached'} | "
-            f"{f'{ratio:.2f}' if ratio is not None else '—'} | {f'{ratio_own:.2f}' if ratio_own is not None else '—'} |")
+            f"{f'{ratio:.2f}' if ratio is not None else '—'} | "
+            f"{f'{ratio_own:.2f}' if ratio_own is not None else '—'} |")
   setup_line = (f"d={s['d']}, {s['layers']} layers, seq {s['seq_len']}, batch {s['batch']}, peak lr {s['lr']}, "
-                f"cosine to 0.1×; budget B = {s['budget']} steps ({report.human(s['budget'] * s['batch'] * s['seq_len'])} "
+                f"cosine to 0.1×; budget B = {s['budget']} steps "
+                f"({report.human(s['budget'] * s['batch'] * s['seq_len'])} "
                 f"tokens), grown stages and the reduced baselines B/{fraction} = {s['budget'] // fraction} steps; "
                 "shipped Python-docs corpus, 10% of documents held out for validation; seed 0")
   command = "python -m experiments.growth_pays" + ("" if style == "ladder" else f" --style={style}")
@@ -184,7 +191,8 @@ def plot(curves, n_sizes: int, scale, s, path, style: str = "ladder") -> None:
     c = colors[i % len(colors)]
     for ax in axes:
       draw(ax, curves[f"scratch_{i}_full"], c, "--" if i else "-", "s")
-      draw(ax, curves[f"dense_{i}_full"], c, ":", "^")
+      if f"dense_{i}_full" in curves:
+        draw(ax, curves[f"dense_{i}_full"], c, ":", "^")
     if i == 0 and "probe_neox" in curves:
       draw(axes[0], curves["probe_neox"], "tab:purple", "-", "D")
     if i:
@@ -193,7 +201,8 @@ def plot(curves, n_sizes: int, scale, s, path, style: str = "ladder") -> None:
         if f"grown_random_{i}" in curves:
           draw(ax, curves[f"grown_random_{i}"], c, "-.", "x", own)
       draw(axes[1], curves[f"scratch_{i}_reduced"], c, (0, (1, 3)), "v")
-      draw(axes[1], curves[f"dense_{i}_reduced"], c, (0, (3, 5)), "<")
+      if f"dense_{i}_reduced" in curves:
+        draw(axes[1], curves[f"dense_{i}_reduced"], c, (0, (3, 5)), "<")
   values = [v for c in curves.values() for v in c.eval_loss[c.eval_steps > 0]]
   low, high = min(values), sorted(values)[int(0.85 * (len(values) - 1))]
   for ax, label, title in (

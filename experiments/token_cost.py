@@ -56,7 +56,8 @@ def run(workdir: str, out: str, smoke: bool = False, seeds: int | None = None) -
       cells.append(f"{ratio:.2f} ({token_token_flops(tr, t) / flops[(tr.name, t)]:.0%}, "
                    f"{token_token_flops(tf, t) / flops[(tf.name, t)]:.0%})")
     rows.append(f"| {tf.name} ({tf.d_model}, {tf.param_tokens.query}/{tf.param_tokens.ffn}) | {tr.name} ({tr.d_model}) "
-                f"| {report.human(h.non_embedding(tf))} / {report.human(h.non_embedding(tr))} | " + " | ".join(cells) + " |")
+                f"| {report.human(h.non_embedding(tf))} / {report.human(h.non_embedding(tr))} | "
+                + " | ".join(cells) + " |")
   markdown = (f"# Token-token cost: FLOPs against sequence length\n\n"
               "Each cell: the Transformer's training FLOPs per token ÷ the TokenFormer's at that sequence length, "
               "and in brackets the share of token-token attention in each (Transformer, TokenFormer).\n\n"
@@ -75,7 +76,8 @@ def plot(pairs, lengths, flops, path) -> None:
   fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
   colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
   for i, (tf, tr) in enumerate(pairs):
-    size = report.human(count_params(tf, storage=False)["total"])
+    total = count_params(tf, storage=False)["total"]
+    size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.0f}M"
     ax.plot(lengths, [flops[(tr.name, t)] for t in lengths], color=colors[i % 4], linestyle="--", marker="s",
             markersize=3, label=f"Transformer ≈{size} (d={tr.d_model})")
     ax.plot(lengths, [flops[(tf.name, t)] for t in lengths], color=colors[i % 4], marker="o", markersize=3,

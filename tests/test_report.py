@@ -53,7 +53,8 @@ def test_ladder_directory_chains_stages_and_the_cli_draws_it(trained_run, tmp_pa
   assert result.returncode == 0, result.stderr[-2000:]
   assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   table = (tmp_path / "out" / "report.md").read_text()
-  assert f"| s1 | TokenFormer d=32 L=2, tokens 24/72 | 20.5k | s0 | 12 | 6.14k | {report.human(24 * per_step)} |" in table
+  row = f"| s1 | TokenFormer d=32 L=2, tokens 24/72 | 20.5k | s0 | 12 | 6.14k | {report.human(24 * per_step)} |"
+  assert row in table, table
   refused = run_cli("tokenformer_jax.cli.report", str(tmp_path / "nothing"))
   assert refused.returncode == 1 and refused.stderr.strip().startswith("error: ")
   assert len(refused.stderr.strip().splitlines()) == 1
@@ -83,7 +84,7 @@ def test_every_experiment_runs_in_smoke_mode(tmp_path, fast_compiles):
   grown = curves["grown_zero_keys_1"]
   assert grown.start_flops == curves["scratch_0_full"].end_flops > 0
   assert grown.start_tokens == curves["scratch_0_full"].end_tokens > 0
-  assert set(growth["ratios"]) == {("zero_keys", 1, "scratch_1_full"), ("zero_keys", 1, "dense_1_full")}
+  assert set(growth["ratios"]) == {("zero_keys", 1, "scratch_1_full")}
   # the same stage-0 run serves every experiment: trained once
   assert len([p for p in runs.iterdir() if p.name.startswith("tokenformer_x0-")]) == 2   # two Θ (smoke)
   # zero-key growth with the kept scale leaves the loss where it was; the live sqrt(n) moves it

@@ -263,16 +263,21 @@ def plot(curves: list[Curve], path: str | epath.Path, title: str = "", train_los
 
 
 def save_figure(fig, path: str | epath.Path) -> None:
-  """Write a PNG atomically (a temporary file renamed), to a local path or through epath (gs://)."""
+  """Write a PNG atomically: to a temporary file beside it, then renamed (gs://: written through epath)."""
   path = epath.Path(path)
+  remote = "://" in str(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as handle:
+  with tempfile.NamedTemporaryFile(suffix=".png", delete=False, prefix=f".{path.name}.",
+                                   dir=None if remote else str(path.parent)) as handle:
     fig.savefig(handle, format="png", dpi=110)
-  if "://" in str(path):
+  if remote:
     path.write_bytes(epath.Path(handle.name).read_bytes())
     os.unlink(handle.name)
-  else:
-    os.replace(handle.name, path)
+    return
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(handle.name, 0o666 & ~umask)   # a temporary file is private; the figure is not
+  os.replace(handle.name, path)
 
 
 def write_text(path: str | epath.Path, text: str) -> None:
