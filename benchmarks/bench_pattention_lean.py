@@ -1,6 +1,6 @@
 """Lean (blocked custom_vjp) vs plain Pattention: fwd+bwd time and XLA's temporary memory as n grows.
 
-    python benchmarks/bench_pattention_lean.py [--d 768] [--n 576 2304 8620 34480] [--tokens 512]
+    python benchmarks/bench_pattention_lean.py [--d 768] [--n 576 2304 8640 34496] [--tokens 1024]
                                                [--block 2048] [--normalization l2_norm_gelu] [--repeats 5]
 
 Each variant is jit(value_and_grad(⟨O, G⟩)) w.r.t. x, K_P and V_P for a fixed random cotangent G (as in
@@ -27,8 +27,9 @@ MiB = 2**20
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--d", type=int, default=768)
-  parser.add_argument("--n", type=int, nargs="+", default=[576, 2304, 8620, 34480])
-  parser.add_argument("--tokens", type=int, default=512)
+  parser.add_argument("--n", type=int, nargs="+", default=[576, 2304, 8640, 34496],
+                      help="the ladder's FFN and attention counts as stored (rounded up to a multiple of 64)")
+  parser.add_argument("--tokens", type=int, default=1024)
   parser.add_argument("--block", type=int, default=2048)
   parser.add_argument("--normalization", default="l2_norm_gelu")
   parser.add_argument("--repeats", type=int, default=5)

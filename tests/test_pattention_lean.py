@@ -47,8 +47,10 @@ def relative_error(got, want) -> float:
 
 
 def test_blocks_split_the_rows_evenly():
-  assert block_rows(45, 16) == 16 and block_rows(34496, 2048) == 2048 and block_rows(8640, 2048) == 1792
-  assert block_rows(100, 2048) == 104 and block_rows(7, 2) == 8
+  # The ladder's stored counts (multiples of 64) divide into blocks exactly: no copy of K_P and V_P.
+  assert block_rows(34496, 2048) == 1568 and block_rows(8640, 2048) == 1728 and block_rows(576, 2048) == 576
+  # Otherwise equal blocks, the last one filled with inert rows.
+  assert block_rows(45, 16) == 16 and block_rows(34480, 2048) == 2048 and block_rows(100, 2048) == 104
 
 
 @pytest.mark.parametrize("normalization,approximate", [("l2_norm_gelu", False), ("gelu_l2_norm", True),
@@ -72,7 +74,7 @@ def test_lean_equals_plain_in_float32(normalization, approximate):
     assert np.all(np.isfinite(g)) and np.max(np.abs(g - w)) <= 1e-5 * max(1.0, np.max(np.abs(w)))
 
 
-@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("normalization", ["l2_norm_gelu", "softmax"])   # gelu_l2_norm: float32 sums like softmax
 def test_lean_in_bfloat16_is_as_close_to_float32_as_plain(normalization):
   # bf16 compute (float32 statistics): both kernels round the same products, in a different order. Stated
   # tolerance: every output and gradient within 2e-2 of the float32 result relative to its largest entry.
@@ -109,7 +111,7 @@ TINY = ModelConfig(name="tiny_lean", vocab_size=256, d_model=32, n_layers=2, n_h
 
 
 def train_step_temp_bytes(cfg, tokens) -> int:
-  tx = optax.adamw(1e-3)
+  tx = optax.sgd(1e-3)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   state = jax.eval_shape(tx.init, params)
   step = make_train_step(cfg, tx)
@@ -134,9 +136,11 @@ def test_train_step_temporaries_stay_flat_in_n_with_the_lean_kernel():
 
 
 def test_a_language_model_trains_to_the_same_losses_with_either_kernel():
+  # The lean run also uses remat="lean" (keep each Pattention's and the attention's output, recompute the rest):
+  # rematerialisation changes memory, not the math.
   losses = {}
-  for kernel in ("plain", "lean"):
-    cfg = TINY.replace(pattention_kernel=kernel)
+  for kernel, remat in (("plain", "none"), ("lean", "lean")):
+    cfg = TINY.replace(pattention_kernel=kernel, remat=remat)
     tx = optax.adamw(3e-3)
     params = init_params(cfg, jax.random.key(0))
     opt_state, step, run = tx.init(params), make_train_step(cfg, tx), []

@@ -44,7 +44,14 @@ BLOCK_AXES = (None, PARAM_TOKENS_AXIS, None)   # K_P, V_P as [blocks, rows, d]
 
 
 def block_rows(n: int, block: int) -> int:
-  """Rows per block: n split into ceil(n / block) equal blocks, rounded up to a multiple of 128 (8 if smaller)."""
+  """Rows per block. The largest multiple of 8 that divides n, is ≤ block and > block / 2 (then K_P and V_P are
+  only reshaped, not copied); else n split into ceil(n / block) equal blocks rounded up to a multiple of 128
+  (8 if smaller), the last one filled with inert rows. n ≤ block: one block."""
+  if n <= block:
+    return round_up(n, 8)
+  for rows in range(min(block, n) // 8 * 8, block // 2, -8):
+    if n % rows == 0:
+      return rows
   blocks = -(-n // block)
   rows = -(-n // blocks)
   return round_up(rows, 128 if rows >= 128 else 8)
@@ -75,8 +82,9 @@ def lean_pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_token
   rows = block_rows(n, block)
   blocks = -(-n // rows)
   fill = ((0, blocks * rows - n), (0, 0))
-  keys = jnp.pad(key_param_tokens, fill).reshape(blocks, rows, -1)
-  values = jnp.pad(value_param_tokens, fill).reshape(blocks, rows, -1)
+  pad = (lambda t: jnp.pad(t, fill)) if blocks * rows > n else (lambda t: t)
+  keys = pad(key_param_tokens).reshape(blocks, rows, -1)
+  values = pad(value_param_tokens).reshape(blocks, rows, -1)
   if axis_name is None:
     # Under a sharding context (sharding.activation_sharding) the rows of a block split like the parameter
     # tokens of the plain version's scores and the loop runs over whole blocks; elsewhere a no-op.
@@ -201,8 +209,8 @@ def _forward(x, keys, values, static: _Static):
 
   # l2_norm_gelu: gelu(c·A) needs c = √n_scale/‖A‖ first; ‖A‖² = x·M·xᵀ comes from the Gram matrix, exactly in
   # float32 (HIGHEST precision), so the scores are computed once.
-  x32 = x.astype(jnp.float32)
-  projected = jnp.einsum("...i,ij->...j", x32, _gram(keys, x.dtype), precision=jax.lax.Precision.HIGHEST)
+  x32, gram = x.astype(jnp.float32), _gram(keys, x.dtype)
+  projected = jnp.einsum("...i,ij->...j", x32, gram, precision=jax.lax.Precision.HIGHEST)
   sum_of_squares = _global(jnp.sum(projected * x32, axis=-1, keepdims=True), static)
   c = _inverse_norm(static, sum_of_squares)
 
@@ -211,7 +219,7 @@ def _forward(x, keys, values, static: _Static):
     return acc + _mix(_gelu(static, c * _scores(x, k)), v, x.dtype), None
 
   out, _ = _scan(static, mix, zeros_out, (keys, values))
-  return out.astype(x.dtype), (x, keys, values, sum_of_squares, None)
+  return out.astype(x.dtype), (x, keys, values, sum_of_squares, gram)   # M: [d_in, d_in], kept for the backward
 
 
 # Backward --------------------------------------------------------------------------------------------------
@@ -267,7 +275,7 @@ def _backward(static: _Static, residuals, grad_out):
     # rank one, so its share of dx is −β·x·M and of dK_P is −K_P·N with N = Σ_tokens β·x·xᵀ: no second pass.
     beta = jnp.where(sum_of_squares > MIN_SUM_OF_SQUARES, c * _global(through, static) / sum_of_squares, 0.0)
     x32 = x.astype(jnp.float32)
-    dx = dx - beta * jnp.einsum("...i,ij->...j", x32, _gram(keys, dtype))
+    dx = dx - beta * jnp.einsum("...i,ij->...j", x32, out)   # (for l2_norm_gelu the residual `out` is M)
     n_matrix = jnp.einsum("ti,tj->ij", flat(beta * x32), flat(x32))
     dk = dk - jnp.einsum("bri,ij->brj", keys.astype(dtype).astype(jnp.float32), n_matrix)
   return dx.astype(x.dtype), dk.astype(keys.dtype), dv.astype(values.dtype)
