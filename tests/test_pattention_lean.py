@@ -98,7 +98,8 @@ def test_lean_under_shard_map_tensor_parallelism(normalization):
   kwargs = dict(normalization=normalization, n_scale=59, n_valid=59)
   lean = functools.partial(lean_pattention, block=6)   # 16 local rows: 2 blocks of 8
   explicit = jax.jit(lambda x, k, v: tensor_parallel_pattention(x, k, v, mesh=mesh, kernel=lean, **kwargs),
-                     in_shardings=(NamedSharding(mesh, P(sharding.BATCH_AXES)),) + (NamedSharding(mesh, P("tensor")),) * 2)
+                     in_shardings=(NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("tensor")),
+                                   NamedSharding(mesh, P("tensor"))))
   want = output_and_grads(functools.partial(pattention, **kwargs), x, keys, values, cotangent)
   got = output_and_grads(explicit, x, keys, values, cotangent)
   for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
@@ -115,7 +116,8 @@ def train_step_temp_bytes(cfg, tokens) -> int:
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   state = jax.eval_shape(tx.init, params)
   step = make_train_step(cfg, tx)
-  return step.lower(params, state, jax.ShapeDtypeStruct(tokens, jnp.int32)).compile().memory_analysis().temp_size_in_bytes
+  compiled = step.lower(params, state, jax.ShapeDtypeStruct(tokens, jnp.int32)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_train_step_temporaries_stay_flat_in_n_with_the_lean_kernel():

@@ -339,7 +339,8 @@ def table_row(result: Plan, tokens: float) -> str:
 def describe(result: Plan, tokens: float) -> str:
   """A plan as a few lines for the console."""
   lines = [f"{result.config} on {result.topology}: {result.chips} chips, mesh {result.mesh}, preset {result.preset}, "
-           f"kernel {result.kernel}, remat {result.remat}, grad_accum {result.grad_accum}, {result.tokens_per_step} tokens per step",
+           f"kernel {result.kernel}, remat {result.remat}, grad_accum {result.grad_accum}, "
+           f"{result.tokens_per_step} tokens per step",
            f"  HBM per chip: params {_gib(result.hbm.get('params'))} GiB, optimizer "
            f"{_gib(result.hbm.get('optimizer'))} GiB, activations/temp {_gib(result.hbm.get('temp'))} GiB, total "
            f"{_gib(result.hbm.get('total'))} GiB of {HBM_USABLE / GiB:.2f} GiB usable ({_gib(HBM_PER_CHIP)} GiB HBM)"

@@ -35,11 +35,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tokenformer_jax.config import NORMALIZATIONS, round_up
 from tokenformer_jax.model.pattention import MIN_SUM_OF_SQUARES, PARAM_TOKENS_AXIS
 
 DEFAULT_BLOCK = 2048
+STATS_NAME = "pattention_stats"   # the per-row statistics (and M or the float32 output) kept for the backward
 BLOCK_AXES = (None, PARAM_TOKENS_AXIS, None)   # K_P, V_P as [blocks, rows, d]
 
 
@@ -166,6 +168,13 @@ def _gram(keys: jax.Array, dtype) -> jax.Array:
   return jnp.einsum("bri,brj->ij", k, k, precision=jax.lax.Precision.HIGHEST)
 
 
+def _named(x, keys, values, stat, extra):
+  """The residuals, the per-row statistics and the extra one named for remat policies (remat="lean" keeps them,
+  so that the backward does not rerun the forward's loop)."""
+  name = lambda t: None if t is None else checkpoint_name(t, STATS_NAME)
+  return x, keys, values, name(stat), name(extra)
+
+
 # Forward ---------------------------------------------------------------------------------------------------
 def _forward(x, keys, values, static: _Static):
   """(output in x's dtype, residuals). keys, values: [blocks, rows, d]."""
@@ -192,7 +201,7 @@ def _forward(x, keys, values, static: _Static):
     total = _global(total * shift, static)
     out = acc * (shift * static.n_scale / total)
     log_sum = global_max + jnp.log(total)
-    return out.astype(x.dtype), (x, keys, values, log_sum, out)
+    return out.astype(x.dtype), _named(x, keys, values, log_sum, out)
 
   if static.normalization == "gelu_l2_norm":
     # The norm is one factor per row: accumulate Σ gelu(A)·V and Σ gelu(A)² together, then scale.
@@ -205,7 +214,7 @@ def _forward(x, keys, values, static: _Static):
     (acc, sum_of_squares), _ = _scan(static, accumulate, (zeros_out, zeros_row), (keys, values))
     sum_of_squares = _global(sum_of_squares, static)
     out = acc * _inverse_norm(static, sum_of_squares)
-    return out.astype(x.dtype), (x, keys, values, sum_of_squares, out)
+    return out.astype(x.dtype), _named(x, keys, values, sum_of_squares, out)
 
   # l2_norm_gelu: gelu(c·A) needs c = √n_scale/‖A‖ first; ‖A‖² = x·M·xᵀ comes from the Gram matrix, exactly in
   # float32 (HIGHEST precision), so the scores are computed once.
@@ -219,7 +228,7 @@ def _forward(x, keys, values, static: _Static):
     return acc + _mix(_gelu(static, c * _scores(x, k)), v, x.dtype), None
 
   out, _ = _scan(static, mix, zeros_out, (keys, values))
-  return out.astype(x.dtype), (x, keys, values, sum_of_squares, gram)   # M: [d_in, d_in], kept for the backward
+  return out.astype(x.dtype), _named(x, keys, values, sum_of_squares, gram)   # M [d_in, d_in] for the backward
 
 
 # Backward --------------------------------------------------------------------------------------------------
