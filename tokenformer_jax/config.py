@@ -13,7 +13,8 @@ from typing import Any
 
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
-REMAT = ("none", "full", "dots", "dots_no_batch", "projections")
+REMAT = ("none", "full", "dots", "dots_no_batch", "projections", "lean")
+PATTENTION_KERNELS = ("plain", "lean")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -74,13 +75,19 @@ class ModelConfig:
   logits_divide_by_sqrt_d: bool = True   # the JAX ladder; pairs with the N(0, 1) embedding of init="fan_in"
   layer_norm_eps: float = 1e-5
   dtype: str = "float32"             # compute dtype; parameters are always float32
-  # Activation rematerialisation of each block: none | full | dots | dots_no_batch | projections
-  # ("projections" keeps each Pattention's output and recomputes its scores and the token-token attention).
+  # Activation rematerialisation of each block: none | full | dots | dots_no_batch | projections | lean
+  # ("projections" keeps each Pattention's output and recomputes its scores and the token-token attention;
+  # "lean" also keeps the attention's output and the lean kernel's per-row statistics: nothing of width n).
   remat: str = "none"
   max_seq_len: int = 1024
   # How a Pattention is partitioned over the "tensor" mesh axis: "auto" (the compiler, from the sharding
   # table) or "shard_map" (explicit: one all-reduce for the norm, one for the output; pattention_parallel.py).
   pattention_impl: str = "auto"
+  # How a Pattention computes Eq. 4: "plain" (scores [..., n] in one piece, kept for the backward pass) or
+  # "lean" (a custom_vjp over blocks of `pattention_block` parameter tokens that keeps only per-row statistics;
+  # pattention_lean.py). Under tensor parallelism pair "lean" with pattention_impl="shard_map".
+  pattention_kernel: str = "plain"
+  pattention_block: int = 2048
   # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer
   # (it counts a loop body once); the TPU plan sets it.
   unroll_layers: bool = False
@@ -99,6 +106,9 @@ class ModelConfig:
     need(self.remat in REMAT, f"remat must be one of {'|'.join(REMAT)}, got {self.remat!r}")
     need(self.pattention_impl in ("auto", "shard_map"),
          f"pattention_impl must be 'auto' or 'shard_map', got {self.pattention_impl!r}")
+    need(self.pattention_kernel in PATTENTION_KERNELS,
+         f"pattention_kernel must be one of {'|'.join(PATTENTION_KERNELS)}, got {self.pattention_kernel!r}")
+    need(self.pattention_block > 0, f"pattention_block must be positive, got {self.pattention_block}")
     need(self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive")
     if self.positions == "rotary":
       need(self.rotary_dims >= 2, f"rotary_fraction={self.rotary_fraction} leaves fewer than 2 rotary dims")

@@ -37,7 +37,7 @@ CHIPS_PER_HOST = (2, 2, 1)            # a v4 host drives 4 chips
 V4_GRIDS = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
 LADDER_SLICES = ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256")
-REMAT_ORDER = ("none", "projections", "full")   # least recomputation first
+REMAT_ORDER = ("none", "lean", "projections", "full")   # least recomputation first
 GiB = 2**30
 # For the cost compile only: no windowed-einsum loops (see _cost).
 NO_LOOPS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 10**6}
@@ -126,6 +126,7 @@ class Plan:
   step_seconds: float | None = None
   cost_micro_steps: int = 1             # the cost compile's split of the batch (see _cost)
   error: str | None = None
+  kernel: str = "plain"                 # model.pattention_kernel
 
   @property
   def mfu(self) -> float | None:
@@ -244,7 +245,8 @@ def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Pl
                 preset=cfg.mesh.preset, remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=tokens,
                 fits=False, hbm={"params": _bytes_per_chip(abstract.params),
                                  "optimizer": _bytes_per_chip(abstract.opt_state), "limit": float(HBM_USABLE)},
-                model_flops_per_step=float(flops_per_token(cfg.model, cfg.data.seq_len) * tokens))
+                model_flops_per_step=float(flops_per_token(cfg.model, cfg.data.seq_len) * tokens),
+                kernel=cfg.model.pattention_kernel)
   try:
     compiled = step.lower(abstract, batch).compile()
   except Exception as error:  # the TPU compiler refuses a step that does not fit in HBM
@@ -283,7 +285,8 @@ def _plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
       topo = parse_topology(topology)
       return Plan(config=cfg.model.name, topology=topology, chips=topo.chips, mesh={}, preset=cfg.mesh.preset,
                   remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=cfg.global_batch * cfg.data.seq_len,
-                  fits=False, hbm={}, model_flops_per_step=0.0, error="the TPU compiler crashed")
+                  fits=False, hbm={}, model_flops_per_step=0.0, error="the TPU compiler crashed",
+                  kernel=cfg.model.pattention_kernel)
 
 
 def smallest_fit(cfg: TrainConfig, slices=LADDER_SLICES, remats=REMAT_ORDER, *, log=print) -> Plan | None:
@@ -313,7 +316,7 @@ def _number(value: float | None, fmt: str) -> str:
   return "?" if value is None else format(value, fmt)
 
 
-TABLE_HEADER = ("| config | slice (chips) | mesh, preset | remat | HBM/chip GiB: params + opt, temp, total | "
+TABLE_HEADER = ("| config | slice (chips) | mesh, preset | kernel, remat | HBM/chip GiB: params + opt, temp, total | "
                 "FLOPs/step model (compiler) | step (cost model) | MFU | tokens | days | chip-hours |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -327,7 +330,8 @@ def table_row(result: Plan, tokens: float) -> str:
   step = "?" if result.step_seconds is None else f"{result.step_seconds:.3f} s"
   if result.step_seconds is not None and result.cost_micro_steps > 1:
     step += f" (in {result.cost_micro_steps} parts)"
-  return (f"| {result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | {result.remat} | "
+  return (f"| {result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | {result.kernel}, "
+          f"{result.remat} | "
           f"{memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | {mfu} | {tokens:.3g} | "
           f"{_number(result.days(tokens), '.1f')} | {_number(result.chip_hours(tokens), ',.0f')} |")
 
@@ -335,7 +339,8 @@ def table_row(result: Plan, tokens: float) -> str:
 def describe(result: Plan, tokens: float) -> str:
   """A plan as a few lines for the console."""
   lines = [f"{result.config} on {result.topology}: {result.chips} chips, mesh {result.mesh}, preset {result.preset}, "
-           f"remat {result.remat}, grad_accum {result.grad_accum}, {result.tokens_per_step} tokens per step",
+           f"kernel {result.kernel}, remat {result.remat}, grad_accum {result.grad_accum}, "
+           f"{result.tokens_per_step} tokens per step",
            f"  HBM per chip: params {_gib(result.hbm.get('params'))} GiB, optimizer "
            f"{_gib(result.hbm.get('optimizer'))} GiB, activations/temp {_gib(result.hbm.get('temp'))} GiB, total "
            f"{_gib(result.hbm.get('total'))} GiB of {HBM_USABLE / GiB:.2f} GiB usable ({_gib(HBM_PER_CHIP)} GiB HBM)"

@@ -5,6 +5,7 @@
       --set model.remat=full --set mesh.preset=fsdp_tp --set mesh.tensor=4
   python -m tokenformer_jax.cli.plan --ladder              # every ladder stage: its smallest fitting slice
   python -m tokenformer_jax.cli.plan --ladder --slices=v4-32   # every ladder stage on a v4-32
+  python -m tokenformer_jax.cli.plan --ladder --stages=ladder_1_4b --slices=v4-32 --kernels=plain,lean
 
 A model config (experiments/paper.py) is planned with the paper's ladder recipe: 512 × 1024 tokens per step,
 bf16 compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig.
@@ -24,6 +25,8 @@ TOKENS = flags.DEFINE_float("tokens", 30e9, "Token budget for the days and chip-
 LADDER = flags.DEFINE_bool("ladder", False, "Plan every ladder stage and the Pile 1.5B: smallest slice that fits.")
 SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--ladder: the slices to try, smallest first.")
 REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--ladder: remat policies to try, in this order.")
+KERNELS = flags.DEFINE_list("kernels", ["plain"], "--ladder: Pattention kernels to compare (plain, lean): one row "
+                            "per stage and kernel, each with its smallest slice and least remat that fit.")
 STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages (config names), e.g. ladder_1_4b.")
 
 # (config, token budget, global batch, sequence length): paper §4.1 and App. D/F.
@@ -48,17 +51,19 @@ def ladder() -> None:
   for spec, tokens, global_batch, seq_len in LADDER_STAGES:
     if STAGES.value and spec.partition(":")[2] not in STAGES.value:
       continue
-    cfg = train_config(spec, OVERRIDES.value, global_batch, seq_len)
-    print(f"{cfg.model.name}: {global_batch} × {seq_len} tokens per step", flush=True)
-    try:
-      found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
-    except Exception as error:  # noqa: BLE001 (one stage's failure leaves the others' rows)
-      found, failure = None, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-    else:
-      failure = f"fits none of {', '.join(SLICES.value)}"
-    rows.append(plan.table_row(found, tokens) if found else
-                f"| {cfg.model.name} | {failure} | | | | | | | {tokens:.3g} | | |")
-    print(rows[-1], flush=True)
+    for kernel in KERNELS.value:
+      overrides = list(OVERRIDES.value or []) + [f"model.pattention_kernel={kernel}"]
+      cfg = train_config(spec, overrides, global_batch, seq_len)
+      print(f"{cfg.model.name} ({kernel} Pattention): {global_batch} × {seq_len} tokens per step", flush=True)
+      try:
+        found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
+      except Exception as error:  # noqa: BLE001 (one stage's failure leaves the others' rows)
+        found, failure = None, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+      else:
+        failure = f"fits none of {', '.join(SLICES.value)}"
+      rows.append(plan.table_row(found, tokens) if found else
+                  f"| {cfg.model.name} | {failure} | | {kernel} | | | | | {tokens:.3g} | | |")
+      print(rows[-1], flush=True)
   print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows))
 
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tokenformer_jax.config import ModelConfig
 
 # Logical axes of the residual stream, for `nn.with_logical_constraint` (a no-op outside a sharding context).
 ACTIVATION_AXES = ("batch", "length", "embed")
 HEADS_AXES = ("batch", "length", "heads", None)
+ATTENTION_NAME = "attention_out"   # the token-token attention's output, which remat="lean" keeps
+
+
+@jax.checkpoint   # keep only q, k, v for the backward pass, never the [batch, heads, T, T] probabilities
+def _fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q·kᵀ/√head_dim, causal)·v over [batch, length, heads, head_dim]: the platform's fused kernel where
+  JAX has one (cuDNN on GPU), else XLA's (float32 logits and softmax); the backward recomputes the scores."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
 def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: jax.Array | None = None):
@@ -63,12 +72,8 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
   if cfg.positions == "rotary":
     q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base)
     k = apply_rotary(k, cfg.rotary_dims, cfg.rotary_base)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-  logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
-  return out.reshape(batch, length, d)
+  out = _fused_causal_attention(q, k, v)
+  return checkpoint_name(out.reshape(batch, length, d), ATTENTION_NAME)
 
 
 # Decoding with a KV cache -------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, layer_norm
+from tokenformer_jax.model.layers import ACTIVATION_AXES, ATTENTION_NAME, LayerNorm, layer_norm
 from tokenformer_jax.model.pattention import OUTPUT_NAME
+from tokenformer_jax.model.pattention_lean import STATS_NAME
 from tokenformer_jax.model.tokenformer import TokenFormerBlock
 from tokenformer_jax.model.transformer import TransformerBlock
 
@@ -19,6 +20,10 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # Keep every Pattention's output [batch, length, d]; recompute its scores and Θ, and the attention.
     "projections": jax.checkpoint_policies.save_only_these_names(OUTPUT_NAME),
+    # Keep every Pattention's output and the attention's output, [batch, length, d] each: nothing of width n
+    # and nothing [T, T]; recompute the layer norms, and the attention from q, k, v. With the lean kernel also
+    # keep its per-row statistics (and M, [d, d]): its backward then needs no rerun of its forward loop.
+    "lean": jax.checkpoint_policies.save_only_these_names(OUTPUT_NAME, ATTENTION_NAME, STATS_NAME),
 }
 LOGITS_AXES = ("batch", "length", "vocab")
 

@@ -17,6 +17,7 @@ and get zero gradient under both L2 variants; softmax, where exp(0) ≠ 0, masks
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -104,14 +105,6 @@ def rows_then_zeros(init, n_valid: int):
   return initializer
 
 
-def implementation(impl: str):
-  """"auto": `pattention`, partitioned by the compiler; "shard_map": its explicit tensor-parallel form."""
-  if impl == "shard_map":
-    from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention  # it imports this module
-    return tensor_parallel_pattention
-  return pattention
-
-
 class Pattention(nn.Module):
   """A Pattention layer with `n_tokens` logical parameter tokens stored as `n_storage` rows.
 
@@ -127,7 +120,10 @@ class Pattention(nn.Module):
   key_std: float | None = None     # None: 1/sqrt(d_in)
   value_std: float | None = None   # None: 1/sqrt(n_tokens)
   dtype: jnp.dtype = jnp.float32
-  impl: str = "auto"               # "shard_map": explicit tensor parallelism (pattention_parallel.py)
+  # The function computing Eq. 4 with `pattention`'s signature: `pattention` itself, the blocked
+  # `lean_pattention` (pattention_lean.py), or either in the explicit tensor-parallel form (pattention_parallel.py).
+  # The model picks it from its config (tokenformer.pattention_function).
+  kernel: Callable = pattention
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +142,7 @@ class Pattention(nn.Module):
         "value_param_tokens",
         nn.with_logical_partitioning(rows_then_zeros(jax.nn.initializers.normal(value_std), self.n_tokens), axes),
         (n_storage, self.d_out), jnp.float32)
-    out = implementation(self.impl)(
+    out = self.kernel(
         x.astype(self.dtype), keys, values, normalization=self.normalization, n_scale=self.n_scale or self.n_tokens,
         n_valid=self.n_tokens if n_storage > self.n_tokens else None, approximate_gelu=self.approximate_gelu)
     return checkpoint_name(out, OUTPUT_NAME)

@@ -16,6 +16,7 @@ inert shard by shard (zero keys and values; softmax masks rows past n_valid by t
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -28,19 +29,20 @@ BATCH_AXES = ("data", "fsdp")
 
 def tensor_parallel_pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_tokens: jax.Array, *,
                                mesh=None, reduce: str = "psum", n_scale: float | None = None,
-                               **pattention_kwargs) -> jax.Array:
+                               kernel: Callable = pattention, **pattention_kwargs) -> jax.Array:
   """Eq. 4 with the parameter tokens split over the "tensor" axis of `mesh`.
 
   `mesh`: a Mesh or AbstractMesh; default the one in context (`jax.sharding.use_abstract_mesh`, which
   `sharding.activation_sharding` enters inside the train step). Without a mesh, or one with no "tensor"
   axis, this is plain `pattention`. x's leading (batch) axis is split over whichever of "data" and "fsdp"
-  the mesh has, when it divides; the other keyword arguments are `pattention`'s.
+  the mesh has, when it divides. `kernel` computes each shard's part: `pattention` or `lean_pattention`
+  (pattention_lean.py), or a partial of either; the other keyword arguments are theirs.
   """
   if n_scale is None:
     n_scale = key_param_tokens.shape[0]   # the global row count, not the shard's
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   if mesh.empty or TENSOR_AXIS not in mesh.axis_names:
-    return pattention(x, key_param_tokens, value_param_tokens, n_scale=n_scale, **pattention_kwargs)
+    return kernel(x, key_param_tokens, value_param_tokens, n_scale=n_scale, **pattention_kwargs)
   shards = mesh.shape[TENSOR_AXIS]
   n, d_out = key_param_tokens.shape[0], value_param_tokens.shape[1]
   if n % shards:
@@ -59,7 +61,7 @@ def tensor_parallel_pattention(x: jax.Array, key_param_tokens: jax.Array, value_
   out_spec = x_spec if reduce == "psum" else P(batch_axes or None, *rest, TENSOR_AXIS)
 
   def local(x, keys, values):
-    partial_out = pattention(x, keys, values, n_scale=n_scale, axis_name=TENSOR_AXIS, **pattention_kwargs)
+    partial_out = kernel(x, keys, values, n_scale=n_scale, axis_name=TENSOR_AXIS, **pattention_kwargs)
     if reduce == "psum":
       return jax.lax.psum(partial_out, TENSOR_AXIS)
     return jax.lax.psum_scatter(partial_out, TENSOR_AXIS, scatter_dimension=x.ndim - 1, tiled=True)

@@ -7,14 +7,18 @@ LayerNorms inside the block have no scale or bias (paper Table 5).
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
 from tokenformer_jax.model.layers import ACTIVATION_AXES, cached_self_attention, causal_self_attention, layer_norm
-from tokenformer_jax.model.pattention import Pattention
+from tokenformer_jax.model.pattention import Pattention, pattention
+from tokenformer_jax.model.pattention_lean import lean_pattention
+from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention
 
 
 def init_stds(cfg: ModelConfig, projection: str) -> tuple[float, float]:
@@ -24,13 +28,28 @@ def init_stds(cfg: ModelConfig, projection: str) -> tuple[float, float]:
   return 1.0 / math.sqrt(cfg.d_model), 1.0 / math.sqrt(cfg.tokens(projection))
 
 
+def pattention_function(cfg: ModelConfig) -> Callable:
+  """The Eq. 4 function a model's Pattentions call: cfg.pattention_kernel ("plain" | "lean", with
+  cfg.pattention_block rows per block) in cfg.pattention_impl's form ("auto" | "shard_map")."""
+  return _kernel(cfg.pattention_kernel, cfg.pattention_impl, cfg.pattention_block, cfg.unroll_layers)
+
+
+@functools.cache   # one object per choice, so that modules built from equal configs compare equal
+def _kernel(kernel: str, impl: str, block: int, unroll: bool) -> Callable:
+  # unroll_layers asks for loop-free code (the plan's cost compile): unroll the blocks too.
+  function = pattention if kernel == "plain" else functools.partial(lean_pattention, block=block, unroll=unroll)
+  if impl == "shard_map":
+    return functools.partial(tensor_parallel_pattention, kernel=function)
+  return function
+
+
 def make_pattention(cfg: ModelConfig, projection: str) -> Pattention:
   key_std, value_std = init_stds(cfg, projection)
   return Pattention(
       n_tokens=cfg.tokens(projection), n_storage=cfg.storage_tokens(projection), d_out=cfg.d_model,
       n_scale=cfg.scale_tokens(projection), normalization=cfg.normalization,
       approximate_gelu=cfg.approximate_gelu, key_std=key_std, value_std=value_std,
-      dtype=cfg.dtype, impl=cfg.pattention_impl, name=projection)
+      dtype=cfg.dtype, kernel=pattention_function(cfg), name=projection)
 
 
 class TokenFormerBlock(nn.Module):
