@@ -44,7 +44,7 @@ PAPER = (
     stage("paper_124m", _PAPER_BASE, _PAPER_MODELS[0], tokens=300 * 10**9, accelerator="v4-64", init="scratch",
           model_changes=dict(_BF16, remat="projections"), **_P),
     stage("paper_354m", _PAPER_BASE, _PAPER_MODELS[1], tokens=30 * 10**9, accelerator="v4-64", init="zero_keys",
-          model_changes=dict(_BF16, remat="none"), **_P),
+          model_changes=dict(_BF16, remat="projections"), **_P),
     stage("paper_757m", _PAPER_BASE, _PAPER_MODELS[2], tokens=30 * 10**9, accelerator="v4-128", init="zero_keys",
           model_changes=dict(_BF16, remat="projections"), **_P),
     stage("paper_1_4b", _PAPER_BASE, _PAPER_MODELS[3], tokens=30 * 10**9, accelerator="v4-128", init="zero_keys",

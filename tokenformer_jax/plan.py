@@ -318,8 +318,8 @@ def table_row(result: Plan, tokens: float, name: str | None = None) -> str:
   step = "?" if result.step_seconds is None else f"{result.step_seconds:.3f} s"
   if result.step_seconds is not None and result.cost_micro_steps > 1:
     step += f" (in {result.cost_micro_steps} parts)"
-  return (f"| {name or result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | {result.remat} | "
-          f"{memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | {mfu} | {tokens:.3g} | "
+  return (f"| {name or result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | "
+          f"{result.remat} | {memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | {mfu} | {tokens:.3g} | "
           f"{_number(result.days(tokens), '.1f')} | {_number(result.chip_hours(tokens), ',.0f')} |")
 
 
