@@ -37,7 +37,7 @@ def launch(processes: int, *command: str, fault: int | None = None) -> subproces
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **({"FAULT_PROCESS": str(fault)} if fault is not None else {})}
   env.pop("XLA_FLAGS", None)
   argv = [sys.executable, "-m", "launch.local", f"--processes={processes}", f"--devices_per_process={4 // processes}",
-          "--heartbeat_seconds=5", "--grace_seconds=120", "--", "python", *command]
+          "--heartbeat_seconds=15", "--grace_seconds=120", "--", "python", *command]
   return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
