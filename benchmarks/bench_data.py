@@ -21,13 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tokenformer_jax import sharding  # noqa: E402
 from tokenformer_jax.config import load_config  # noqa: E402
 from tokenformer_jax.data.pipeline import make_train_iterator  # noqa: E402
 from tokenformer_jax.data.tokenizer import Tokenizer  # noqa: E402
-from tokenformer_jax.train import steps  # noqa: E402
-from tokenformer_jax.train.loop import to_global  # noqa: E402
-from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+from tokenformer_jax.train.setup import build_run  # noqa: E402
 
 CONFIG = flags.DEFINE_string("config", "experiments/demo.py:demo", "The experiment to measure.")
 STEPS = flags.DEFINE_integer("steps", 30, "Timed batches / steps.")
@@ -52,20 +49,16 @@ def main(_):
     host_batch = next(batches)
     fetch.append(time.perf_counter() - t)
 
-  mesh = sharding.make_mesh(cfg.mesh)
-  tx = make_optimizer(cfg.optim, cfg.steps)
-  _, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
-  state = steps.init_state(cfg.model, tx, shardings, cfg.seed)
-  train_step = steps.make_train_step(cfg.model, tx, learning_rate_schedule(cfg.optim, cfg.steps), shardings, mesh,
-                                     cfg.grad_accum)
+  run = build_run(cfg)   # the trainer's own mesh, state shardings and jitted step
+  state, train_step = run.init_state(), run.train_step
   t = time.perf_counter()
-  state, metrics = train_step(state, to_global(host_batch, mesh))
+  state, metrics = train_step(state, run.to_global(host_batch))
   jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - t
   transfer, step, fetch_metrics = [], [], []
   for _ in range(STEPS.value):
     t = time.perf_counter()
-    global_batch = jax.block_until_ready(to_global(host_batch, mesh))
+    global_batch = jax.block_until_ready(run.to_global(host_batch))
     transfer.append(time.perf_counter() - t)
     t = time.perf_counter()
     state, metrics = train_step(state, global_batch)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import importlib
 import sys
@@ -20,30 +19,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from timing import interleaved, min_ratio, paired_ratio
-from tokenformer_jax.config import count_params, flops_per_token, load_config
-from tokenformer_jax.model import LanguageModel
-from tokenformer_jax.model.lm import init_params
+from tokenformer_jax.config import (DataConfig, MeshConfig, OptimConfig, TrainConfig, count_params, flops_per_token,
+                                    load_config)
+from tokenformer_jax.train.setup import build_run
 
 # The module, not the function of the same name that tokenformer_jax.model re-exports.
 pattention_module = importlib.import_module("tokenformer_jax.model.pattention")
 NO_NORM = "  (Θ = GeLU only)"
-
-
-def make_step(cfg, tx):
-  """jit(fwd + bwd + AdamW update), donating parameters and optimizer state as a training loop would."""
-  def loss_fn(params, tokens):
-    logits = LanguageModel(cfg).apply({"params": params}, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
 
 
 @contextlib.contextmanager
@@ -61,18 +45,21 @@ def theta_without_norm():
 def runner(cfg, batch, seq_len):
   """A no-argument callable that runs one step on fixed random tokens, threading the donated state.
 
-  The step is compiled here, ahead of time, so that a patch active during this call is what gets traced.
+  The step is the trainer's own (`build_run`: fwd + bwd + clipped AdamW, state donated), on one device, and is
+  compiled here, ahead of time, so that a patch active during this call is what gets traced.
   """
-  tx = optax.adamw(1e-4)
-  params = init_params(cfg, jax.random.key(0))
-  state = [params, tx.init(params)]
+  run = build_run(TrainConfig(model=cfg, data=DataConfig(seq_len=seq_len), optim=OptimConfig(learning_rate=1e-4),
+                              global_batch=batch, mesh=MeshConfig(data=1)), jax.devices()[:1])
+  state = [run.init_state()]
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, cfg.vocab_size)
-  step = make_step(cfg, tx).lower(*state, tokens).compile()
+  inputs = jax.device_put({"tokens": tokens, "mask": jnp.ones((batch, seq_len), jnp.float32)},
+                          jax.tree.map(lambda a: a.sharding, run.abstract_batch()))
+  step = run.train_step.lower(run.abstract, run.abstract_batch()).compile()
 
-  def run():
-    state[0], state[1], loss = step(state[0], state[1], tokens)
-    return state[0], state[1], loss
-  return run
+  def one_step():
+    state[0], metrics = step(state[0], inputs)
+    return state[0], metrics
+  return one_step
 
 
 def main():

@@ -4,7 +4,10 @@
   python -m launch.ladder --ladder=paper --backend=tpu --workdir=gs://BUCKET/ladder --project=P \
       --zone=us-central2-b --provisioning=spot --set data.tfds_data_dir=gs://BUCKET/tfds ... [--dry_run]
 
-For each stage of experiments/ladder.py:LADDERS[--ladder]: skip it if its final checkpoint exists; else grow
+The stages are tokenformer_jax/ladder.py `Stage`s (experiments/ladder.py defines `paper` and `tiny`): the same
+ones `python -m tokenformer_jax.cli.plan --ladder=NAME` compiles. Before the tpu backend creates anything, each
+stage's train step is compiled for its slice (when libtpu is installed) and a stage that does not fit stops the
+ladder there (`--nocheck_fit` skips this). For each stage: skip it if its final checkpoint exists; else grow
 it from the previous stage's final checkpoint (unless already grown), then train it (the trainer resumes from
 its latest checkpoint). Kill it at any point and run the same command again: it continues. Both backends
 share this logic; `local` runs the commands as subprocesses here, `tpu` on one TPU slice per stage.
@@ -15,7 +18,6 @@ share this logic; `local` runs the commands as subprocesses here, `tpu` on one T
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import signal
@@ -29,31 +31,16 @@ from launch.faults import Budget
 from launch.runner import LaunchError, Runner
 from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls,
                         define_tpu_flags, ledger_budgets, job_env, make_spec, make_vm, preflight, worker_setup)
-from tokenformer_jax.config import apply_overrides, load_config
 from tokenformer_jax.growth import check_growable
+from tokenformer_jax.ladder import LADDER_FILE, Stage, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
+from tokenformer_jax.sharding import MESH_AXES, mesh_shape
+from tokenformer_jax.train.setup import check_batch_layout
 
-LADDER_FILE = "experiments/ladder.py"
 
-
-def load_stages(ladder: str, overrides: list[str]) -> tuple[str, tuple]:
-  """`--ladder=NAME` (of experiments/ladder.py) or `FILE.py:NAME` → (the file, its stages with the overrides).
-
-  The file must also define each stage's TrainConfig under the stage's name: that is what cli.train loads.
-  """
-  if ":" in ladder:
-    path, _, name = ladder.rpartition(":")
-    ladders = {name: load_config(ladder)}
-  else:
-    path, name, ladders = LADDER_FILE, ladder, load_config(f"{LADDER_FILE}:LADDERS")
-    if name not in ladders:
-      raise ValueError(f"unknown ladder {name!r}; {LADDER_FILE} has: {', '.join(ladders)} (or give FILE.py:NAME)")
-  stages = tuple(ladders[name])
-  for stage in stages:
-    if load_config(f"{path}:{stage.name}") != stage.config:
-      raise ValueError(f"{path} must define {stage.name} = the TrainConfig of stage {stage.name} (cli.train loads "
-                       "it by that name)")
-  return path, tuple(dataclasses.replace(s, config=apply_overrides(s.config, overrides)) for s in stages)
+def load_stages(ladder: str, overrides: list[str]) -> tuple[str, tuple[Stage, ...]]:
+  """`--ladder=NAME` (of experiments/ladder.py) or `FILE.py:NAME` → (the file, its stages with the overrides)."""
+  return load_ladder(ladder, overrides)
 
 
 def check_ladder(stages, backend: str, path: str = LADDER_FILE) -> None:
@@ -81,11 +68,11 @@ def check_ladder(stages, backend: str, path: str = LADDER_FILE) -> None:
         chips = gcloud.check_accelerator(stage.accelerator) // 2
       except ValueError as error:
         raise ValueError(f"stage {stage.name}: {error}") from None
-      cfg = stage.config
-      data_parallel = chips // max(cfg.mesh.tensor, 1)
-      if (cfg.global_batch // cfg.grad_accum) % data_parallel:
-        raise ValueError(f"stage {stage.name}: a batch of {cfg.global_batch // cfg.grad_accum} sequences does not "
-                         f"split over the {data_parallel} data-parallel chips of {stage.accelerator}")
+      try:   # a v4 host drives 4 chips
+        shape = dict(zip(MESH_AXES, mesh_shape(stage.config.mesh, chips)))
+        check_batch_layout(stage.config, shape, processes=max(1, chips // 4))
+      except ValueError as error:
+        raise ValueError(f"stage {stage.name} on {stage.accelerator} ({chips} chips): {error}") from None
       check_tpu_data(stage.config, f"stage {stage.name}")
 
 
@@ -104,6 +91,8 @@ def grow_argv(previous, stage, workdir: str, overrides: list[str], path: str = L
 
 def run_ladder(stages, backend, workdir: str, overrides: list[str], say=print, path: str = LADDER_FILE) -> None:
   """The stage logic both backends share; every step first asks whether it is already done."""
+  for stage in stages:
+    say(f"# {stage.settings()}")
   for i, stage in enumerate(stages):
     grows = i > 0 and stage.init != "scratch"
     origin = f"grown from {stages[i - 1].name} ({stage.init})" if grows else "from scratch"
@@ -243,7 +232,7 @@ def slice_groups(stages) -> list[list]:
   return groups
 
 
-def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str):
+def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str, before_gcloud=None):
   """Validates every flag the backend needs (before any command runs) and builds it. For TPUs: preflight (project,
   zone, bucket, data), then the lock file and the code in the workdir."""
   if backend == "local":
@@ -263,6 +252,8 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
     if f.slices > 1 and data != -1 and data % f.slices:
       raise ValueError(f"stage {stage.name}: --slices={f.slices} needs mesh.data to be a multiple of {f.slices} "
                        f"(it is {data}); add --set mesh.data={f.slices}")
+  if before_gcloud is not None:   # e.g. the fit check: after every flag is validated, before the first gcloud call
+    before_gcloud()
   if f.preflight and not runner.dry_run:
     urls = sorted({u for s in stages for u in data_urls(s.config)})
     preflight(runner, list(specs.values()), workdir, urls)
@@ -280,6 +271,22 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
   return TpuBackend(workdir, runner, vms, env, budgets, ladder_budget)
 
 
+def launch_ladder(ladder: str, backend: str, workdir: str, overrides: list[str], runner: Runner, prefix: str,
+                  check_fit: bool = True) -> None:
+  """Check everything that can be checked here (flags, stages, and with the tpu backend that each stage fits
+  its slice), then run the ladder. Nothing reaches gcloud before the checks pass."""
+  path, stages = load_stages(ladder, overrides)
+  check_ladder(stages, backend, path)
+  fit_check = None
+  if backend == "tpu" and check_fit and runner.dry_run:
+    runner.say(f"# fit check: not in a dry run (it compiles every stage); python -m tokenformer_jax.cli.plan "
+               f"--ladder={ladder} does it")
+  elif backend == "tpu" and check_fit:
+    fit_check = lambda: check_fits(stages, say=runner.say)   # noqa: E731
+  chosen = make_backend(backend, workdir, stages, runner, prefix, before_gcloud=fit_check)
+  run_ladder(stages, chosen, chosen.workdir, overrides, say=runner.say, path=path)
+
+
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: a local child gets stopped too
@@ -288,11 +295,8 @@ def main(argv: list[str]) -> None:
       raise ValueError(f"unexpected arguments {argv[1:]}; config fields are set with --set field=value")
     if not f.ladder or not f.workdir:
       raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
-    path, stages = load_stages(f.ladder, f.set)
-    check_ladder(stages, f.backend, path)
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
-    backend = make_backend(f.backend, f.workdir, stages, runner, f.tpu_prefix)
-    run_ladder(stages, backend, backend.workdir, f.set, say=runner.say, path=path)
+    launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit)
   except KeyboardInterrupt:
     if f.backend == "tpu" and not f.dry_run:
       print("interrupted: the current stage's TPU and its job are left running; run the same command again to "
@@ -316,5 +320,7 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("set", [], "Config overrides for every stage, field.sub=value (repeatable).")
   flags.DEFINE_string("tpu_prefix", "tokenformer", "TPU names are PREFIX-STAGE, STAGE the first of each run of "
                       "consecutive stages on the same slice type (they share that TPU).")
+  flags.DEFINE_bool("check_fit", True, "tpu backend: before creating anything, compile each stage's train step for "
+                    "its slice (needs libtpu; minutes per stage) and stop at a stage that does not fit.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the launcher needs no accelerator; local stages are CPU stages
   app.run(main)

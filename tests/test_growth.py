@@ -13,7 +13,7 @@ from test_model import trained_looking
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import PROJECTIONS, MeshConfig, TrainConfig, count_params, load_config, to_dict
-from tokenformer_jax.growth import check_growable, grow, grown_config, net2net_widen, nonzero_padding
+from tokenformer_jax.growth import check_growable, grow, grown_config, net2net_widen, nonzero_padding, read_provenance
 from tokenformer_jax.model import LanguageModel, abstract_params, init_params, logical_axes
 
 TINY_LADDER = load_config("experiments/tiny.py:tiny_ladder")
@@ -124,8 +124,8 @@ def test_cli_growth_preserves_the_loss_and_training_continues_from_it(trained_ru
   difference = float(re.search(r"difference ([-+0-9.e]+)", result.stdout).group(1))
   assert abs(difference) <= 1e-6
   assert tree_digest(trained_run) == source_digest
-  provenance = RunCheckpoints(grown, read_only=True).read_json(item="extra")
-  assert provenance["source_step"] == 12 and provenance["init"] == "zero_keys"
+  provenance = read_provenance(grown)   # the typed record cli.grow wrote, as the trainer reads it
+  assert (provenance.source_step, provenance.init, provenance.old_model) == (12, "zero_keys", TEST_MODEL)
 
   # One step at learning rate 0 (the warmup's first): the grown model's validation loss equals the source's
   # final one on the same validation batches.

@@ -13,10 +13,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tokenformer_jax import sharding
-from tokenformer_jax.config import MeshConfig, ModelConfig, ParamTokens
+from tokenformer_jax.config import DataConfig, MeshConfig, ModelConfig, ParamTokens, TrainConfig
 from tokenformer_jax.model.pattention import pattention
 from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention
 from tokenformer_jax.train import steps
+from tokenformer_jax.train.setup import build_run
 
 # Token counts that do not divide the meshes: storage pads them to multiples of 8 with inert rows.
 TOKENS = ParamTokens(query=36, key=20, value=28, output=44, ffn=140)
@@ -123,14 +124,11 @@ def test_params_and_optimizer_state_are_sharded_as_the_preset_says(preset):
 
 
 def compiled_peak_bytes(preset, shape=(1, 8, 1)):
-  """Per-device bytes of the compiled AdamW train step: arguments + outputs not aliased to them + temporaries."""
-  tx = optax.adamw(1e-3)
-  mesh = mesh_of(shape, preset)
-  abstract, shardings = steps.state_shardings(CFG, tx, mesh, preset)
-  rows = sharding.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch().items()}
-  step = steps.make_train_step(CFG, tx, lambda s: 1e-3, shardings, mesh)
-  memory = step.lower(abstract, abstract_batch).compile().memory_analysis()
+  """Per-device bytes of the compiled train step (the trainer's own, from build_run): arguments + outputs not
+  aliased to them + temporaries."""
+  cfg = TrainConfig(model=CFG, data=DataConfig(seq_len=16), mesh=MeshConfig(*shape, preset=preset), global_batch=8)
+  run = build_run(cfg, jax.devices()[:int(np.prod(shape))])
+  memory = run.train_step.lower(run.abstract, run.abstract_batch()).compile().memory_analysis()
   return (memory.argument_size_in_bytes, memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 

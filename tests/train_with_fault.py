@@ -3,7 +3,8 @@
   python tests/train_with_fault.py SIGNAL N [cli.train flags...]
 
 For SIGKILL it first waits until checkpoint 4 is complete, so the kill lands after a save (and may land
-while a later one is still being written).
+while a later one is still being written). With FAULT_PROCESS=i in the environment (a job of several processes,
+launch.local) only process i faults, at its N-th step call, without waiting.
 """
 import os
 import pathlib
@@ -27,8 +28,9 @@ def faulty_make_train_step(*args, **kwargs):
 
   def step(state, batch):
     calls[0] += 1
-    if calls[0] == fault_step:
-      if signal_name == "SIGKILL":
+    if calls[0] == fault_step and os.environ.get("FAULT_PROCESS", os.environ.get("JAX_PROCESS_ID")) == \
+        os.environ.get("JAX_PROCESS_ID"):
+      if signal_name == "SIGKILL" and "FAULT_PROCESS" not in os.environ:
         deadline = time.time() + 60
         while not (pathlib.Path(workdir) / "checkpoints" / "4").exists() and time.time() < deadline:
           time.sleep(0.05)

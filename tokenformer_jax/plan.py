@@ -143,28 +143,14 @@ class Plan:
 
 
 def _step_and_inputs(cfg: TrainConfig, devices):
-  """The real jitted train step for `cfg` on a mesh of `devices`, and abstract (state, batch) inputs."""
-  import jax
-  import jax.numpy as jnp
-
-  from tokenformer_jax import sharding
-  from tokenformer_jax.train import steps
-  from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
-
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.global_batch // cfg.grad_accum
-  if cfg.global_batch % cfg.grad_accum or micro % data_parallel:
-    raise PlanError(f"global_batch={cfg.global_batch} with grad_accum={cfg.grad_accum} does not split over the "
-                    f"{data_parallel} data-parallel devices of mesh {dict(mesh.shape)}")
-  tx = make_optimizer(cfg.optim, cfg.steps)
-  abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
-  step = steps.make_train_step(cfg.model, tx, learning_rate_schedule(cfg.optim, cfg.steps), shardings, mesh,
-                               cfg.grad_accum)
-  rows = sharding.batch_sharding(mesh)
-  batch = {"tokens": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len + 1), jnp.int32, sharding=rows),
-           "mask": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.float32, sharding=rows)}
-  return step, abstract, batch, mesh
+  """The real jitted train step for `cfg` on a mesh of `devices` (the trainer's own `build_run`), and abstract
+  (state, batch) inputs."""
+  from tokenformer_jax.train.setup import LayoutError, build_run
+  try:   # a v4 host drives 4 chips, each loading its own rows of the batch
+    run = build_run(cfg, devices, processes=max(1, len(devices) // math.prod(CHIPS_PER_HOST)))
+  except LayoutError as error:
+    raise PlanError(str(error)) from None
+  return run.train_step, run.abstract, run.abstract_batch(), run.mesh
 
 
 def _bytes_per_chip(tree) -> float:
@@ -203,16 +189,21 @@ def _cost(cfg: TrainConfig, devices) -> tuple[float | None, float | None, int]:
       flops, seconds = _cost_of_micro_steps(cfg, splits, devices)
       return flops, seconds, splits
     except Exception as error:  # noqa: BLE001 (the TPU compiler's out-of-memory error)
-      micro = cfg.global_batch // (2 * splits)
-      data_parallel = math.prod(_mesh_shape(cfg, devices)[:2])
-      if _out_of_memory(error) is None or cfg.global_batch % (2 * splits) or micro % data_parallel:
+      if _out_of_memory(error) is None or cfg.global_batch % (2 * splits) or not _splits(cfg, 2 * splits, devices):
         raise
       splits *= 2
 
 
-def _mesh_shape(cfg: TrainConfig, devices) -> tuple[int, int, int]:
+def _splits(cfg: TrainConfig, splits: int, devices) -> bool:
+  """Whether a batch of global_batch / splits sequences still lays out over the mesh."""
   from tokenformer_jax import sharding
-  return sharding.mesh_shape(cfg.mesh, len(devices))
+  from tokenformer_jax.train.setup import LayoutError, check_batch_layout
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, len(devices))))
+  try:
+    check_batch_layout(cfg.replace(global_batch=cfg.global_batch // splits, grad_accum=1), shape)
+  except LayoutError:
+    return False
+  return True
 
 
 def _cost_of_micro_steps(cfg: TrainConfig, splits: int, devices) -> tuple[float | None, float | None]:
@@ -275,7 +266,7 @@ def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Pl
   return result
 
 
-def _plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
+def plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
   """`plan` in a fresh process: a compiler crash (it happens on odd shapes) costs one candidate, not the table."""
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -296,14 +287,14 @@ def smallest_fit(cfg: TrainConfig, slices=LADDER_SLICES, remats=REMAT_ORDER, *, 
     for remat in remats:
       candidate = cfg.replace(model=cfg.model.replace(remat=remat))
       try:
-        result = _plan_in_child(candidate, topology, cost=False)
+        result = plan_in_child(candidate, topology, cost=False)
       except PlanError as error:   # e.g. the batch does not split over this slice
         log(f"  {cfg.model.name} on {topology} (remat {remat}): {error}")
         continue
       log(f"  {cfg.model.name} on {topology} (remat {remat}): "
           + ("fits" if result.fits else (result.error or "does not fit")))
       if result.fits:
-        return _plan_in_child(candidate, topology, cost=True)
+        return plan_in_child(candidate, topology, cost=True)
   return None
 
 
@@ -316,12 +307,12 @@ def _number(value: float | None, fmt: str) -> str:
   return "?" if value is None else format(value, fmt)
 
 
-TABLE_HEADER = ("| config | slice (chips) | mesh, preset | kernel, remat | HBM/chip GiB: params + opt, temp, total | "
+TABLE_HEADER = ("| stage | slice (chips) | mesh, preset | kernel, remat | HBM/chip GiB: params + opt, temp, total | "
                 "FLOPs/step model (compiler) | step (cost model) | MFU | tokens | days | chip-hours |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def table_row(result: Plan, tokens: float) -> str:
+def table_row(result: Plan, tokens: float, name: str | None = None) -> str:
   mesh = "×".join(str(v) for v in result.mesh.values()) if result.mesh else "?"
   memory = (f"{_gib(result.hbm.get('params', 0) + result.hbm.get('optimizer', 0))}, {_gib(result.hbm.get('temp'))}, "
             + (_gib(result.hbm.get("total")) if result.fits else f"does not fit ({result.error or ''})"))
@@ -330,9 +321,9 @@ def table_row(result: Plan, tokens: float) -> str:
   step = "?" if result.step_seconds is None else f"{result.step_seconds:.3f} s"
   if result.step_seconds is not None and result.cost_micro_steps > 1:
     step += f" (in {result.cost_micro_steps} parts)"
-  return (f"| {result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | {result.kernel}, "
-          f"{result.remat} | "
-          f"{memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | {mfu} | {tokens:.3g} | "
+  return (f"| {name or result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | "
+          f"{result.kernel}, {result.remat} | {memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | "
+          f"{mfu} | {tokens:.3g} | "
           f"{_number(result.days(tokens), '.1f')} | {_number(result.chip_hours(tokens), ',.0f')} |")
 
 

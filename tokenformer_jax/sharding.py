@@ -60,17 +60,30 @@ def rules(preset: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
 
 
 # The mesh ------------------------------------------------------------------------------------------------
-def initialize_distributed() -> None:
-  """Join the processes of a multi-host TPU slice (or of several slices) into one JAX program.
+# What launch.local (or any launcher of N processes on one or more machines) sets for each process.
+COORDINATOR_ENV, PROCESS_COUNT_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+HEARTBEAT_ENV = "TOKENFORMER_HEARTBEAT_SECONDS"   # a peer silent this long is dead: the others stop (exit ≠ 0)
 
-  Call it before anything else touches JAX devices. On a TPU VM (or wherever JAX_COORDINATOR_ADDRESS is
-  set) it calls `jax.distributed.initialize()`, which finds the other hosts itself; on a single CPU or GPU
-  host it does nothing.
+
+def initialize_distributed() -> None:
+  """Join the other processes of this job into one JAX program (every CLI that runs on TPU workers calls it).
+
+  Call it before anything else touches JAX devices. With JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID set (launch.local, or any launcher) it joins them explicitly; on CPU the processes then talk
+  through gloo collectives. On a TPU VM it calls `jax.distributed.initialize()`, which finds the other hosts
+  itself. On a single host with none of these it does nothing. A process that stops sending heartbeats for
+  TOKENFORMER_HEARTBEAT_SECONDS (default 100) is declared dead, and every other process then exits non-zero.
   """
   if jax.distributed.is_initialized():
     return
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or _on_tpu_vm():
-    jax.distributed.initialize()
+  coordinator = os.environ.get(COORDINATOR_ENV)
+  heartbeat = dict(heartbeat_timeout_seconds=int(os.environ[HEARTBEAT_ENV])) if os.environ.get(HEARTBEAT_ENV) else {}
+  if coordinator and os.environ.get(PROCESS_COUNT_ENV):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes: collectives over TCP
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(os.environ[PROCESS_COUNT_ENV]),
+                               process_id=int(os.environ.get(PROCESS_ID_ENV, "0")), **heartbeat)
+  elif coordinator or _on_tpu_vm():
+    jax.distributed.initialize(**heartbeat)
 
 
 def _on_tpu_vm() -> bool:

@@ -1,4 +1,4 @@
-"""What every command-line tool shares: the --config/--set flags, and errors printed as one line."""
+"""What every command-line tool shares: the --config/--set flags, process setup, errors printed as one line."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +18,13 @@ def load_experiment():
   if not CONFIG.value:
     raise ValueError("--config is required, e.g. --config=experiments/demo.py:demo")
   return apply_overrides(load_config(CONFIG.value), OVERRIDES.value)
+
+
+def setup_process() -> None:
+  """Join the job's other processes (TPU workers, or launch.local's processes) before touching a device. Every
+  main that runs on all workers of a slice (train, grow, eval) calls it first."""
+  from tokenformer_jax import sharding
+  sharding.initialize_distributed()
 
 
 def one_line_errors(*error_types):

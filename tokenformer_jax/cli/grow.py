@@ -11,21 +11,21 @@ from. The source is never written to; the destination is written to a temporary 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
 import jax
 from absl import app, flags
 from etils import epath
+from jax.experimental.multihost_utils import sync_global_devices
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
-from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors
+from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors, setup_process
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
-from tokenformer_jax.growth import (INITS, check_growable, grow, grown_config, net2net_widen, nonzero_padding,
-                                    widening_factor)
+from tokenformer_jax.growth import (INITS, Provenance, check_growable, grow, grown_config, net2net_widen,
+                                    nonzero_padding, widening_factor)
 from tokenformer_jax.model import abstract_params, logical_axes
 
 SRC = flags.DEFINE_string("src", None, "The trained run (its directory, or its checkpoints/ directory).")
@@ -52,6 +52,11 @@ def placed(cfg: ModelConfig, mesh, preset: str):
                       abstract_params(cfg), shardings), shardings
 
 
+def print_once(text: str) -> None:
+  if jax.process_index() == 0:   # every process of the job runs this; one says it
+    print(text, flush=True)
+
+
 def check_destination(src: epath.Path, dst: epath.Path, overwrite: bool) -> None:
   src, dst = src.resolve(), dst.resolve()
   if dst == src or src in dst.parents or dst in src.parents:
@@ -70,24 +75,36 @@ def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, t
   for cfg, params in ((old_cfg, old_params), (new_cfg, new_params)):
     total, count = jax.jit(lambda p, b, cfg=cfg: loss_sums(cfg, p, b["tokens"], b["mask"]))(params, batch)
     losses.append(float(total) / float(count))
-  print(f"verify: loss {losses[0]:.6f} before, {losses[1]:.6f} after, difference {losses[1] - losses[0]:+.2e}")
+  print_once(f"verify: loss {losses[0]:.6f} before, {losses[1]:.6f} after, difference {losses[1] - losses[0]:+.2e}")
   return losses[1] - losses[0]
 
 
 def write_checkpoint(dst: epath.Path, **items) -> None:
-  """A params-only checkpoint at step 0 of `dst`, complete or not there at all."""
+  """A params-only checkpoint at step 0 of `dst`, complete or not there at all.
+
+  Every process of the job calls it: each writes its own shards (Orbax), and only the first process deletes
+  (a leftover temporary directory, or the --overwrite destination), with every other process waiting at a
+  barrier until it has.
+  """
+  primary = jax.process_index() == 0
   local = not str(dst).startswith("gs://")
-  target = dst.parent / f".{dst.name}.tmp-{os.getpid()}" if local else dst
-  if not local and dst.exists():   # --overwrite on GCS: the old checkpoint goes first
-    dst.rmtree()
+  target = dst.parent / f".{dst.name}.tmp" if local else dst   # the same name in every process
+  if primary:
+    if local and target.exists():    # a killed attempt's leftover
+      shutil.rmtree(target)
+    if not local and dst.exists():   # --overwrite on GCS: the old checkpoint goes first
+      dst.rmtree()
+  sync_global_devices("grow: destination cleared")
   written = RunCheckpoints(target, keep=None)
   written.save(0, **items)
   written.wait()
   written.close()
-  if local:
+  sync_global_devices("grow: checkpoint written")
+  if local and primary:
     if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
       shutil.rmtree(dst)
     target.rename(dst)
+  sync_global_devices("grow: checkpoint in place")
 
 
 @one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
@@ -96,6 +113,7 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   if not SRC.value or not DST.value:
     raise ValueError("--src and --dst are required")
+  setup_process()
   started = time.time()
   source = RunCheckpoints(SRC.value, read_only=True)
   step = source.resolve_step(None if STEP.value == "latest" else int(STEP.value))
@@ -121,16 +139,15 @@ def main(argv):
                           "checkpoint does not match its config (was it edited outside tokenformer_jax?)")
   new_params = jax.jit(grow_params, out_shardings=new_shardings)(old_params, jax.random.key(SEED.value))
 
-  provenance = {"source": str(source.directory.parent), "source_step": step, "init": scheme,
-                "scale": SCALE.value, "old_noise": OLD_NOISE.value, "seed": SEED.value,
-                "old_model": to_dict(old_cfg)}
-  write_checkpoint(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance)
+  provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=SCALE.value,
+                          old_noise=OLD_NOISE.value, seed=SEED.value, old_model=old_cfg, new_model=new_cfg)
+  write_checkpoint(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json())
 
   old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
-  print(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) with "
-        f"{scheme}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
-        f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config}"
-        f"{''.join(f' --set {o}' for o in OVERRIDES.value)} --workdir=RUN --init_from={dst}")
+  print_once(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) "
+             f"with {scheme}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
+             f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config}"
+             f"{''.join(f' --set {o}' for o in OVERRIDES.value)} --workdir=RUN --init_from={dst}")
   if VERIFY.value:
     verify(old_cfg, old_params, new_cfg, new_params, target)
 

@@ -1,14 +1,17 @@
 """Plan a TPU v4 run from this machine: compile the real train step for a topology (needs `pip install -e '.[plan]'`).
 
   python -m tokenformer_jax.cli.plan --config=experiments/paper.py:ladder_1_4b --topology=v4-32
-  python -m tokenformer_jax.cli.plan --config=experiments/paper.py:ladder_1_4b --topology=v4-32 \
+  python -m tokenformer_jax.cli.plan --config=experiments/ladder.py:paper_1_4b --topology=v4-128 \
       --set model.remat=full --set mesh.preset=fsdp_tp --set mesh.tensor=4
-  python -m tokenformer_jax.cli.plan --ladder              # every ladder stage: its smallest fitting slice
-  python -m tokenformer_jax.cli.plan --ladder --slices=v4-32   # every ladder stage on a v4-32
-  python -m tokenformer_jax.cli.plan --ladder --stages=ladder_1_4b --slices=v4-32 --kernels=plain,lean
+  python -m tokenformer_jax.cli.plan --ladder=paper                 # each stage exactly as launch.ladder runs it
+  python -m tokenformer_jax.cli.plan --ladder=paper --stages=paper_1_4b --search --slices=v4-32,v4-64
+  python -m tokenformer_jax.cli.plan --ladder=paper --dry_run       # the stages' settings; compiles nothing
+  python -m tokenformer_jax.cli.plan --ladder=paper --stages=paper_1_4b --search --kernels=plain,lean
 
-A model config (experiments/paper.py) is planned with the paper's ladder recipe: 512 × 1024 tokens per step,
-bf16 compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig.
+A model config (experiments/paper.py) is planned with a default recipe: 512 × 1024 tokens per step, bf16
+compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig (to every
+stage with --ladder). --ladder plans the stages of a ladder (tokenformer_jax/ladder.py), each on its own slice
+with its own recipe, and prints the README's ladder table; --search tries other slices and remat policies.
 """
 import os
 
@@ -19,50 +22,60 @@ from absl import app, flags  # noqa: E402
 from tokenformer_jax import plan  # noqa: E402
 from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors  # noqa: E402
 from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, load_config  # noqa: E402
+from tokenformer_jax.ladder import load_ladder  # noqa: E402
 
 TOPOLOGY = flags.DEFINE_string("topology", "v4-32", "A TPU v4 slice: v4-N (N cores = N/2 chips), v4:XxYxZ, Sxv4-N.")
 TOKENS = flags.DEFINE_float("tokens", 30e9, "Token budget for the days and chip-hours (single config).")
-LADDER = flags.DEFINE_bool("ladder", False, "Plan every ladder stage and the Pile 1.5B: smallest slice that fits.")
-SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--ladder: the slices to try, smallest first.")
-REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--ladder: remat policies to try, in this order.")
-KERNELS = flags.DEFINE_list("kernels", ["plain"], "--ladder: Pattention kernels to compare (plain, lean): one row "
-                            "per stage and kernel, each with its smallest slice and least remat that fit.")
-STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages (config names), e.g. ladder_1_4b.")
-
-# (config, token budget, global batch, sequence length): paper §4.1 and App. D/F.
-LADDER_STAGES = (("experiments/paper.py:ladder_124m", 300e9, 512, 1024),
-                 ("experiments/paper.py:ladder_354m", 30e9, 512, 1024),
-                 ("experiments/paper.py:ladder_757m", 30e9, 512, 1024),
-                 ("experiments/paper.py:ladder_1_4b", 30e9, 512, 1024),
-                 ("experiments/paper.py:pile_1_5b", 300e9, 1024, 2048))
+LADDER = flags.DEFINE_string("ladder", None, "Plan the stages of this ladder (paper, tiny, or FILE.py:NAME), "
+                             "each on its slice with its recipe, exactly as launch.ladder runs them.")
+STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages, e.g. paper_1_4b.")
+DRY_RUN = flags.DEFINE_bool("dry_run", False, "--ladder: print each stage's settings; compile nothing.")
+SEARCH = flags.DEFINE_bool("search", False, "--ladder: instead of each stage's slice and remat, find the smallest "
+                           "of --slices (then the least recomputation of --remats) on which it fits.")
+SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--search: the slices to try, smallest first.")
+REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--search: remat policies to try, in this order.")
+KERNELS = flags.DEFINE_list("kernels", [], "--search: Pattention kernels to compare (plain, lean): one row "
+                            "per stage and kernel. Empty: each stage's own kernel.")
 
 
-def train_config(spec: str, overrides, global_batch: int = 512, seq_len: int = 1024) -> TrainConfig:
+def train_config(spec: str, overrides) -> TrainConfig:
   cfg = load_config(spec)
   if isinstance(cfg, ModelConfig):
-    cfg = plan.ladder_train_config(cfg, global_batch=global_batch, seq_len=seq_len)
+    cfg = plan.ladder_train_config(cfg)
   if not isinstance(cfg, TrainConfig):
     raise ValueError(f"{spec} is a {type(cfg).__name__}; plan needs a ModelConfig or a TrainConfig")
   return apply_overrides(cfg, overrides)
 
 
 def ladder() -> None:
+  _, stages = load_ladder(LADDER.value, OVERRIDES.value)
+  unknown = set(STAGES.value) - {s.name for s in stages}
+  if unknown:
+    raise ValueError(f"--stages: no stage {', '.join(sorted(unknown))} in ladder {LADDER.value} (it has "
+                     f"{', '.join(s.name for s in stages)})")
+  stages = [s for s in stages if not STAGES.value or s.name in STAGES.value]
+  for stage in stages:
+    print(stage.settings(), flush=True)
+  if DRY_RUN.value:
+    return
+  reason = plan.libtpu_missing()
+  if reason:
+    raise plan.PlanError(reason)
   rows = []
-  for spec, tokens, global_batch, seq_len in LADDER_STAGES:
-    if STAGES.value and spec.partition(":")[2] not in STAGES.value:
-      continue
-    for kernel in KERNELS.value:
-      overrides = list(OVERRIDES.value or []) + [f"model.pattention_kernel={kernel}"]
-      cfg = train_config(spec, overrides, global_batch, seq_len)
-      print(f"{cfg.model.name} ({kernel} Pattention): {global_batch} × {seq_len} tokens per step", flush=True)
+  for stage in stages:
+    for kernel in KERNELS.value or [stage.config.model.pattention_kernel]:
+      cfg = stage.config.replace(model=stage.config.model.replace(pattention_kernel=kernel))
       try:
-        found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
+        if SEARCH.value:
+          found = plan.smallest_fit(cfg, SLICES.value, REMATS.value, log=lambda line: print(line, flush=True))
+        else:
+          found = plan.plan_in_child(cfg, stage.accelerator, cost=True)
       except Exception as error:  # noqa: BLE001 (one stage's failure leaves the others' rows)
         found, failure = None, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
       else:
-        failure = f"fits none of {', '.join(SLICES.value)}"
-      rows.append(plan.table_row(found, tokens) if found else
-                  f"| {cfg.model.name} | {failure} | | {kernel} | | | | | {tokens:.3g} | | |")
+        failure = f"fits none of {', '.join(SLICES.value)}" if SEARCH.value else f"does not fit {stage.accelerator}"
+      rows.append(plan.table_row(found, stage.tokens, stage.name) if found else
+                  f"| {stage.name} | {failure} | | {kernel} | | | | | {stage.tokens:.3g} | | |")
       print(rows[-1], flush=True)
   print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows))
 
@@ -71,11 +84,11 @@ def ladder() -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
+  if LADDER.value:
+    return ladder()
   reason = plan.libtpu_missing()
   if reason:
     raise plan.PlanError(reason)
-  if LADDER.value:
-    return ladder()
   if not CONFIG.value:
     raise ValueError("--config is required (or --ladder), e.g. --config=experiments/paper.py:ladder_1_4b")
   result = plan.plan(train_config(CONFIG.value, OVERRIDES.value), TOPOLOGY.value)

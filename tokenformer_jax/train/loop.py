@@ -17,12 +17,13 @@ from etils import epath
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
-from tokenformer_jax.config import PROJECTIONS, ParamTokens, TrainConfig, flops_per_token, to_dict
+from tokenformer_jax.config import TrainConfig, flops_per_token, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
+from tokenformer_jax.growth import start_from_grown
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
-from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from tokenformer_jax.train.setup import Run, build_run
 
 
 class TrainingError(RuntimeError):
@@ -50,18 +51,6 @@ class StopSignal:
     signal.signal(signal.SIGTERM, self.previous)
 
 
-def check_batch_layout(cfg: TrainConfig, mesh) -> None:
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.global_batch % cfg.grad_accum:
-    raise TrainingError(f"global_batch={cfg.global_batch} is not divisible by grad_accum={cfg.grad_accum}")
-  micro = cfg.global_batch // cfg.grad_accum
-  if micro % data_parallel:
-    raise TrainingError(f"each micro-batch has {micro} sequences, which does not split over the "
-                        f"{data_parallel} data-parallel devices; make global_batch / grad_accum a multiple of it")
-  if cfg.global_batch % jax.process_count():
-    raise TrainingError(f"global_batch={cfg.global_batch} does not split over {jax.process_count()} hosts")
-
-
 def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
   saved_model, model = saved.get("model", {}), to_dict(cfg.model)
   differing = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
@@ -77,75 +66,38 @@ def write_json_atomically(path: epath.Path, value: dict) -> None:
   temporary.replace(path)   # atomic on POSIX; rename() refuses an existing target
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+def evaluate(run: Run, params, batches) -> dict[str, float]:
   total, count = 0.0, 0.0
   for batch in batches:
-    loss_sum, targets = jax.device_get(eval_step(params, to_global(batch, mesh)))
+    loss_sum, targets = jax.device_get(run.eval_step(params, run.to_global(batch)))
     total, count = total + float(loss_sum), count + float(targets)
   loss = total / max(count, 1.0)
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def to_global(host_batch: dict, mesh) -> dict:
-  """This host's rows → one jax.Array per field, split over the data-parallel axes of the whole mesh."""
-  batch_sharding = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in host_batch.items()}
-
-
-def starting_state(cfg: TrainConfig, tx, abstract, shardings, checkpoints: RunCheckpoints, latest: int | None,
-                   train_batches, init_from: str | None) -> tuple[steps.TrainState, str]:
+def starting_state(run: Run, checkpoints: RunCheckpoints, latest: int | None, train_batches,
+                   init_from: str | None) -> tuple[steps.TrainState, str]:
   """Resume the workdir's latest checkpoint, else take --init_from's parameters, else start fresh."""
   if latest is not None:
-    check_same_model(checkpoints.read_json(latest), cfg, checkpoints.directory.parent)
-    params, rest = checkpoints.restore(latest, abstract.params,
-                                       {"step": abstract.step, "opt_state": abstract.opt_state}, train_batches)
+    check_same_model(checkpoints.read_json(latest), run.config, checkpoints.directory.parent)
+    params, rest = checkpoints.restore(latest, run.abstract.params,
+                                       {"step": run.abstract.step, "opt_state": run.abstract.opt_state}, train_batches)
     state = steps.TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
     return state, f"resumed {checkpoints.directory.parent} at step {latest}"
   if init_from:
-    params = RunCheckpoints(init_from, read_only=True).restore_params(abstract.params)
-    state = steps.init_state(cfg.model, tx, shardings, cfg.seed, params=params)
-    return state, f"initialised parameters from {init_from}; fresh optimizer and schedule"
-  return steps.init_state(cfg.model, tx, shardings, cfg.seed), f"new run in {checkpoints.directory.parent}"
-
-
-def adopt_norm_scale(cfg: TrainConfig, init_from: str) -> tuple[TrainConfig, str | None]:
-  """A grown checkpoint stores the norm scale its function depends on; a config that leaves the scale unset
-  takes it (else training would switch to sqrt(new n) and undo the function-preserving growth)."""
-  saved = RunCheckpoints(init_from, read_only=True).read_json().get("model", {}).get("norm_scale_tokens")
-  current = cfg.model.norm_scale_tokens
-  if saved is None or cfg.model.norm_scale != "fixed":
-    return cfg, None
-  if current is None:
-    model = cfg.model.replace(norm_scale_tokens=ParamTokens(**saved))
-    return cfg.replace(model=model), f"norm scale taken from {init_from}: sqrt of {saved}"
-  if to_dict(current) != saved:
-    raise TrainingError(f"{init_from} was grown with norm_scale_tokens={saved} but the config sets "
-                        f"{to_dict(current)}; leave model.norm_scale_tokens unset to use the checkpoint's")
-  return cfg, None
-
-
-def new_token_rows(cfg: TrainConfig, init_from: str | None) -> dict[str, tuple[int, int]] | None:
-  """For optim.train_only_new_tokens: the rows [n_old, n_new) of each Pattention that growth appended."""
-  if not cfg.optim.train_only_new_tokens:
-    return None
-  extra = RunCheckpoints(init_from, read_only=True).read_json(item="extra", default={}) if init_from else {}
-  if "old_model" not in extra:
-    raise TrainingError("optim.train_only_new_tokens needs --init_from a checkpoint made by "
-                        "tokenformer_jax.cli.grow (it records which tokens are new)")
-  old = extra["old_model"]["param_tokens"]
-  return {p: (old[p], cfg.model.tokens(p)) for p in PROJECTIONS}
+    params = RunCheckpoints(init_from, read_only=True).restore_params(run.abstract.params)
+    return run.init_state(params), f"initialised parameters from {init_from}; fresh optimizer and schedule"
+  return run.init_state(), f"new run in {checkpoints.directory.parent}"
 
 
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
-  sharding.initialize_distributed()   # multi-host TPU: join the other hosts before anything touches devices
+  sharding.initialize_distributed()   # several hosts: join the others before anything touches devices
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
-  adopted = None
-  if init_from:
-    cfg, adopted = adopt_norm_scale(cfg, init_from)
-  mesh = sharding.make_mesh(cfg.mesh)
-  check_batch_layout(cfg, mesh)
+  cfg, trainable_rows, notes = start_from_grown(cfg, init_from)   # a grown checkpoint's norm scale and new rows
+  run = build_run(cfg, trainable_rows=trainable_rows)              # mesh → optimizer → shardings → jitted steps
+  mesh = run.mesh
 
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   if tokenizer.vocab_size != cfg.model.vocab_size:
@@ -158,21 +110,15 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   eval_batches = make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch,
                                    max_batches=cfg.eval_batches, **host)
 
-  schedule = learning_rate_schedule(cfg.optim, cfg.steps)
-  tx = make_optimizer(cfg.optim, cfg.steps, trainable_rows=new_token_rows(cfg, init_from))
-  abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
   latest = checkpoints.latest_step()
-  state, how = starting_state(cfg, tx, abstract, shardings, checkpoints, latest, train_batches, init_from)
+  state, how = starting_state(run, checkpoints, latest, train_batches, init_from)
   log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
-  log.say(how)
-  if adopted:
-    log.say(adopted)
+  for line in [how, *notes]:
+    log.say(line)
   if writer:
     write_json_atomically(workdir / "config.json", to_dict(cfg))
 
-  train_step = steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum)
-  eval_step = steps.make_eval_step(cfg.model, shardings, mesh)
   config_json = to_dict(cfg)
   tokens_per_step = cfg.global_batch * cfg.data.seq_len
   flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -193,7 +139,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   final: dict[str, float] = {}
   try:
     while step < cfg.steps:
-      state, metrics = train_step(state, to_global(next(train_batches), mesh))
+      state, metrics = run.train_step(state, run.to_global(next(train_batches)))
       step += 1
       window_steps += 1
       pending.append((step, metrics))
@@ -220,7 +166,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                 f"grad norm {float(m['grad_norm']):.3f} | {tokens_per_second / 1e3:.1f}k tok/s | "
                 f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | eta {format_duration(eta)}")
       if evaluating:
-        final = evaluate(eval_step, state.params, eval_batches, mesh)
+        final = evaluate(run, state.params, eval_batches)
         log.write(step, final)
         log.say(f"step {step:>7}/{cfg.steps} | validation loss {final['eval/loss']:.4f} | "
                 f"perplexity {final['eval/perplexity']:.2f}")
@@ -235,7 +181,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                 "run the same command again to continue")
         return final
     if not final:   # resumed a run that had already finished
-      final = evaluate(eval_step, state.params, eval_batches, mesh)
+      final = evaluate(run, state.params, eval_batches)
     checkpoints.wait()
     log.say(f"done: {cfg.steps} steps | validation loss {final['eval/loss']:.4f} | perplexity "
             f"{final['eval/perplexity']:.2f}\ncheckpoint:  {checkpoints.directory / str(cfg.steps)}\n"

@@ -1,0 +1,82 @@
+"""A run, assembled once: mesh → optimizer + schedule → abstract state and its shardings → jitted steps.
+
+The trainer, the TPU plan, the benchmarks and the tests all call `build_run`, so the plan compiles the very
+step that training runs. `check_batch_layout` is the one check that a batch splits over the hosts and the
+data-parallel devices (the launcher calls it too, with the mesh shape of a slice it has not created yet).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from tokenformer_jax import sharding
+from tokenformer_jax.config import TrainConfig
+from tokenformer_jax.train import steps
+from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+class LayoutError(ValueError):
+  """A batch that does not split over the hosts or the data-parallel devices; says which setting to change."""
+
+
+def check_batch_layout(cfg: TrainConfig, mesh_shape: Mapping[str, int], processes: int = 1) -> None:
+  """global_batch splits into grad_accum micro-batches, each over the data-parallel devices ("data" × "fsdp"),
+  and into equal parts for the `processes` hosts that each load their own rows."""
+  data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
+  if cfg.global_batch % cfg.grad_accum:
+    raise LayoutError(f"global_batch={cfg.global_batch} is not divisible by grad_accum={cfg.grad_accum}")
+  micro = cfg.global_batch // cfg.grad_accum
+  if micro % data_parallel:
+    raise LayoutError(f"each micro-batch has {micro} sequences (global_batch / grad_accum), which does not split "
+                      f"over the {data_parallel} data-parallel devices of mesh {dict(mesh_shape)}; make it a "
+                      "multiple of that")
+  if cfg.global_batch % processes:
+    raise LayoutError(f"global_batch={cfg.global_batch} does not split over {processes} hosts")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything a train or eval loop needs besides data and checkpoints."""
+  config: TrainConfig
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  schedule: Callable
+  abstract: steps.TrainState      # ShapeDtypeStructs carrying their shardings
+  shardings: steps.TrainState     # NamedShardings
+  train_step: Any                 # jit(state, batch) → (state, metrics)
+  eval_step: Any                  # jit(params, batch) → (Σ loss, targets)
+
+  def init_state(self, params=None) -> steps.TrainState:
+    """A fresh state (or one around already placed `params`), created directly with its shardings."""
+    return steps.init_state(self.config.model, self.tx, self.shardings, self.config.seed, params=params)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch's shapes and shardings, for compiling the step ahead of time."""
+    cfg, rows = self.config, sharding.batch_sharding(self.mesh)
+    return {"tokens": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len + 1), jnp.int32, sharding=rows),
+            "mask": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.float32, sharding=rows)}
+
+  def to_global(self, host_batch: dict) -> dict:
+    """This host's rows → one jax.Array per field, split over the data-parallel axes of the whole mesh."""
+    rows = sharding.batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(rows, np.asarray(v)) for k, v in host_batch.items()}
+
+
+def build_run(cfg: TrainConfig, devices=None, *, trainable_rows=None, processes: int | None = None) -> Run:
+  """The run of `cfg` on `devices` (default: every device of every process). `trainable_rows` restricts the
+  updates to growth's new parameter tokens (optim.train_only_new_tokens); `processes` is the number of hosts
+  that each load part of the batch (default: this job's)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  check_batch_layout(cfg, mesh.shape, jax.process_count() if processes is None else processes)
+  schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+  tx = make_optimizer(cfg.optim, cfg.steps, trainable_rows=trainable_rows)
+  abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
+  return Run(config=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings,
+             train_step=steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum),
+             eval_step=steps.make_eval_step(cfg.model, shardings, mesh))
