@@ -31,6 +31,7 @@ from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_ur
                         define_tpu_flags, ledger_budgets, job_env, make_spec, make_vm, preflight, worker_setup)
 from tokenformer_jax.config import apply_overrides, load_config
 from tokenformer_jax.growth import check_growable
+from tokenformer_jax.train import logger
 
 LADDER_FILE = "experiments/ladder.py"
 
@@ -286,6 +287,9 @@ def main(argv: list[str]) -> None:
       raise ValueError(f"unexpected arguments {argv[1:]}; config fields are set with --set field=value")
     if not f.ladder or not f.workdir:
       raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
+    if not logger.verbosity_requested():   # library lines to WORKDIR/logs/ladder.log (as cli.common.quiet_console)
+      logger.capture_library_logs()
+      logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
     path, stages = load_stages(f.ladder, f.set)
     check_ladder(stages, f.backend, path)
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)

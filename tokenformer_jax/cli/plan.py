@@ -10,13 +10,14 @@ A model config (experiments/paper.py) is planned with the paper's ladder recipe:
 bf16 compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig.
 """
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a plan compiles for a TPU that is not here
 
 from absl import app, flags  # noqa: E402
 
 from tokenformer_jax import plan  # noqa: E402
-from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors  # noqa: E402
+from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors, quiet_console  # noqa: E402
 from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, load_config  # noqa: E402
 
 TOPOLOGY = flags.DEFINE_string("topology", "v4-32", "A TPU v4 slice: v4-N (N cores = N/2 chips), v4:XxYxZ, Sxv4-N.")
@@ -66,6 +67,7 @@ def ladder() -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
+  quiet_console(os.path.join(tempfile.gettempdir(), "tokenformer_jax", "logs"), "plan")
   reason = plan.libtpu_missing()
   if reason:
     raise plan.PlanError(reason)
