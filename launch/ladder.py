@@ -289,7 +289,8 @@ def main(argv: list[str]) -> None:
       raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
     if not logger.verbosity_requested():   # library lines to WORKDIR/logs/ladder.log (as cli.common.quiet_console)
       logger.capture_library_logs()
-      logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
+      if not f.dry_run:   # a dry run writes nothing
+        logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
     path, stages = load_stages(f.ladder, f.set)
     check_ladder(stages, f.backend, path)
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)

@@ -34,8 +34,8 @@ def numpy_checksum(x: np.ndarray) -> np.ndarray:
   bits = x.reshape(-1).view(np.uint32)
   position = np.arange(bits.size, dtype=np.uint32)
   with np.errstate(over="ignore"):
-    lanes = [np.sum(numpy_mix(bits ^ numpy_mix(position ^ np.uint32(seed))), dtype=np.uint32)
-             for seed in (0x9E3779B9, 0x7F4A7C15)]
+    h = numpy_mix(bits ^ numpy_mix(position + np.uint32(0x9E3779B9)))
+    lanes = [np.sum(h, dtype=np.uint32), np.sum(h * (position * np.uint32(2) + np.uint32(1)), dtype=np.uint32)]
     return np.array(lanes, np.uint32) ^ numpy_mix(np.uint32(bits.size))
 
 
@@ -50,14 +50,14 @@ def test_checksum_matches_numpy_sees_one_flipped_bit_and_a_swap_and_ignores_the_
   assert len(sums) == 3
   # The whole train state: sharded over 8 devices (FSDP) or on one, the same checksums.
   tx = make_optimizer(CFG.optim, CFG.steps)
+  mesh1 = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  state = steps.init_state(CFG.model, tx, steps.state_shardings(CFG.model, tx, mesh1, "dp")[1], seed=0)
   mesh8 = sharding.make_mesh(MeshConfig(data=1, fsdp=8), jax.devices())
-  _, shardings8 = steps.state_shardings(CFG.model, tx, mesh8, "fsdp")
-  state = steps.init_state(CFG.model, tx, shardings8, seed=0)
-  assert state.params["layers"]["ffn"]["key_param_tokens"].sharding.spec[1] == "fsdp"
-  on_one = jax.device_put(state, jax.devices()[0])
-  assert checksums((state.params, state.opt_state)) == checksums((on_one.params, on_one.opt_state))
+  on_eight = jax.device_put(state, steps.state_shardings(CFG.model, tx, mesh8, "fsdp")[1])
+  assert on_eight.params["layers"]["ffn"]["key_param_tokens"].sharding.spec[1] == "fsdp"
+  assert checksums((state.params, state.opt_state)) == checksums((on_eight.params, on_eight.opt_state))
   leaf = np.asarray(state.params["layers"]["ffn"]["key_param_tokens"])
-  assert checksums({"k": state.params["layers"]["ffn"]["key_param_tokens"]})["['k']"] == "".join(
+  assert checksums({"k": on_eight.params["layers"]["ffn"]["key_param_tokens"]})["['k']"] == "".join(
       f"{int(w):08x}" for w in numpy_checksum(leaf))
 
 
@@ -230,3 +230,30 @@ def test_a_finished_run_says_it_is_complete_and_where_its_checkpoint_is(trained_
       in out.getvalue()
   assert "training test_run" not in out.getvalue()
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "8"]
+
+
+# The console -----------------------------------------------------------------------------------------------
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_rewrites_itself_on_a_terminal_and_library_lines_wait_for_their_file(tmp_path, monkeypatch):
+  from tokenformer_jax.train import logger
+  for stdout, expected in ((Terminal(), "\r\x1b[Kstep 1\r\x1b[Kstep 2\nvalidation\n"),
+                           (io.StringIO(), "step 1\nstep 2\nvalidation\n")):
+    monkeypatch.setattr("sys.stdout", stdout)
+    log = logger.MetricsLogger(tmp_path / "run", enabled=True)
+    log.progress("step 1")
+    log.progress("step 2")
+    log.say("validation")
+    log.close()
+    assert stdout.getvalue() == expected
+  held = logger.LibraryLog(capacity=3)
+  for i in range(5):
+    held.write(f"line {i}\n")
+  held.attach(str(tmp_path / "logs/x.log"))
+  held.write("line 5\n")
+  held.close()
+  text = (tmp_path / "logs/x.log").read_text().splitlines()
+  assert text[1:] == ["(2 earlier lines were dropped)", "line 2", "line 3", "line 4", "line 5"]
