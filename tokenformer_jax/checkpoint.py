@@ -37,9 +37,9 @@ class CheckpointError(ValueError):
 class BrokenCheckpoint(CheckpointError):
   """A checkpoint that cannot be read back or whose arrays do not match the checksums saved with them."""
 
-  def __init__(self, directory, step: int, reason: str):
+  def __init__(self, directory, step: int, reason: str, advice: str = ""):
     self.step, self.reason = step, reason
-    super().__init__(f"checkpoint {epath.Path(directory) / str(step)} is broken: {reason}")
+    super().__init__(f"checkpoint {epath.Path(directory) / str(step)} is broken: {reason}{advice}")
 
 
 def say_once_per_job(line: str) -> None:
@@ -208,8 +208,11 @@ class RunCheckpoints:
     except CheckpointError as mismatch:   # deterministic: every host raises it alike
       raise mismatch
     except Exception as failure:  # noqa: BLE001 (tensorstore, JSON, OS and Orbax errors all mean "unreadable")
+      if "RESOURCE_EXHAUSTED" in str(failure):   # out of device memory: the checkpoint is not to blame
+        raise
       lines = str(failure).strip().splitlines() or [""]
-      error = BrokenCheckpoint(self.directory, step, f"cannot be read ({type(failure).__name__}: {lines[0][:240]})")
+      error = BrokenCheckpoint(self.directory, step, f"cannot be read ({type(failure).__name__}: {lines[0][:240]})",
+                               self._other_steps(step))
     if not _everywhere(error is None):
       raise error or BrokenCheckpoint(self.directory, step, "another host could not read it")
     return result
@@ -234,7 +237,7 @@ class RunCheckpoints:
       path = first_mismatch(saved[item], checksums(tree))
       if path is not None:
         raise BrokenCheckpoint(self.directory, step, f"{item}{path} does not match the checksum saved with it "
-                               f"(its files changed after the save){self._other_steps(step)}")
+                               "(its files changed after the save)", self._other_steps(step))
 
   def _other_steps(self, step: int) -> str:
     others = sorted(s for s in self.manager.all_steps() if s != step)
@@ -298,7 +301,7 @@ class RunCheckpoints:
         return step, params, opt_state
       except BrokenCheckpoint as broken:
         aside = self.move_aside(step)
-        say_once_per_job(f"checkpoint at step {step} is broken ({broken.reason.split('; ')[0]}); "
+        say_once_per_job(f"checkpoint at step {step} is broken ({broken.reason}); "
                          f"moved it to {aside.name} and falling back to the one before")
         moved.append(aside.name)
     if moved or self.moved_aside():

@@ -93,7 +93,7 @@ def write_checkpoint(dst: epath.Path, **items) -> None:
 def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
   """The error for a broken --src checkpoint: it, and which of the source's steps are good instead."""
   good = source.good_steps(lambda s: placed(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
-  what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason.split('; ')[0]})"
+  what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason})"
   if not good:
     return CheckpointError(f"{what}; none of the checkpoints in {source.directory} is good")
   return CheckpointError(f"{what}; good checkpoints of {source.directory}: steps {good} (e.g. --step={good[-1]})")
