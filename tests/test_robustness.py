@@ -1,15 +1,20 @@
 """Checkpoints that cannot lie, the fallback past a broken one, values refused up front, and a quiet console."""
 import contextlib
 import io
+import json
+import os
 import pathlib
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli
+from helpers import REPO, TEST_RUN, assert_fails_with_one_line, losses, run_cli
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, array_checksum, checksums
 from tokenformer_jax.config import MeshConfig, apply_overrides, load_config
@@ -257,3 +262,35 @@ def test_progress_rewrites_itself_on_a_terminal_and_library_lines_wait_for_their
   held.close()
   text = (tmp_path / "logs/x.log").read_text().splitlines()
   assert text[1:] == ["(2 earlier lines were dropped)", "line 2", "line 3", "line 4", "line 5"]
+
+
+# Two processes -----------------------------------------------------------------------------------------------
+def two_processes(mode: str, run_dir) -> list[str]:
+  """Both processes' stdout (their output goes to files: a pipe read one after the other could block one)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  logs = [pathlib.Path(run_dir).parent / f"{pathlib.Path(run_dir).name}.{mode}.{i}.{kind}" for i in range(2)
+          for kind in ("out", "err")]
+  children = [subprocess.Popen([sys.executable, "tests/two_process_checkpoint.py", mode, str(i), str(port),
+                                str(run_dir)], cwd=REPO, env=env, stdout=logs[2 * i].open("w"),
+                               stderr=logs[2 * i + 1].open("w")) for i in range(2)]
+  for i, child in enumerate(children):
+    assert child.wait(timeout=300) == 0, logs[2 * i + 1].read_text()[-3000:]
+  return [logs[2 * i].read_text() for i in range(2)]
+
+
+def test_two_hosts_agree_on_a_checkpoint_only_one_of_them_reads_broken(tmp_path):
+  run = tmp_path / "run"
+  saved = two_processes("save", run)
+  checksum = {json.loads(out.splitlines()[-1])["checksum"] for out in saved}
+  values = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32) + 2
+  assert checksum == {"".join(f"{int(w):08x}" for w in numpy_checksum(values))}   # one value, as on one host
+  # Damage the rows only process 1 wrote (and reads back): process 0's own reads are clean.
+  flip_bytes(data_file(run / "checkpoints/2/params", "ocdbt.process_1"))
+  restored = two_processes("restore", run)
+  assert [json.loads(out.splitlines()[-1]) for out in restored] == [{"step": 1, "holds": [1]}] * 2
+  said = [line for out in restored for line in out.splitlines() if "is broken" in line]
+  assert len(said) == 1 and "params['w'] does not match the checksum" in said[0] and "2.corrupt" in said[0]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["1", "2.corrupt"]
