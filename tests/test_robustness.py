@@ -285,7 +285,7 @@ def test_two_hosts_agree_on_a_checkpoint_only_one_of_them_reads_broken(tmp_path)
   run = tmp_path / "run"
   saved = two_processes("save", run)
   checksum = {json.loads(out.splitlines()[-1])["checksum"] for out in saved}
-  values = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32) + 2
+  values = np.random.default_rng(0).integers(0, 2**32, (512, 64), dtype=np.uint32) + np.uint32(2)
   assert checksum == {"".join(f"{int(w):08x}" for w in numpy_checksum(values))}   # one value, as on one host
   # Damage the rows only process 1 wrote (and reads back): process 0's own reads are clean.
   flip_bytes(data_file(run / "checkpoints/2/params", "ocdbt.process_1"))

@@ -4,6 +4,9 @@
 
 `save` writes steps 1 and 2 of a [512, 64] array sharded over all 4 devices (each process writes its rows);
 `restore` takes the newest good checkpoint and prints, as JSON, the step and which step's values it holds.
+The values are random 32-bit words: incompressible, so a flipped byte in a data file reads back as wrong values
+rather than as a decoding error on the one host that reads it (which would leave that host out of Orbax's
+collective barriers: see README, "Checkpoints that cannot lie").
 """
 import json
 import os
@@ -28,9 +31,9 @@ from tokenformer_jax.checkpoint import RunCheckpoints, checksums  # noqa: E402
 
 logging.set_verbosity(logging.ERROR)
 rows = NamedSharding(Mesh(np.array(jax.devices()), ("fsdp",)), PartitionSpec("fsdp", None))
-values = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
-at_step = lambda step: jax.make_array_from_callback(values.shape, rows, lambda index: values[index] + step)
-abstract = jax.ShapeDtypeStruct(values.shape, np.float32, sharding=rows)
+values = np.random.default_rng(0).integers(0, 2**32, (512, 64), dtype=np.uint32)
+at_step = lambda step: jax.make_array_from_callback(values.shape, rows, lambda index: values[index] + np.uint32(step))
+abstract = jax.ShapeDtypeStruct(values.shape, np.uint32, sharding=rows)
 checkpoints = RunCheckpoints(run_dir, keep=3)
 if mode == "save":
   for step in (1, 2):
@@ -40,5 +43,6 @@ if mode == "save":
 else:
   step, params, _ = checkpoints.restore_newest({"w": abstract}, {"m": abstract})
   gathered = np.asarray(multihost_utils.process_allgather(params["w"], tiled=True))
-  print(json.dumps({"step": step, "holds": [s for s in (1, 2) if np.array_equal(gathered, values + s)]}), flush=True)
+  holds = [s for s in (1, 2) if np.array_equal(gathered, values + np.uint32(s))]
+  print(json.dumps({"step": step, "holds": holds}), flush=True)
 checkpoints.close()

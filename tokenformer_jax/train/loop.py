@@ -224,9 +224,10 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         log.write(step, {"train/tokens_per_second": tokens_per_second, "train/mfu": mfu})
         m = fetched[-1][1]
         eta = (time.time() - started) / max(step - int(latest or 0), 1) * (cfg.steps - step)
-        log.progress(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | lr {float(m['learning_rate']):.2e} | "
-                f"grad norm {float(m['grad_norm']):.3f} | {tokens_per_second / 1e3:.1f}k tok/s | "
-                f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | eta {format_duration(eta)}")
+        log.progress(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | "
+                     f"lr {float(m['learning_rate']):.2e} | grad norm {float(m['grad_norm']):.3f} | "
+                     f"{tokens_per_second / 1e3:.1f}k tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
+                     f"eta {format_duration(eta)}")
       if evaluating:
         final = evaluate(eval_step, state.params, eval_batches, mesh)
         log.write(step, final)
