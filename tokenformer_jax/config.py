@@ -223,12 +223,12 @@ class DataConfig:
     check_int("data.seq_len", self.seq_len, 1)
     check_int("data.shuffle_seed", self.shuffle_seed, 0)
     check_int("data.worker_count", self.worker_count, 0)
-    if self.validation_files or self.tfds_name:
+    if self.validation_files or self.tfds_name or self.store:
       check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
     else:   # the validation set is held out of the training files
       check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, low_open=True, high_open=True)
-    if not self.tfds_name and not any(self.train_files):
-      raise ValueError("data.train_files must name at least one file or glob (or set data.tfds_name)")
+    if not self.tfds_name and not self.store and not any(self.train_files):
+      raise ValueError("data.train_files must name at least one file or glob (or set data.store or data.tfds_name)")
     for name in ("text_field", "tokenizer"):
       if not getattr(self, name):
         raise ValueError(f"data.{name} must not be empty")
