@@ -35,6 +35,7 @@ from tokenformer_jax.growth import check_growable
 from tokenformer_jax.ladder import LADDER_FILE, Stage, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
 from tokenformer_jax.sharding import MESH_AXES, mesh_shape
+from tokenformer_jax.train import logger
 from tokenformer_jax.train.setup import check_batch_layout
 
 
@@ -295,6 +296,10 @@ def main(argv: list[str]) -> None:
       raise ValueError(f"unexpected arguments {argv[1:]}; config fields are set with --set field=value")
     if not f.ladder or not f.workdir:
       raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
+    if not logger.verbosity_requested():   # library lines to WORKDIR/logs/ladder.log (as cli.common.quiet_console)
+      logger.capture_library_logs()
+      if not f.dry_run:   # a dry run writes nothing
+        logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
     launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit)
   except KeyboardInterrupt:

@@ -1,23 +1,117 @@
-"""Orbax checkpoints of a run: parameters, optimizer state, data-iterator position and config.
+"""Orbax checkpoints of a run: parameters, optimizer state, data-iterator position and config, verified.
 
-A run directory holds `checkpoints/<step>/{params, opt_state, data_iterator, config}`. Orbax writes each step
-to a temporary directory and renames it when complete, so a killed job never leaves a half checkpoint that a
-restart would pick up. Restores go straight onto whatever mesh the abstract target's shardings name, so a
+A run directory holds `checkpoints/<step>/{params, opt_state, data_iterator, config, checksums}`. Orbax writes
+each step to a temporary directory and renames it when complete, so a killed job never leaves a half checkpoint
+that a restart would pick up. Restores go straight onto whatever mesh the abstract target's shardings name, so a
 checkpoint saved on one mesh restores on any other (or on one device).
+
+Orbax does not check what it reads back: a flipped byte in a tensor file restores as a wrong number. So every
+save records a checksum of every array (`checksums`, computed on the devices that hold the array: only one
+scalar per array reaches the host) and every restore recomputes and compares them. The checksum is two wrapping
+uint32 sums of mixed (bits, position) pairs: exact integer arithmetic, so the same on any mesh. A resume that
+finds its newest checkpoint broken moves it aside to `<step>.corrupt` (never deleting it) and takes the newest
+good one (`restore_newest`).
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+CHECKSUM_VERSION = 1
 
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing, incomplete, or does not fit the model it is restored into."""
+
+
+class BrokenCheckpoint(CheckpointError):
+  """A checkpoint that cannot be read back or whose arrays do not match the checksums saved with them."""
+
+  def __init__(self, directory, step: int, reason: str, advice: str = ""):
+    self.step, self.reason = step, reason
+    super().__init__(f"checkpoint {epath.Path(directory) / str(step)} is broken: {reason}{advice}")
+
+
+def say_once_per_job(line: str) -> None:
+  """A line for the user, from process 0 only (the trainer's other lines come from there too)."""
+  if jax.process_index() == 0:
+    print(line, file=sys.stdout, flush=True)
+
+
+# Checksums ------------------------------------------------------------------------------------------------
+def _mix(x: jax.Array) -> jax.Array:
+  """A bijective avalanche of uint32 (murmur3's finaliser): one flipped input bit changes about half the bits."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's raw bits as uint32 of the same shape (64-bit types: an extra trailing axis of 2)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def array_checksum(x: jax.Array) -> jax.Array:
+  """uint32[2]: wrapping sums over the elements of h = mix(bits ^ mix(position)), plain and weighted by the odd
+  number 2·position + 1. Integer sums in any order give the same words, so the mesh does not matter.
+
+  Positions come from iotas over the array's own shape (no reshape, so a sharded array is never relaid out);
+  the sums run where the shards live and only the two words are combined across devices. About 15 integer
+  operations per element: memory-bound on a TPU.
+  """
+  bits = _bits(x)
+  position = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  h = _mix(bits ^ _mix(position + jnp.uint32(0x9E3779B9)))
+  lanes = jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(h * (position * 2 + 1), dtype=jnp.uint32)])
+  return lanes ^ _mix(jnp.uint32(bits.size % 2**32))
+
+
+@functools.lru_cache(maxsize=None)
+def _checksum_program(out_sharding):
+  """One small jitted program per (shape, dtype, sharding), quick to compile; its two words replicated over the
+  array's mesh, so that every host can read them."""
+  return jax.jit(array_checksum, out_shardings=out_sharding)
+
+
+def _replicated_over(leaf):
+  placed = getattr(leaf, "sharding", None)
+  return NamedSharding(placed.mesh, PartitionSpec()) if isinstance(placed, NamedSharding) else None
+
+
+def checksums(tree) -> dict[str, str]:
+  """{leaf path: 16 hex digits} of every array in `tree`, computed on the arrays' own devices."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  values = jax.device_get([_checksum_program(_replicated_over(leaf))(leaf) for _, leaf in flat])
+  return {jax.tree_util.keystr(path): "".join(f"{int(word):08x}" for word in np.asarray(value))
+          for (path, _), value in zip(flat, values)}
+
+
+def first_mismatch(saved: dict[str, str], restored: dict[str, str]) -> str | None:
+  for path in sorted(set(saved) | set(restored)):
+    if saved.get(path) != restored.get(path):
+      return path
+  return None
 
 
 def checkpoints_dir(path: str | epath.Path) -> epath.Path:
@@ -63,11 +157,12 @@ class RunCheckpoints:
                       else ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb))
     handlers = {"params": params_handler, "opt_state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                "data_iterator": grain.checkpoint.CheckpointHandler()}
+                "checksums": ocp.JsonCheckpointHandler(), "data_iterator": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                              enable_async_checkpointing=not read_only))
+    self._said_unverified = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -85,44 +180,178 @@ class RunCheckpoints:
 
   def save(self, step: int, *, params, config: dict, opt_state=None, data_iterator=None,
            extra: dict | None = None) -> None:
-    """Start an asynchronous save; params-only when opt_state and data_iterator are left out."""
+    """Start an asynchronous save; params-only when opt_state and data_iterator are left out.
+
+    The checksums of the arrays are computed first, on their devices (one short pass over the state)."""
+    sums = {"version": CHECKSUM_VERSION, "params": checksums(params)}
     items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config)}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
+      sums["opt_state"] = checksums(opt_state)
+    items["checksums"] = ocp.args.JsonSave(sums)
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
     if extra is not None:
       items["extra"] = ocp.args.JsonSave(extra)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  # Reading: every failure to read is a BrokenCheckpoint naming the step, every mismatch too ------------------
+  def _read(self, step: int, read: Callable[[], Any]) -> Any:
+    """`read()`, with any failure of the files (missing, truncated, garbled) turned into a BrokenCheckpoint.
+    A checkpoint that reads but does not fit the model stays a plain CheckpointError (it is not broken).
+    Every host must agree: one host's failed read fails the step on all of them."""
+    error = None
+    try:
+      result = read()
+    except (BrokenCheckpoint, MemoryError):
+      raise
+    except CheckpointError as mismatch:   # deterministic: every host raises it alike
+      raise mismatch
+    except Exception as failure:  # noqa: BLE001 (tensorstore, JSON, OS and Orbax errors all mean "unreadable")
+      if "RESOURCE_EXHAUSTED" in str(failure):   # out of device memory: the checkpoint is not to blame
+        raise
+      lines = str(failure).strip().splitlines() or [""]
+      error = BrokenCheckpoint(self.directory, step, f"cannot be read ({type(failure).__name__}: {lines[0][:240]})",
+                               self._other_steps(step))
+    if not _everywhere(error is None):
+      raise error or BrokenCheckpoint(self.directory, step, "another host could not read it")
+    return result
+
+  def _verify(self, step: int, restored: dict[str, Any]) -> None:
+    """Recompute the checksums of the restored items and compare them with those saved with them."""
+    if not (self.directory / str(step) / "checksums").exists():
+      if not self._said_unverified:
+        say_once_per_job(f"note: {self.directory / str(step)} has no checksums (it was saved before "
+                         "tokenformer_jax verified checkpoints); restoring it unverified")
+        self._said_unverified = True
+      return
+    saved = self._read(step, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"])
+    if saved.get("version") != CHECKSUM_VERSION:
+      raise CheckpointError(f"{self.directory / str(step)} has checksums of version {saved.get('version')}, but "
+                            f"this tokenformer_jax computes version {CHECKSUM_VERSION}; restore it with the "
+                            "version that wrote it")
+    for item, tree in restored.items():
+      if item not in saved:
+        raise BrokenCheckpoint(self.directory, step, f"its checksums have no entry for {item}")
+      path = first_mismatch(saved[item], checksums(tree))
+      if path is not None:
+        raise BrokenCheckpoint(self.directory, step, f"{item}{path} does not match the checksum saved with it "
+                               "(its files changed after the save)", self._other_steps(step))
+
+  def _other_steps(self, step: int) -> str:
+    others = sorted(s for s in self.manager.all_steps() if s != step)
+    if not others:
+      return "; the run has no other checkpoint to use instead"
+    return f"; use another of the run's checkpoints (steps {others}; resuming falls back by itself)"
+
   def read_json(self, step: int | None = None, item: str = "config", default: dict | None = None) -> dict:
     """A JSON item of a checkpoint (the config, or growth's provenance "extra"); `default` if absent."""
     step = self.resolve_step(step)
     if default is not None and not (self.directory / str(step) / item).exists():
       return default
-    return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    return self._read(step, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item])
+
+  def _stored_params(self, step: int):
+    stored = self.manager.item_metadata(step)["params"]
+    if stored is None:
+      raise FileNotFoundError("its params item is missing")
+    return stored
 
   def restore_params(self, abstract_params, step: int | None = None):
-    """Parameters only, onto the shardings of `abstract_params` (a tree of ShapeDtypeStruct)."""
+    """Parameters only, onto the shardings of `abstract_params` (a tree of ShapeDtypeStruct), verified."""
     step = self.resolve_step(step)
-    stored = self.manager.item_metadata(step)["params"]
-    check_same_structure(stored, abstract_params, f"parameters of {self.directory / str(step)}")
-    return self.manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+    def read():
+      stored = self._stored_params(step)
+      check_same_structure(stored, abstract_params, f"parameters of {self.directory / str(step)}")
+      return self.manager.restore(
+          step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+    params = self._read(step, read)
+    self._verify(step, {"params": params})
+    return params
 
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator=None) -> tuple[Any, Any]:
-    """(params, opt_state) of `step`, and the data iterator's position restored in place."""
-    stored = self.manager.item_metadata(step)
-    check_same_structure(stored["params"], abstract_params, f"parameters of {self.directory / str(step)}")
-    items = {"params": ocp.args.StandardRestore(abstract_params),
-             "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
-    if data_iterator is not None:
-      items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    """(params, opt_state) of `step`, verified, and the data iterator's position restored in place."""
+    def read():
+      stored = self._stored_params(step)
+      check_same_structure(stored, abstract_params, f"parameters of {self.directory / str(step)}")
+      items = {"params": ocp.args.StandardRestore(abstract_params),
+               "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
+      if data_iterator is not None:
+        items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._read(step, read)
+    self._verify(step, {"params": restored["params"], "opt_state": restored["opt_state"]})
     return restored["params"], restored["opt_state"]
+
+  # Falling back past broken checkpoints --------------------------------------------------------------------
+  def restore_newest(self, abstract_params, abstract_opt_state, data_iterator=None,
+                     check_config: Callable[[dict], None] | None = None):
+    """(step, params, opt_state) of the newest checkpoint that reads and verifies, or (None, None, None) in a
+    run without checkpoints. Each broken newer one is reported in one line and moved aside to
+    `<step>.corrupt`. `check_config(saved config)` may refuse the run (its error passes through untouched)."""
+    moved = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        if check_config is not None:
+          check_config(self.read_json(step))
+        params, opt_state = self.restore(step, abstract_params, abstract_opt_state, data_iterator)
+        return step, params, opt_state
+      except BrokenCheckpoint as broken:
+        aside = self.move_aside(step)
+        say_once_per_job(f"checkpoint at step {step} is broken ({broken.reason}); "
+                         f"moved it to {aside.name} and falling back to the one before")
+        moved.append(aside.name)
+    if moved or self.moved_aside():
+      names = ", ".join(moved or self.moved_aside())
+      raise CheckpointError(f"no good checkpoint in {self.directory}: {names} were moved aside as broken; start "
+                            "over with a new --workdir (or move those directories out of it to start over there)")
+    return None, None, None
+
+  def moved_aside(self) -> list[str]:
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if ".corrupt" in p.name)
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Rename `<step>` to `<step>.corrupt` (`.corrupt.2`, ... if taken): kept for a post-mortem, out of the
+    way of the steps Orbax lists. Process 0 renames; every process waits for it."""
+    source, target = self.directory / str(step), self.directory / f"{step}.corrupt"
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{step}.corrupt.{n}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"tokenformer_jax moved checkpoint {step} aside")
+    self.manager.reload()
+    return target
+
+  def good_steps(self, abstract_params_of: Callable[[int], Any]) -> list[int]:
+    """The steps whose parameters read and verify (`abstract_params_of(step)` builds each step's target)."""
+    good = []
+    for step in sorted(self.manager.all_steps()):
+      try:
+        self.restore_params(abstract_params_of(step), step)
+        good.append(step)
+      except BrokenCheckpoint:
+        pass
+    return good
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every host (one host's failed read fails a checkpoint on all of them)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

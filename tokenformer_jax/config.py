@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import typing
 from typing import Any
@@ -19,6 +20,45 @@ PATTENTION_KERNELS = ("plain", "lean")
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+# Up-front checks: every value a user can set, refused with one line naming the field and its range ---------
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(where: str, value, low: int, high: int | None = None, allowed: tuple = ()) -> None:
+  """`value` is an int in [low, high] (or one of `allowed`), else a ValueError naming `where` and the range."""
+  if value in allowed and not isinstance(value, bool):
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+    span = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    extra = "".join(f" or {a}" for a in allowed)
+    raise ValueError(f"{where} must be {span}{extra}, got {value!r}")
+
+
+def check_float(where: str, value, low: float, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+  """`value` is a finite number in the interval, else a ValueError naming `where` and the interval."""
+  ok = _is_number(value) and (value > low if low_open else value >= low)
+  if high is not None:
+    ok = ok and (value < high if high_open else value <= high)
+  if not ok:
+    left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+    raise ValueError(f"{where} must be a finite number in {left}{low}, {'inf' if high is None else high}{right}, "
+                     f"got {value!r}")
+
+
+def check_choice(where: str, value, choices: tuple) -> None:
+  if value not in choices:
+    raise ValueError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate(cfg):
+  """Check every field of a config (its `validate()`), after overrides; returns it for chaining."""
+  if hasattr(cfg, "validate"):
+    cfg.validate()
+  return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +139,14 @@ class ModelConfig:
 
     need(self.architecture in ("tokenformer", "transformer"),
          f"architecture must be 'tokenformer' or 'transformer', got {self.architecture!r}")
+    for name in ("d_model", "n_layers", "n_heads", "vocab_size", "vocab_multiple", "max_seq_len", "mlp_ratio"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+           f"model.{name} must be an integer >= 1, got {value!r}")
+    for name in ("rotary_fraction", "rotary_base", "layer_norm_eps"):
+      value = getattr(self, name)
+      need(_is_number(value) and value > 0, f"model.{name} must be a finite number > 0, got {value!r}")
+    need(self.rotary_fraction <= 1, f"model.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
     need(self.d_model % self.n_heads == 0,
          f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
     need(self.positions in ("none", "rotary"), f"positions must be 'none' or 'rotary', got {self.positions!r}")
@@ -181,6 +229,20 @@ class DataConfig:
   def replace(self, **changes: Any) -> DataConfig:
     return dataclasses.replace(self, **changes)
 
+  def validate(self) -> None:
+    check_int("data.seq_len", self.seq_len, 1)
+    check_int("data.shuffle_seed", self.shuffle_seed, 0)
+    check_int("data.worker_count", self.worker_count, 0)
+    if self.validation_files or self.tfds_name or self.store:
+      check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
+    else:   # the validation set is held out of the training files
+      check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    if not self.tfds_name and not self.store and not any(self.train_files):
+      raise ValueError("data.train_files must name at least one file or glob (or set data.store or data.tfds_name)")
+    for name in ("text_field", "tokenizer"):
+      if not getattr(self, name):
+        raise ValueError(f"data.{name} must not be empty")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -200,6 +262,17 @@ class OptimConfig:
   def replace(self, **changes: Any) -> OptimConfig:
     return dataclasses.replace(self, **changes)
 
+  def validate(self) -> None:
+    check_float("optim.learning_rate", self.learning_rate, 0.0)
+    check_int("optim.warmup_steps", self.warmup_steps, 0)
+    check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+    check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+    check_float("optim.b1", self.b1, 0.0, 1.0, high_open=True)
+    check_float("optim.b2", self.b2, 0.0, 1.0, high_open=True)
+    check_float("optim.eps", self.eps, 0.0, low_open=True)
+    check_float("optim.weight_decay", self.weight_decay, 0.0)
+    check_float("optim.grad_clip", self.grad_clip, 0.0)   # 0 disables clipping
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -211,6 +284,13 @@ class MeshConfig:
 
   def replace(self, **changes: Any) -> MeshConfig:
     return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    for name in ("data", "fsdp", "tensor"):
+      check_int(f"mesh.{name}", getattr(self, name), 1, allowed=(-1,))
+    if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+      raise ValueError(f"at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the rest of the devices); "
+                       f"got {self.data}, {self.fsdp}, {self.tensor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +312,18 @@ class TrainConfig:
 
   def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    """Every field in range (the model's are checked when it is built); raises ValueError naming the field."""
+    for name in ("steps", "global_batch", "grad_accum", "eval_every", "eval_batches", "log_every",
+                 "checkpoint_every", "keep_checkpoints"):
+      check_int(name, getattr(self, name), 1)
+    check_int("seed", self.seed, 0)
+    if self.global_batch % self.grad_accum:
+      raise ValueError(f"global_batch={self.global_batch} must be a multiple of grad_accum={self.grad_accum}")
+    self.data.validate()
+    self.optim.validate()
+    self.mesh.validate()
 
 
 def count_params(cfg: ModelConfig, *, storage: bool = True) -> dict[str, int]:
@@ -344,13 +436,14 @@ def _parse_like(text: str, current: Any, where: str) -> Any:
 
 
 def apply_overrides(cfg, overrides: typing.Iterable[str]):
-  """Apply `dotted.field=value` strings, typed by the field's current value: `optim.learning_rate=3e-4`."""
+  """Apply `dotted.field=value` strings, typed by the field's current value: `optim.learning_rate=3e-4`; then
+  check every field of the result (one ValueError naming the first field out of range)."""
   for override in overrides:
     path, sep, text = override.partition("=")
     if not sep:
       raise ValueError(f"override {override!r} must look like 'field.subfield=value'")
     cfg = _replace_path(cfg, path.strip().split("."), text.strip(), path)
-  return cfg
+  return validate(cfg)
 
 
 def _replace_path(obj, parts: list[str], text: str, full: str):

@@ -176,6 +176,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def to_global(host_batch: dict, mesh: Mesh) -> dict:
+  """This host's rows → one jax.Array per field, split over the data-parallel axes of the whole mesh."""
+  rows = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(rows, np.asarray(v)) for k, v in host_batch.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

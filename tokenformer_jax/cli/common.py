@@ -1,4 +1,5 @@
-"""What every command-line tool shares: the --config/--set flags, process setup, errors printed as one line."""
+"""What every command-line tool shares: the --config/--set flags, process setup, errors printed as one line,
+and a quiet console (library log lines to a file, see `quiet_console`)."""
 from __future__ import annotations
 
 import functools
@@ -39,3 +40,16 @@ def one_line_errors(*error_types):
         sys.exit(1)
     return wrapped
   return decorate
+
+
+def quiet_console(log_dir=None, name: str | None = None) -> None:
+  """Keep library log lines (absl, Orbax, JAX INFO and Python warnings) off the console: they are held in memory
+  and go to LOG_DIR/NAME.log once `log_dir` is given here or later (`train.logger.attach_library_log`; the
+  trainer does it in WORKDIR/logs). absl's --verbosity (or --v) given on the command line leaves them on stderr.
+  """
+  from tokenformer_jax.train import logger   # pylint: disable=g-import-not-at-top (keeps this module light)
+  if logger.verbosity_requested():
+    return
+  logger.capture_library_logs()
+  if log_dir is not None:
+    logger.attach_library_log(log_dir, name)

@@ -20,8 +20,8 @@ from etils import epath
 from jax.experimental.multihost_utils import sync_global_devices
 
 from tokenformer_jax import sharding
-from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
-from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors, setup_process
+from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints
+from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors, quiet_console, setup_process
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, Provenance, check_growable, grow, grown_config, net2net_widen,
@@ -107,6 +107,15 @@ def write_checkpoint(dst: epath.Path, **items) -> None:
   sync_global_devices("grow: checkpoint in place")
 
 
+def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
+  """The error for a broken --src checkpoint: it, and which of the source's steps are good instead."""
+  good = source.good_steps(lambda s: placed(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
+  what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason})"
+  if not good:
+    return CheckpointError(f"{what}; none of the checkpoints in {source.directory} is good")
+  return CheckpointError(f"{what}; good checkpoints of {source.directory}: steps {good} (e.g. --step={good[-1]})")
+
+
 @one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
 def main(argv):
   if len(argv) > 1:
@@ -114,11 +123,16 @@ def main(argv):
   if not SRC.value or not DST.value:
     raise ValueError("--src and --dst are required")
   setup_process()
+  quiet_console()   # library lines go to DST/logs/grow.log once the grown checkpoint is written
   started = time.time()
   source = RunCheckpoints(SRC.value, read_only=True)
   step = source.resolve_step(None if STEP.value == "latest" else int(STEP.value))
-  old_cfg = from_dict(TrainConfig, source.read_json(step)).model
   target = load_experiment()
+  mesh = sharding.make_mesh(target.mesh)
+  try:
+    old_cfg = from_dict(TrainConfig, source.read_json(step)).model
+  except BrokenCheckpoint as broken:
+    raise broken_source(source, broken, mesh, target.mesh.preset) from None
   if old_cfg.architecture == "transformer":   # the dense baseline grows by Net2Net widening
     new_cfg, scheme = target.model, "net2net"
     widening_factor(old_cfg, new_cfg)
@@ -130,10 +144,12 @@ def main(argv):
   dst = epath.Path(DST.value)
   check_destination(source.directory.parent, dst, OVERWRITE.value)
 
-  mesh = sharding.make_mesh(target.mesh)
   old_abstract, _ = placed(old_cfg, mesh, target.mesh.preset)
   _, new_shardings = placed(new_cfg, mesh, target.mesh.preset)
-  old_params = source.restore_params(old_abstract, step)
+  try:
+    old_params = source.restore_params(old_abstract, step)
+  except BrokenCheckpoint as broken:
+    raise broken_source(source, broken, mesh, target.mesh.preset) from None
   if old_cfg.architecture == "tokenformer" and (bad := nonzero_padding(old_params, old_cfg)):
     raise CheckpointError(f"{bad[0]} has nonzero padding rows past its {old_cfg.name} token count; the "
                           "checkpoint does not match its config (was it edited outside tokenformer_jax?)")
@@ -142,6 +158,7 @@ def main(argv):
   provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=SCALE.value,
                           old_noise=OLD_NOISE.value, seed=SEED.value, old_model=old_cfg, new_model=new_cfg)
   write_checkpoint(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json())
+  quiet_console(dst / "logs", "grow")
 
   old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
   print_once(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) "

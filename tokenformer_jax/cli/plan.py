@@ -14,13 +14,14 @@ stage with --ladder). --ladder plans the stages of a ladder (tokenformer_jax/lad
 with its own recipe, and prints the README's ladder table; --search tries other slices and remat policies.
 """
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a plan compiles for a TPU that is not here
 
 from absl import app, flags  # noqa: E402
 
 from tokenformer_jax import plan  # noqa: E402
-from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors  # noqa: E402
+from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors, quiet_console  # noqa: E402
 from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, load_config  # noqa: E402
 from tokenformer_jax.ladder import load_ladder  # noqa: E402
 
@@ -84,6 +85,7 @@ def ladder() -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
+  quiet_console(os.path.join(tempfile.gettempdir(), "tokenformer_jax", "logs"), "plan")
   if LADDER.value:
     return ladder()
   reason = plan.libtpu_missing()

@@ -9,7 +9,7 @@ Rerunning the same command continues from the latest checkpoint in --workdir.
 from absl import app, flags
 
 from tokenformer_jax.checkpoint import CheckpointError
-from tokenformer_jax.cli.common import load_experiment, one_line_errors, setup_process
+from tokenformer_jax.cli.common import load_experiment, one_line_errors, quiet_console, setup_process
 from tokenformer_jax.data import DataError
 from tokenformer_jax.train.loop import TrainingError, train
 
@@ -26,6 +26,7 @@ def main(argv):
   if not WORKDIR.value:
     raise ValueError("--workdir is required: where checkpoints and logs go")
   setup_process()
+  quiet_console()   # library lines go to WORKDIR/logs/train.log once the run has started
   train(load_experiment(), WORKDIR.value, init_from=INIT_FROM.value)
 
 

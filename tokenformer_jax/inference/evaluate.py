@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tokenformer_jax import sharding
 from tokenformer_jax.data import pipeline
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.tokenizer import JsonTokenizer
 from tokenformer_jax.train import steps
-from tokenformer_jax.train.loop import to_global
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _CHUNK = 1 << 20   # tokens per numpy pass when counting bytes
@@ -141,7 +141,7 @@ def evaluate(model, stream: pipeline.TokenStream, *, batch_size: int | None = No
     indices = [b * batch + r * hosts + host for r in range(batch // hosts)]
     rows = [windows[i] if i < count else padding for i in indices]
     host_batch = {k: np.stack([row[k] for row in rows]) for k in ("tokens", "mask")}
-    loss_sum, batch_targets = jax.device_get(eval_step(model.params, to_global(host_batch, mesh)))
+    loss_sum, batch_targets = jax.device_get(eval_step(model.params, sharding.to_global(host_batch, mesh)))
     total, targets = total + float(loss_sum), targets + float(batch_targets)
     result = _metrics(total, targets, None, time.perf_counter() - started, b + 1, num_batches)
     if progress is not None:

@@ -1,12 +1,18 @@
-"""Where training metrics go: a progress line on the console, TensorBoard event files, and metrics.jsonl.
+"""Where training metrics go: a progress line on the console, TensorBoard event files, and metrics.jsonl; and
+where library log lines go (absl/Orbax/JAX INFO): a log file in the run, not the console.
 
-Only process 0 writes. metrics.jsonl gets one JSON object per logged step; after a resume, steps that were
-re-run appear again and the last occurrence is the one that counts.
+Only process 0 writes metrics. metrics.jsonl gets one JSON object per logged step; after a resume, steps that
+were re-run appear again and the last occurrence is the one that counts. On a terminal the progress line
+rewrites itself; into a file or a pipe every progress line is a line of its own.
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -33,10 +39,91 @@ def format_duration(seconds: float) -> str:
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+class LibraryLog:
+  """A stream for library log lines: held in memory (the newest `capacity` lines) until `attach(path)`, then
+  appended to that file. Nothing goes to stderr, so a console read late can never fill up and block."""
+
+  def __init__(self, capacity: int = 20000):
+    self.pending: collections.deque[str] = collections.deque(maxlen=capacity)
+    self.written = 0
+    self.file = None
+    self.path: str | None = None
+
+  def write(self, text: str) -> int:
+    if self.file is not None:
+      self.file.write(text)
+    else:
+      self.pending.append(text)
+      self.written += 1
+    return len(text)
+
+  def flush(self) -> None:
+    if self.file is not None:
+      self.file.flush()
+
+  def isatty(self) -> bool:
+    return False
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+
+  def attach(self, path: str) -> None:
+    if self.file is not None:
+      if self.path == path:
+        return
+      self.file.close()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    self.file, self.path = open(path, "a", encoding="utf-8"), path   # noqa: SIM115 (open for the process)
+    self.file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    if self.written > len(self.pending):
+      self.file.write(f"({self.written - len(self.pending)} earlier lines were dropped)\n")
+    self.file.writelines(self.pending)
+    self.pending.clear()
+    self.file.flush()
+
+
+_library_log: LibraryLog | None = None
+
+
+def verbosity_requested() -> bool:
+  """Whether absl's --verbosity (or --v) was given: then library lines stay on stderr, at that level."""
+  from absl import flags
+  return any(name in flags.FLAGS and flags.FLAGS[name].present for name in ("verbosity", "v"))
+
+
+def capture_library_logs() -> None:
+  """Send absl's handler (absl, Orbax, JAX and Python warnings all reach it) to a LibraryLog at INFO."""
+  global _library_log
+  from absl import logging as absl_logging
+  if _library_log is None:
+    _library_log = LibraryLog()
+  absl_logging.get_absl_handler().python_handler.stream = _library_log
+  absl_logging.set_verbosity(absl_logging.INFO)
+  logging.captureWarnings(True)
+
+
+def attach_library_log(directory: str | epath.Path, name: str) -> str | None:
+  """Write the captured library lines to DIRECTORY/NAME.log (a local directory; for a gs:// one, the same
+  path under the temporary directory). Returns the file, or None when the lines are not captured."""
+  if _library_log is None:
+    return None
+  directory = str(directory)
+  if "://" in directory:
+    directory = os.path.join(tempfile.gettempdir(), "tokenformer_jax", directory.split("://", 1)[1])
+  _library_log.attach(os.path.join(directory, f"{name}.log"))
+  return _library_log.path
+
+
 class MetricsLogger:
   def __init__(self, workdir: str | epath.Path, enabled: bool = True):
     self.enabled = enabled
     self.tensorboard_dir = epath.Path(workdir) / "tensorboard"
+    self.rewrite = enabled and sys.stdout.isatty()   # a terminal: the progress line rewrites itself
+    self.open_line = False
+    index = jax.process_index()
+    self.library_log = attach_library_log(epath.Path(workdir) / "logs", "train" if index == 0 else f"train.{index}")
     if enabled:
       self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
       self.writer = EventFileWriter(str(self.tensorboard_dir))
@@ -52,9 +139,25 @@ class MetricsLogger:
 
   def say(self, line: str) -> None:
     if self.enabled:
+      self._end_progress()
       print(line, file=sys.stdout, flush=True)
+
+  def progress(self, line: str) -> None:
+    """The progress line: rewritten in place on a terminal, a new line into a file or pipe."""
+    if self.enabled and self.rewrite:
+      sys.stdout.write("\r\x1b[K" + line)
+      sys.stdout.flush()
+      self.open_line = True
+    else:
+      self.say(line)
+
+  def _end_progress(self) -> None:
+    if self.open_line:
+      sys.stdout.write("\n")
+      self.open_line = False
 
   def close(self) -> None:
     if self.enabled:
+      self._end_progress()
       self.writer.close()
       self.jsonl.close()

@@ -75,13 +75,14 @@ def evaluate(run: Run, params, batches) -> dict[str, float]:
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def starting_state(run: Run, checkpoints: RunCheckpoints, latest: int | None, train_batches,
+def starting_state(run: Run, checkpoints: RunCheckpoints, train_batches,
                    init_from: str | None) -> tuple[steps.TrainState, str]:
-  """Resume the workdir's latest checkpoint, else take --init_from's parameters, else start fresh."""
+  """Resume the workdir's newest good checkpoint (past broken ones), else take --init_from's parameters, else
+  start fresh."""
+  latest, params, rest = checkpoints.restore_newest(
+      run.abstract.params, {"step": run.abstract.step, "opt_state": run.abstract.opt_state}, train_batches,
+      check_config=lambda saved: check_same_model(saved, run.config, checkpoints.directory.parent))
   if latest is not None:
-    check_same_model(checkpoints.read_json(latest), run.config, checkpoints.directory.parent)
-    params, rest = checkpoints.restore(latest, run.abstract.params,
-                                       {"step": run.abstract.step, "opt_state": run.abstract.opt_state}, train_batches)
     state = steps.TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
     return state, f"resumed {checkpoints.directory.parent} at step {latest}"
   if init_from:
@@ -92,6 +93,7 @@ def starting_state(run: Run, checkpoints: RunCheckpoints, latest: int | None, tr
 
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
+  cfg.validate()   # every value in range before anything is read or written
   sharding.initialize_distributed()   # several hosts: join the others before anything touches devices
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
@@ -111,11 +113,13 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                                    max_batches=cfg.eval_batches, **host)
 
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
-  latest = checkpoints.latest_step()
-  state, how = starting_state(run, checkpoints, latest, train_batches, init_from)
+  state, how = starting_state(run, checkpoints, train_batches, init_from)
+  latest = checkpoints.latest_step()   # the newest good one: broken newer ones were moved aside
   log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
   for line in [how, *notes]:
     log.say(line)
+  if log.library_log:
+    log.say(f"library log lines go to {log.library_log} (--verbosity=0 shows them here instead)")
   if writer:
     write_json_atomically(workdir / "config.json", to_dict(cfg))
 
@@ -130,9 +134,13 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                      data_iterator=train_batches, config=config_json)
 
   step = int(jax.device_get(state.step))
-  log.say(f"training {cfg.model.name} ({sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M parameters) "
-          f"from step {step} to {cfg.steps} on {mesh.devices.size} {jax.devices()[0].platform} device(s), "
-          f"{tokens_per_step} tokens per step")
+  if step >= cfg.steps:
+    log.say(f"the run is complete: {workdir} already holds step {step} of steps={cfg.steps}; its checkpoint is "
+            f"{checkpoints.directory / str(latest)} (to train further, raise steps: --set steps=N)")
+  else:
+    log.say(f"training {cfg.model.name} ({sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M "
+            f"parameters) from step {step} to {cfg.steps} on {mesh.devices.size} {jax.devices()[0].platform} "
+            f"device(s), {tokens_per_step} tokens per step")
   pending: list[tuple[int, dict]] = []
   window_start, window_steps, last_saved = time.time(), 0, latest
   started = time.time()
@@ -162,9 +170,10 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         log.write(step, {"train/tokens_per_second": tokens_per_second, "train/mfu": mfu})
         m = fetched[-1][1]
         eta = (time.time() - started) / max(step - int(latest or 0), 1) * (cfg.steps - step)
-        log.say(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | lr {float(m['learning_rate']):.2e} | "
-                f"grad norm {float(m['grad_norm']):.3f} | {tokens_per_second / 1e3:.1f}k tok/s | "
-                f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | eta {format_duration(eta)}")
+        log.progress(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | "
+                     f"lr {float(m['learning_rate']):.2e} | grad norm {float(m['grad_norm']):.3f} | "
+                     f"{tokens_per_second / 1e3:.1f}k tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
+                     f"eta {format_duration(eta)}")
       if evaluating:
         final = evaluate(run, state.params, eval_batches)
         log.write(step, final)
@@ -173,6 +182,8 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
       if saving:
         save(step)
         last_saved = step
+        log.say(f"step {step:>7}/{cfg.steps} | checkpoint {checkpoints.directory / str(step)} (written in the "
+                "background)")
       if logging_now:   # the next throughput window starts after this step's evaluation and save
         window_start, window_steps = time.time(), 0
       if stopping:

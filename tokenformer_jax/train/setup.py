@@ -11,7 +11,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -64,8 +63,7 @@ class Run:
 
   def to_global(self, host_batch: dict) -> dict:
     """This host's rows → one jax.Array per field, split over the data-parallel axes of the whole mesh."""
-    rows = sharding.batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(rows, np.asarray(v)) for k, v in host_batch.items()}
+    return sharding.to_global(host_batch, self.mesh)
 
 
 def build_run(cfg: TrainConfig, devices=None, *, trainable_rows=None, processes: int | None = None) -> Run:
