@@ -26,7 +26,7 @@ from tokenformer_jax import report, sharding  # noqa: E402
 from tokenformer_jax.checkpoint import RunCheckpoints  # noqa: E402
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
                                     count_params, to_dict)
-from tokenformer_jax.growth import grow, grown_config, net2net_widen  # noqa: E402
+from tokenformer_jax.growth import Provenance, grow, grown_config, net2net_widen  # noqa: E402
 from tokenformer_jax.model import abstract_params, logical_axes  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -119,9 +119,9 @@ def eval_loss(cfg: TrainConfig, params_dir) -> float:
   trainer evaluates on."""
   from tokenformer_jax.data.pipeline import make_eval_batches
   from tokenformer_jax.data.tokenizer import Tokenizer
-  from tokenformer_jax.train.loop import adopt_norm_scale
+  from tokenformer_jax.growth import start_from_grown
   from tokenformer_jax.train.steps import loss_sums
-  cfg, _ = adopt_norm_scale(cfg, str(params_dir))
+  cfg, _, _ = start_from_grown(cfg, str(params_dir))
   params = restore(params_dir, cfg.model)
   batches = make_eval_batches(cfg.data, Tokenizer.load(cfg.data.tokenizer), global_batch=cfg.global_batch,
                               max_batches=cfg.eval_batches)
@@ -138,9 +138,9 @@ def restore(run_dir, model: ModelConfig):
   return RunCheckpoints(run_dir, read_only=True).restore_params(abstract)
 
 
-def save_params(dst: epath.Path, params, cfg: TrainConfig, provenance: dict) -> None:
+def save_params(dst: epath.Path, params, cfg: TrainConfig, provenance: Provenance) -> None:
   from tokenformer_jax.cli.grow import write_checkpoint
-  write_checkpoint(dst, params=params, config=to_dict(cfg), extra=provenance)
+  write_checkpoint(dst, params=params, config=to_dict(cfg), extra=provenance.to_json())
 
 
 def grow_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, init: str, seed: int,
@@ -155,8 +155,8 @@ def grow_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, ini
   if not (dst / "checkpoints" / "0").is_dir():
     params = grow(restore(src, old.model), old.model, model, init=init, rng=jax.random.key(seed))
     save_params(dst, params, new.replace(model=model),
-                {"source": str(src), "init": init, "scale": "keep" if keep_scale else "follow", "seed": seed,
-                 "old_model": to_dict(old.model)})
+                Provenance(source=str(src), source_step=old.steps, init=init, scale="keep" if keep_scale else "follow",
+                           old_noise=0.0, seed=seed, old_model=old.model, new_model=model))
   return new.replace(model=new.model.replace(norm_scale_tokens=None)), dst
 
 
@@ -168,7 +168,8 @@ def widen_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, no
   dst = dst.parent / f"{dst.name}-grown"
   if not (dst / "checkpoints" / "0").is_dir():
     params = net2net_widen(restore(src, old.model), old.model, new.model, noise=noise, rng=jax.random.key(seed))
-    save_params(dst, params, new, {"source": str(src), "init": "net2net", "old_noise": noise, "seed": seed})
+    save_params(dst, params, new, Provenance(source=str(src), source_step=old.steps, init="net2net", scale="keep",
+                                             old_noise=noise, seed=seed, old_model=old.model, new_model=new.model))
   return new, dst
 
 

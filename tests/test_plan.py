@@ -50,8 +50,11 @@ def test_plan_compiles_a_tiny_model_for_a_v4_8():
   n_params = count_params(tiny().model)["total"]
   assert result.hbm["params"] == pytest.approx(4 * n_params / 4)
   assert result.hbm["optimizer"] == pytest.approx(2 * result.hbm["params"], rel=0.01)
-  # The compiler's FLOPs (no remat: no recomputation) agree with the analytic model FLOPs.
-  assert result.compiler_flops_per_step == pytest.approx(result.model_flops_per_step, rel=0.15)
+  # The compiler's FLOPs (no remat) agree with the analytic model FLOPs plus the one recomputation left: the
+  # token-token attention (jax.checkpoint in causal_self_attention) reruns its forward, 2·2·T·d per layer and token.
+  cfg = tiny()
+  attention_forward = 4 * cfg.data.seq_len * cfg.model.d_model * cfg.model.n_layers * result.tokens_per_step
+  assert result.compiler_flops_per_step == pytest.approx(result.model_flops_per_step + attention_forward, rel=0.15)
   assert result.step_seconds > 0 and 0 < result.mfu < 1
   assert result.days(30e9) > 0 and result.chip_hours(30e9) == pytest.approx(result.days(30e9) * 24 * 4)
   assert "tiny_tokenformer on v4-8: 4 chips" in plan.describe(result, 30e9)

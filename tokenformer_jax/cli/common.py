@@ -20,6 +20,10 @@ def load_experiment():
     raise ValueError("--config is required, e.g. --config=experiments/demo.py:demo")
   return apply_overrides(load_config(CONFIG.value), OVERRIDES.value)
 
+# One --seed for every tool that draws random numbers (one process may import several mains, e.g. the tests).
+SEED = flags.DEFINE_integer("seed", 0, "Random seed: the new tokens and noise of cli.grow, the samples of "
+                            "cli.generate.")
+
 
 def setup_process() -> None:
   """Join the job's other processes (TPU workers, or launch.local's processes) before touching a device. Every

@@ -18,7 +18,7 @@ from etils import epath
 
 from tokenformer_jax.checkpoint import CheckpointError
 from tokenformer_jax.cli.checkpoint_flags import JSON_OUT, TOKENIZER, require_checkpoint
-from tokenformer_jax.cli.common import OVERRIDES, one_line_errors
+from tokenformer_jax.cli.common import OVERRIDES, SEED, one_line_errors
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import generate_text, load_model
 from tokenformer_jax.train.loop import write_json_atomically
@@ -30,7 +30,6 @@ MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Stop each completio
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise sample from softmax(logits / T).")
 TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probability reaches p.")
-SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 STOP = flags.DEFINE_multi_string("stop", [], "Cut a completion before this string (repeatable).")
 
 

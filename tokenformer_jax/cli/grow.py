@@ -21,7 +21,8 @@ from jax.experimental.multihost_utils import sync_global_devices
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints
-from tokenformer_jax.cli.common import OVERRIDES, load_experiment, one_line_errors, quiet_console, setup_process
+from tokenformer_jax.cli.common import (OVERRIDES, SEED, load_experiment, one_line_errors, quiet_console,
+                                        setup_process)
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, Provenance, check_growable, grow, grown_config, net2net_widen,
@@ -39,7 +40,6 @@ SCALE = flags.DEFINE_enum("scale", "keep", ["keep", "follow"], "keep: the norm s
 OLD_NOISE = flags.DEFINE_float("old_noise", 0.0, "Std of noise added to the old tokens, as a fraction of "
                                "their init std (the authors found a little helps); for Net2Net, to every "
                                "widened tensor as a fraction of its std (breaks the symmetry of the copies).")
-SEED = flags.DEFINE_integer("seed", 0, "Seed for the new tokens (and the noise).")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
 VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a validation batch and report the "
                            "loss difference (0 up to float noise for zero_keys with --scale=keep).")
