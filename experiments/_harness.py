@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
 from tokenformer_jax import report, sharding  # noqa: E402
-from tokenformer_jax.checkpoint import RunCheckpoints  # noqa: E402
+from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E402
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
                                     count_params, to_dict)
 from tokenformer_jax.growth import Provenance, grow, grown_config, net2net_widen  # noqa: E402
@@ -139,8 +139,7 @@ def restore(run_dir, model: ModelConfig):
 
 
 def save_params(dst: epath.Path, params, cfg: TrainConfig, provenance: Provenance) -> None:
-  from tokenformer_jax.cli.grow import write_checkpoint
-  write_checkpoint(dst, params=params, config=to_dict(cfg), extra=provenance.to_json())
+  write_new_run(dst, params=params, config=to_dict(cfg), extra=provenance.to_json())
 
 
 def grow_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, init: str, seed: int,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental.multihost_utils import sync_global_devices
 from jax.sharding import NamedSharding, PartitionSpec
 
 CHECKSUM_VERSION = 1
@@ -355,3 +357,42 @@ def _everywhere(ok: bool) -> bool:
     return ok
   from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def write_new_run(dst: str | epath.Path, *, files=(), save_concurrent_gb: float | None = None, **items) -> None:
+  """A params-only checkpoint at step 0 of the run directory `dst` (with `files` copied beside it), complete or
+  not there at all: what cli.grow and cli.import_neox write.
+
+  Every process of the job calls it: each writes its own shards (Orbax), and only the first process deletes
+  (a leftover temporary directory, or the destination being replaced), with every other process waiting at a
+  barrier until it has. Locally the run is written to a temporary directory and renamed when complete; on GCS
+  (no rename) the old destination goes first.
+  """
+  dst = epath.Path(dst)
+  primary = jax.process_index() == 0
+  local = not str(dst).startswith("gs://")
+  target = dst.parent / f".{dst.name}.tmp" if local else dst   # the same name in every process
+  if primary:
+    if local and target.exists():    # a killed attempt's leftover
+      shutil.rmtree(target)
+    if not local and dst.exists():
+      dst.rmtree()
+  sync_global_devices("write_new_run: destination cleared")
+  try:
+    written = RunCheckpoints(target, keep=None, save_concurrent_gb=save_concurrent_gb)
+    written.save(0, **items)
+    written.wait()
+    written.close()
+    if primary:
+      for file in files:
+        epath.Path(file).copy(target / os.path.basename(file))
+  except BaseException:
+    if local and primary:
+      shutil.rmtree(target, ignore_errors=True)
+    raise
+  sync_global_devices("write_new_run: checkpoint written")
+  if local and primary:
+    if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
+      shutil.rmtree(dst)
+    target.rename(dst)
+  sync_global_devices("write_new_run: checkpoint in place")

@@ -11,16 +11,14 @@ from. The source is never written to; the destination is written to a temporary 
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 import jax
 from absl import app, flags
 from etils import epath
-from jax.experimental.multihost_utils import sync_global_devices
 
 from tokenformer_jax import sharding
-from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints
+from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, write_new_run
 from tokenformer_jax.cli.common import (OVERRIDES, SEED, load_experiment, one_line_errors, quiet_console,
                                         setup_process)
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
@@ -79,33 +77,6 @@ def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, t
   return losses[1] - losses[0]
 
 
-def write_checkpoint(dst: epath.Path, **items) -> None:
-  """A params-only checkpoint at step 0 of `dst`, complete or not there at all.
-
-  Every process of the job calls it: each writes its own shards (Orbax), and only the first process deletes
-  (a leftover temporary directory, or the --overwrite destination), with every other process waiting at a
-  barrier until it has.
-  """
-  primary = jax.process_index() == 0
-  local = not str(dst).startswith("gs://")
-  target = dst.parent / f".{dst.name}.tmp" if local else dst   # the same name in every process
-  if primary:
-    if local and target.exists():    # a killed attempt's leftover
-      shutil.rmtree(target)
-    if not local and dst.exists():   # --overwrite on GCS: the old checkpoint goes first
-      dst.rmtree()
-  sync_global_devices("grow: destination cleared")
-  written = RunCheckpoints(target, keep=None)
-  written.save(0, **items)
-  written.wait()
-  written.close()
-  sync_global_devices("grow: checkpoint written")
-  if local and primary:
-    if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
-      shutil.rmtree(dst)
-    target.rename(dst)
-  sync_global_devices("grow: checkpoint in place")
-
 
 def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
   """The error for a broken --src checkpoint: it, and which of the source's steps are good instead."""
@@ -157,7 +128,7 @@ def main(argv):
 
   provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=SCALE.value,
                           old_noise=OLD_NOISE.value, seed=SEED.value, old_model=old_cfg, new_model=new_cfg)
-  write_checkpoint(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json())
+  write_new_run(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json())
   quiet_console(dst / "logs", "grow")
 
   old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]

@@ -17,7 +17,7 @@ import time
 import jax
 from etils import epath
 
-from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
+from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, write_new_run
 from tokenformer_jax.config import DataConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.interop import neox
 from tokenformer_jax.interop.torch_format import read_tensors, save_state_dict
@@ -75,25 +75,11 @@ def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name
   extra = {"imported_from": os.path.abspath(path), "neox_config": config_json}
 
   dst_path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = dst_path.parent / f".{dst_path.name}.tmp-{os.getpid()}"
-  if temporary.exists():
-    shutil.rmtree(temporary)
-  try:
-    # Write about one device piece at a time: without the cap Orbax has a copy of the whole model in flight.
-    largest = max(shard.data.nbytes for x in jax.tree.leaves(params) for shard in x.addressable_shards)
-    written = RunCheckpoints(temporary, keep=None, save_concurrent_gb=largest * 1.01 / 1e9)
-    written.save(0, params=params, config=to_dict(train_cfg), extra=extra)
-    written.wait()
-    written.close()
-    for file in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(src, file)):
-        shutil.copyfile(os.path.join(src, file), temporary / file)
-    if dst_path.exists():   # empty, or --overwrite: the new run is complete before the old one goes
-      shutil.rmtree(dst_path)
-    temporary.rename(dst_path)
-  finally:
-    if temporary.exists():
-      shutil.rmtree(temporary)
+  # Write about one device piece at a time: without the cap Orbax has a copy of the whole model in flight.
+  largest = max(shard.data.nbytes for x in jax.tree.leaves(params) for shard in x.addressable_shards)
+  write_new_run(dst_path, params=params, config=to_dict(train_cfg), extra=extra,
+                files=[os.path.join(src, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))],
+                save_concurrent_gb=largest * 1.01 / 1e9)
   log(f"imported {cfg.name} ({count_params(cfg)['total'] / 1e6:.1f}M parameters) in {time.time() - started:.1f}s"
       f"\nrun: {dst_path}")
   return train_cfg
