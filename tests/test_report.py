@@ -9,7 +9,8 @@ from helpers import REPO, run_cli
 
 from tokenformer_jax import report
 from tokenformer_jax.checkpoint import RunCheckpoints
-from tokenformer_jax.config import flops_per_token, load_config
+from tokenformer_jax.config import TrainConfig, flops_per_token, from_dict, load_config
+from tokenformer_jax.growth import Provenance
 
 # experiments/demo.py:test_run by hand: storage tokens (24, 20, 28, 16, 72) rounded up to 8 = 24+24+32+16+72
 # = 168 rows of d=32 keys and values in each of 2 layers, a 2048 × 32 embedding (tied logits), seq 32:
@@ -35,8 +36,12 @@ def test_ladder_directory_chains_stages_and_the_cli_draws_it(trained_run, tmp_pa
     (ladder / stage).mkdir(parents=True)
     for name in ("metrics.jsonl", "config.json"):
       shutil.copy(trained_run / name, ladder / stage / name)
-  grown = RunCheckpoints(ladder / "s1_grown", keep=None)   # what cli.grow leaves: provenance naming s0
-  grown.save(0, params={"x": np.zeros(2, np.float32)}, config={}, extra={"source": str(ladder / "s0")})
+  config = json.loads((trained_run / "config.json").read_text())   # what cli.grow leaves: provenance naming s0
+  model = from_dict(TrainConfig, config).model
+  record = Provenance(source=str(ladder / "s0"), source_step=12, init="zero_keys", scale="keep", old_noise=0.0,
+                      seed=0, old_model=model, new_model=model)
+  grown = RunCheckpoints(ladder / "s1_grown", keep=None)
+  grown.save(0, params={"x": np.zeros(2, np.float32)}, config=config, extra=record.to_json())
   grown.wait()
   grown.close()
   s0, s1 = report.load_ladder(ladder)

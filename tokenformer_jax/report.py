@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from tokenformer_jax.config import TrainConfig, count_params, flops_per_token, from_dict
+from tokenformer_jax.growth.provenance import read_provenance
 
 
 @dataclasses.dataclass
@@ -135,12 +136,12 @@ def load_run(workdir: str | epath.Path, name: str | None = None) -> Curve:
 
 
 def grown_source(grown_dir: epath.Path) -> str | None:
-  """The run a `cli.grow` checkpoint (step 0) was grown from: its provenance's "source", else None. Read as
-  the JSON file Orbax wrote, so no checkpoint manager (and none of its logging) is involved."""
+  """The run a `cli.grow` checkpoint was grown from (its provenance's source), else None."""
   try:
-    return json.loads((epath.Path(grown_dir) / "checkpoints" / "0" / "extra" / "metadata").read_text()).get("source")
-  except (OSError, ValueError, AttributeError):
+    grown = read_provenance(grown_dir)
+  except (OSError, ValueError):
     return None
+  return None if grown is None else grown.source
 
 
 def load_ladder(directory: str | epath.Path) -> list[Curve]:
