@@ -1,7 +1,7 @@
 """One Pattention fwd+bwd compiled for one TPU v4 chip: the TPU compiler's FLOPs, bytes, cost-model time and
-temporary memory per kernel (plain, gram, lean). Nothing runs; it needs libtpu (`pip install -e '.[plan]'`).
+temporary memory per kernel (plain, lean). Nothing runs; it needs libtpu (`pip install -e '.[plan]'`).
 
-    python benchmarks/plan_pattention.py [--tokens 32768] [--n 576 2304 8620 34480] [--kernels plain gram lean]
+    python benchmarks/plan_pattention.py [--tokens 32768] [--n 576 2304 8620 34480] [--kernels plain lean]
 
 x [tokens, 768] in bfloat16 (the ladder's compute dtype), K_P and V_P [n, 768] float32 (cast in the kernel), the
 loss ⟨O, O⟩ differentiated with respect to all three. 32,768 tokens are one chip's share of the ladder's
@@ -26,8 +26,7 @@ from tokenformer_jax import plan  # noqa: E402
 from tokenformer_jax.model.pattention import pattention  # noqa: E402
 from tokenformer_jax.model.pattention_lean import lean_pattention  # noqa: E402
 
-KERNELS = {"plain": pattention, "gram": functools.partial(pattention, gram=True),
-           "lean": functools.partial(lean_pattention, unroll=True)}
+KERNELS = {"plain": pattention, "lean": functools.partial(lean_pattention, unroll=True)}
 
 
 def compile_one(kernel, tokens: int, n: int, d: int, device):
@@ -44,7 +43,7 @@ def main():
   parser.add_argument("--d", type=int, default=768)
   parser.add_argument("--n", type=int, nargs="+", default=[576, 2304, 8620, 34480],
                       help="the ladder's attention and FFN token counts (124M: 576, 2304; 1.4B: 8620, 34480)")
-  parser.add_argument("--kernels", nargs="+", default=["plain", "gram", "lean"], choices=sorted(KERNELS))
+  parser.add_argument("--kernels", nargs="+", default=["plain", "lean"], choices=sorted(KERNELS))
   args = parser.parse_args()
   reason = plan.libtpu_missing()
   if reason:

@@ -1,7 +1,6 @@
-"""The memory-lean Pattention (pattention_lean.py) and the Gram-norm one (pattention(gram=True)) against the plain
-one: same outputs and gradients for every Θ, with padding rows, a last block filled with inert rows, bf16 compute
-and shard_map tensor parallelism; a train step whose temporary memory does not grow with n; and whole LMs that
-train to the same losses."""
+"""The memory-lean Pattention (pattention_lean.py) against the plain one: same outputs and gradients for every Θ,
+with padding rows, a last block filled with inert rows, bf16 compute and shard_map tensor parallelism; a train
+step whose temporary memory does not grow with n; and a whole LM that trains to the same losses."""
 import functools
 
 import jax
@@ -15,7 +14,7 @@ from helpers import make_train_step, text_batch
 from tokenformer_jax import sharding
 from tokenformer_jax.config import MeshConfig, ModelConfig, ParamTokens
 from tokenformer_jax.model import init_params
-from tokenformer_jax.model.pattention import GRAM_MIN_RATIO, pattention
+from tokenformer_jax.model.pattention import pattention
 from tokenformer_jax.model.pattention_lean import block_rows, lean_pattention
 from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention
 
@@ -75,19 +74,16 @@ def test_lean_equals_plain_in_float32(normalization, approximate):
     assert np.all(np.isfinite(g)) and np.max(np.abs(g - w)) <= 1e-5 * max(1.0, np.max(np.abs(w)))
 
 
-@pytest.mark.parametrize("normalization,kernel", [("l2_norm_gelu", "lean"), ("softmax", "lean"),
-                                                   ("l2_norm_gelu", "gram")])   # gelu_l2_norm: sums like softmax
-def test_lean_in_bfloat16_is_as_close_to_float32_as_plain(normalization, kernel):
-  # bf16 compute (float32 statistics): the kernels round the same products, in a different order. Stated
+@pytest.mark.parametrize("normalization", ["l2_norm_gelu", "softmax"])   # gelu_l2_norm: float32 sums like softmax
+def test_lean_in_bfloat16_is_as_close_to_float32_as_plain(normalization):
+  # bf16 compute (float32 statistics): both kernels round the same products, in a different order. Stated
   # tolerance: every output and gradient within 2e-2 of the float32 result relative to its largest entry.
-  x, keys, values, cotangent = problem(seed=1, n=200, n_valid=200, batch=(2, 8))   # n ≥ 8·d_in: gram applies
+  x, keys, values, cotangent = problem(seed=1, n=200, n_valid=200, batch=(2, 8))
   kwargs = dict(normalization=normalization)
   exact = output_and_grads(functools.partial(pattention, **kwargs), x, keys, values, cotangent)
   x16 = jnp.asarray(x, jnp.bfloat16)
   plain = output_and_grads(functools.partial(pattention, **kwargs), x16, keys, values, cotangent)
-  other = (functools.partial(lean_pattention, block=64, **kwargs) if kernel == "lean" else
-           functools.partial(pattention, gram=True, **kwargs))
-  lean = output_and_grads(other, x16, keys, values, cotangent)
+  lean = output_and_grads(functools.partial(lean_pattention, block=64, **kwargs), x16, keys, values, cotangent)
   assert lean[0].dtype == jnp.bfloat16 and lean[1].dtype == jnp.bfloat16 and lean[2].dtype == jnp.float32
   for name, g, p, w in zip(("output", "dx", "dK_P", "dV_P"), lean, plain, exact):
     assert relative_error(g, w) <= 2e-2, name
@@ -104,47 +100,6 @@ def test_lean_under_shard_map_tensor_parallelism(normalization):
   explicit = jax.jit(lambda x, k, v: tensor_parallel_pattention(x, k, v, mesh=mesh, kernel=lean, **kwargs),
                      in_shardings=(NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("tensor")),
                                    NamedSharding(mesh, P("tensor"))))
-  want = output_and_grads(functools.partial(pattention, **kwargs), x, keys, values, cotangent)
-  got = output_and_grads(explicit, x, keys, values, cotangent)
-  for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
-    assert relative_error(g, w) <= 1e-5, name
-
-
-# The Gram norm -------------------------------------------------------------------------------------------------
-def test_gram_norm_equals_plain_in_float32():
-  # n = 200 ≥ 8·d_in = 192: ‖A‖² = x·(K_Pᵀ·K_P)·xᵀ, with 10 rows of storage padding.
-  x, keys, values, cotangent = problem(seed=4, n=200, n_valid=190)
-  kwargs = dict(n_scale=190, n_valid=190)
-  want = output_and_grads(functools.partial(pattention, **kwargs), x, keys, values, cotangent)
-  got = output_and_grads(functools.partial(pattention, gram=True, **kwargs), x, keys, values, cotangent)
-  for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
-    assert relative_error(g, w) <= 1e-5, name
-  assert np.all(np.asarray(got[2])[190:] == 0) and np.all(np.asarray(got[3])[190:] == 0)   # padding stays inert
-  zero = np.zeros_like(x)   # the norm's floor: zero output, finite gradients
-  got = output_and_grads(functools.partial(pattention, gram=True, **kwargs), zero, keys, values, cotangent)
-  assert np.all(np.asarray(got[0]) == 0) and all(np.all(np.isfinite(np.asarray(g))) for g in got)
-
-
-def test_gram_norm_is_used_only_where_it_is_cheaper():
-  jaxpr = lambda n, **kwargs: str(jax.make_jaxpr(functools.partial(pattention, **kwargs))(*problem(n=n)[:3]))
-  threshold = GRAM_MIN_RATIO * 24   # d_in = 24
-  assert "HIGHEST" in jaxpr(threshold, gram=True) and "HIGHEST" not in jaxpr(threshold)
-  # Below the threshold, and for the other Θ (whose norm needs Θ of the scores), the same program as plain.
-  assert jaxpr(threshold - 8, gram=True) == jaxpr(threshold - 8)
-  for normalization in ("gelu_l2_norm", "softmax"):
-    assert jaxpr(threshold, gram=True, normalization=normalization) == jaxpr(threshold, normalization=normalization)
-
-
-def test_gram_norm_under_shard_map_tensor_parallelism():
-  # 4 tensor shards of 64 rows (≥ 8·d_in = 64: each shard's Gram part, one all-reduce of the sum of squares).
-  x, keys, values, cotangent = problem(seed=5, n=256, n_valid=250, d_in=8, batch=(4, 8))
-  mesh = sharding.make_mesh(MeshConfig(2, 1, 4), jax.devices()[:8])
-  kwargs = dict(n_scale=250, n_valid=250)
-  gram = functools.partial(pattention, gram=True)
-  explicit = jax.jit(lambda x, k, v: tensor_parallel_pattention(x, k, v, mesh=mesh, kernel=gram, **kwargs),
-                     in_shardings=(NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("tensor")),
-                                   NamedSharding(mesh, P("tensor"))))
-  assert "HIGHEST" in str(jax.make_jaxpr(explicit)(x, keys, values))
   want = output_and_grads(functools.partial(pattention, **kwargs), x, keys, values, cotangent)
   got = output_and_grads(explicit, x, keys, values, cotangent)
   for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
@@ -185,26 +140,22 @@ def test_train_step_temporaries_stay_flat_in_n_with_the_lean_kernel():
 def test_a_language_model_trains_to_the_same_losses_with_either_kernel():
   # The lean run also uses remat="lean" (keep each Pattention's and the attention's output, recompute the rest):
   # rematerialisation changes memory, not the math.
-  # The gram run has 256 FFN tokens (≥ 8·d = 256, so its FFN norms come from the Gram matrix); its baseline too.
   losses = {}
-  wide = ParamTokens.uniform(24, 256)
-  for name, kernel, remat, tokens in (("plain", "plain", "none", TINY.param_tokens), ("lean", "lean", "lean", None),
-                                      ("plain_wide", "plain", "none", wide), ("gram", "gram", "projections", wide)):
-    cfg = TINY.replace(pattention_kernel=kernel, remat=remat, param_tokens=tokens or TINY.param_tokens)
+  for kernel, remat in (("plain", "none"), ("lean", "lean")):
+    cfg = TINY.replace(pattention_kernel=kernel, remat=remat)
     tx = optax.adamw(3e-3)
     params = init_params(cfg, jax.random.key(0))
     opt_state, step, run = tx.init(params), make_train_step(cfg, tx), []
     for i in range(5):
       params, opt_state, loss = step(params, opt_state, text_batch(4, 33, offset=i * 4 * 33))
       run.append(float(loss))
-    losses[name] = np.array(run)
+    losses[kernel] = np.array(run)
   assert losses["plain"][-1] < losses["plain"][0] - 0.3   # it learns
   np.testing.assert_allclose(losses["lean"], losses["plain"], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(losses["gram"], losses["plain_wide"], atol=1e-4, rtol=0)
 
 
 def test_config_validates_the_kernel():
-  with pytest.raises(ValueError, match="pattention_kernel must be one of plain|gram|lean"):
+  with pytest.raises(ValueError, match="pattention_kernel must be one of plain|lean"):
     TINY.replace(pattention_kernel="flash")
   with pytest.raises(ValueError, match="pattention_block must be positive"):
     TINY.replace(pattention_block=0)

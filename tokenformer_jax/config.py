@@ -15,7 +15,7 @@ from typing import Any
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 REMAT = ("none", "full", "dots", "dots_no_batch", "projections", "lean")
-PATTENTION_KERNELS = ("plain", "gram", "lean")
+PATTENTION_KERNELS = ("plain", "lean")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -123,11 +123,9 @@ class ModelConfig:
   # How a Pattention is partitioned over the "tensor" mesh axis: "auto" (the compiler, from the sharding
   # table) or "shard_map" (explicit: one all-reduce for the norm, one for the output; pattention_parallel.py).
   pattention_impl: str = "auto"
-  # How a Pattention computes Eq. 4: "plain" (scores [..., n] in one piece, kept for the backward pass),
-  # "gram" (plain, but l2_norm_gelu's norm from K_Pᵀ·K_P where n ≥ 8·d: the compiler fuses Θ into the scores'
-  # matmul; pattention.py) or "lean" (a custom_vjp over blocks of `pattention_block` parameter tokens that keeps
-  # only per-row statistics; pattention_lean.py). Under tensor parallelism pair "lean" with
-  # pattention_impl="shard_map".
+  # How a Pattention computes Eq. 4: "plain" (scores [..., n] in one piece, kept for the backward pass) or
+  # "lean" (a custom_vjp over blocks of `pattention_block` parameter tokens that keeps only per-row statistics;
+  # pattention_lean.py). Under tensor parallelism pair "lean" with pattention_impl="shard_map".
   pattention_kernel: str = "plain"
   pattention_block: int = 2048
   # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer

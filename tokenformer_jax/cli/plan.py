@@ -35,7 +35,7 @@ SEARCH = flags.DEFINE_bool("search", False, "--ladder: instead of each stage's s
                            "of --slices (then the least recomputation of --remats) on which it fits.")
 SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--search: the slices to try, smallest first.")
 REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--search: remat policies to try, in this order.")
-KERNELS = flags.DEFINE_list("kernels", [], "--search: Pattention kernels to compare (plain, gram, lean): one row "
+KERNELS = flags.DEFINE_list("kernels", [], "--search: Pattention kernels to compare (plain, lean): one row "
                             "per stage and kernel. Empty: each stage's own kernel.")
 
 

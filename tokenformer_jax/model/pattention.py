@@ -34,10 +34,6 @@ PARAM_TOKENS_AXIS = "param_tokens"
 EMBED_AXIS = "embed"
 SCORES_AXES = ("batch", "length", PARAM_TOKENS_AXIS)
 OUTPUT_NAME = "pattention_out"   # for remat="projections", which saves exactly these
-# pattention(gram=True) takes ‖A‖ from the Gram matrix only where that is cheaper than from the scores. TPU v4
-# cost model, one l2_norm_gelu Pattention fwd+bwd at d_in = 768, bf16: 53% slower at n = 0.75·d_in, 17% slower
-# at 3·d_in, 7% faster at 11·d_in, 15% faster at 45·d_in (benchmarks/README.md, "Where the norm comes from").
-GRAM_MIN_RATIO = 8
 
 
 def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -46,10 +42,8 @@ def _global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return local if axis_name is None else jax.lax.psum(local, axis_name)
 
 
-def _l2_normalize(x: jax.Array, n_scale: float, axis_name: str | None,
-                  sum_of_squares: jax.Array | None = None) -> jax.Array:
-  if sum_of_squares is None:
-    sum_of_squares = _global_sum(jnp.square(x), axis_name)
+def _l2_normalize(x: jax.Array, n_scale: float, axis_name: str | None) -> jax.Array:
+  sum_of_squares = _global_sum(jnp.square(x), axis_name)
   return x * (math.sqrt(n_scale) * jax.lax.rsqrt(jnp.maximum(sum_of_squares, MIN_SUM_OF_SQUARES)))
 
 
@@ -83,50 +77,24 @@ def normalize_scores(scores: jax.Array, *, normalization: str = "l2_norm_gelu", 
 
 def pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_tokens: jax.Array, *,
                normalization: str = "l2_norm_gelu", n_scale: float | None = None, n_valid: int | None = None,
-               approximate_gelu: bool = False, axis_name: str | None = None, gram: bool = False) -> jax.Array:
+               approximate_gelu: bool = False, axis_name: str | None = None) -> jax.Array:
   """Eq. 4: Θ(x · K_Pᵀ) · V_P.  x: [..., d_in]; key_param_tokens: [n, d_in]; value_param_tokens: [n, d_out].
 
   Matmuls run in x's dtype with float32 accumulation; Θ runs in float32. `n_scale=None` means the number of
   rows of `key_param_tokens`. Under a shard_map that splits the rows over `axis_name`, pass the global
   `n_scale`; the result is then this shard's partial sum of O (the caller reduces it).
-
-  `gram=True` (model.pattention_kernel="gram"): for l2_norm_gelu with n ≥ GRAM_MIN_RATIO · d_in, ‖A‖² comes from
-  the Gram matrix, x·(K_Pᵀ·K_P)·xᵀ, before the scores exist, so the compiler can fuse the normalisation and the
-  GeLU into the scores' matmul instead of writing float32 scores out and reading them back twice.
   """
   if n_scale is None:
     n_scale = key_param_tokens.shape[0]
-  use_gram = (gram and normalization == "l2_norm_gelu"
-              and key_param_tokens.shape[0] >= GRAM_MIN_RATIO * key_param_tokens.shape[1])
-  if use_gram:
-    sum_of_squares = gram_sum_of_squares(x, gram_matrix(key_param_tokens, x.dtype))
-    sum_of_squares = sum_of_squares if axis_name is None else jax.lax.psum(sum_of_squares, axis_name)
   scores = jnp.einsum("...i,ni->...n", x, key_param_tokens.astype(x.dtype), preferred_element_type=jnp.float32)
   if axis_name is None and scores.ndim == len(SCORES_AXES):
     # Under a sharding context (sharding.activation_sharding) the scores keep the batch split and split their
     # parameter-token axis like the tokens; elsewhere a no-op.
     scores = nn.with_logical_constraint(scores, SCORES_AXES)
-  if use_gram:
-    weights = jax.nn.gelu(_l2_normalize(scores, n_scale, axis_name, sum_of_squares), approximate=approximate_gelu)
-  else:
-    weights = normalize_scores(scores, normalization=normalization, n_scale=n_scale, n_valid=n_valid,
-                               approximate_gelu=approximate_gelu, axis_name=axis_name)
+  weights = normalize_scores(scores, normalization=normalization, n_scale=n_scale, n_valid=n_valid,
+                             approximate_gelu=approximate_gelu, axis_name=axis_name)
   return jnp.einsum("...n,no->...o", weights.astype(x.dtype), value_param_tokens.astype(x.dtype),
                     preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def gram_matrix(key_param_tokens: jax.Array, dtype) -> jax.Array:
-  """M = K_Pᵀ·K_P [d_in, d_in] in float32, of the keys as the scores see them (cast to the compute dtype), so
-  that Σ_j A_j² = x·M·xᵀ: d_in² work per token instead of n·d_in, and no scores needed."""
-  k = key_param_tokens.astype(dtype).astype(jnp.float32)
-  return jnp.einsum("...ri,...rj->ij", k, k, precision=jax.lax.Precision.HIGHEST)
-
-
-def gram_sum_of_squares(x: jax.Array, gram: jax.Array) -> jax.Array:
-  """‖x·K_Pᵀ‖² per row [..., 1] from M = gram_matrix(K_P), in float32 at full precision."""
-  x32 = x.astype(jnp.float32)
-  projected = jnp.einsum("...i,ij->...j", x32, gram, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sum(projected * x32, axis=-1, keepdims=True)
 
 
 def rows_then_zeros(init, n_valid: int):

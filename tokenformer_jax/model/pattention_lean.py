@@ -38,8 +38,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from tokenformer_jax.config import NORMALIZATIONS, round_up
-from tokenformer_jax.model.pattention import (MIN_SUM_OF_SQUARES, PARAM_TOKENS_AXIS, gram_matrix,
-                                              gram_sum_of_squares)
+from tokenformer_jax.model.pattention import MIN_SUM_OF_SQUARES, PARAM_TOKENS_AXIS
 
 DEFAULT_BLOCK = 2048
 STATS_NAME = "pattention_stats"   # the per-row statistics (and M or the float32 output) kept for the backward
@@ -162,6 +161,13 @@ def _inverse_norm(static: _Static, sum_of_squares: jax.Array) -> jax.Array:
   return math.sqrt(static.n_scale) * jax.lax.rsqrt(jnp.maximum(sum_of_squares, MIN_SUM_OF_SQUARES))
 
 
+def _gram(keys: jax.Array, dtype) -> jax.Array:
+  """M = K_Pᵀ·K_P [d_in, d_in] in float32 (of the keys as the scores see them, in the compute dtype), so that
+  Σ_j A_j² = x·M·xᵀ and Σ_j A_j·K_j = x·M: per token d_in² work instead of n·d_in."""
+  k = keys.astype(dtype).astype(jnp.float32)
+  return jnp.einsum("bri,brj->ij", k, k, precision=jax.lax.Precision.HIGHEST)
+
+
 def _named(x, keys, values, stat, extra):
   """The residuals, the per-row statistics and the extra one named for remat policies (remat="lean" keeps them,
   so that the backward does not rerun the forward's loop)."""
@@ -212,8 +218,9 @@ def _forward(x, keys, values, static: _Static):
 
   # l2_norm_gelu: gelu(c·A) needs c = √n_scale/‖A‖ first; ‖A‖² = x·M·xᵀ comes from the Gram matrix, exactly in
   # float32 (HIGHEST precision), so the scores are computed once.
-  gram = gram_matrix(keys, x.dtype)
-  sum_of_squares = _global(gram_sum_of_squares(x, gram), static)
+  x32, gram = x.astype(jnp.float32), _gram(keys, x.dtype)
+  projected = jnp.einsum("...i,ij->...j", x32, gram, precision=jax.lax.Precision.HIGHEST)
+  sum_of_squares = _global(jnp.sum(projected * x32, axis=-1, keepdims=True), static)
   c = _inverse_norm(static, sum_of_squares)
 
   def mix(acc, block):

@@ -29,7 +29,7 @@ def init_stds(cfg: ModelConfig, projection: str) -> tuple[float, float]:
 
 
 def pattention_function(cfg: ModelConfig) -> Callable:
-  """The Eq. 4 function a model's Pattentions call: cfg.pattention_kernel ("plain" | "gram" | "lean", with
+  """The Eq. 4 function a model's Pattentions call: cfg.pattention_kernel ("plain" | "lean", with
   cfg.pattention_block rows per block) in cfg.pattention_impl's form ("auto" | "shard_map")."""
   return _kernel(cfg.pattention_kernel, cfg.pattention_impl, cfg.pattention_block, cfg.unroll_layers)
 
@@ -37,8 +37,7 @@ def pattention_function(cfg: ModelConfig) -> Callable:
 @functools.cache   # one object per choice, so that modules built from equal configs compare equal
 def _kernel(kernel: str, impl: str, block: int, unroll: bool) -> Callable:
   # unroll_layers asks for loop-free code (the plan's cost compile): unroll the blocks too.
-  function = {"plain": pattention, "gram": functools.partial(pattention, gram=True),
-              "lean": functools.partial(lean_pattention, block=block, unroll=unroll)}[kernel]
+  function = pattention if kernel == "plain" else functools.partial(lean_pattention, block=block, unroll=unroll)
   if impl == "shard_map":
     return functools.partial(tensor_parallel_pattention, kernel=function)
   return function
