@@ -2,6 +2,7 @@
 temporary memory per kernel (plain, lean). Nothing runs; it needs libtpu (`pip install -e '.[plan]'`).
 
     python benchmarks/plan_pattention.py [--tokens 32768] [--n 576 2304 8620 34480] [--kernels plain lean]
+                                         [--gelu erf tanh]
 
 x [tokens, 768] in bfloat16 (the ladder's compute dtype), K_P and V_P [n, 768] float32 (cast in the kernel), the
 loss ⟨O, O⟩ differentiated with respect to all three. 32,768 tokens are one chip's share of the ladder's
@@ -29,11 +30,11 @@ from tokenformer_jax.model.pattention_lean import lean_pattention  # noqa: E402
 KERNELS = {"plain": pattention, "lean": functools.partial(lean_pattention, unroll=True)}
 
 
-def compile_one(kernel, tokens: int, n: int, d: int, device):
+def compile_one(kernel, tokens: int, n: int, d: int, device, approximate_gelu: bool):
   placed = SingleDeviceSharding(device)
   x = jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16, sharding=placed)
   k = v = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=placed)
-  loss = lambda x, k, v: jnp.sum(jnp.square(kernel(x, k, v).astype(jnp.float32)))
+  loss = lambda x, k, v: jnp.sum(jnp.square(kernel(x, k, v, approximate_gelu=approximate_gelu).astype(jnp.float32)))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, k, v).compile()
 
 
@@ -44,22 +45,24 @@ def main():
   parser.add_argument("--n", type=int, nargs="+", default=[576, 2304, 8620, 34480],
                       help="the ladder's attention and FFN token counts (124M: 576, 2304; 1.4B: 8620, 34480)")
   parser.add_argument("--kernels", nargs="+", default=["plain", "lean"], choices=sorted(KERNELS))
+  parser.add_argument("--gelu", nargs="+", default=["erf"], choices=["erf", "tanh"],
+                      help="the exact GeLU (erf) and/or its tanh approximation")
   args = parser.parse_args()
   reason = plan.libtpu_missing()
   if reason:
     parser.exit(1, f"error: {reason}\n")
   device = plan.topology_devices(plan.parse_topology("v4-8"))[0]
   print(f"TPU v4, one chip; d = {args.d}, {args.tokens} tokens, bf16 compute")
-  print("| n | kernel | compiler FLOPs ÷ model | bytes accessed | cost-model ms | MFU | temp MiB | compile s |")
+  print("| n | kernel, GeLU | compiler FLOPs ÷ model | bytes accessed | cost-model ms | MFU | temp MiB | compile s |")
   print("|---|---|---|---|---|---|---|---|")
   for n in args.n:
     model = 6 * 2 * args.tokens * n * args.d
-    for name in args.kernels:
+    for name, gelu in ((name, gelu) for name in args.kernels for gelu in args.gelu):
       start = time.perf_counter()
-      compiled = compile_one(KERNELS[name], args.tokens, n, args.d, device)
+      compiled = compile_one(KERNELS[name], args.tokens, n, args.d, device, gelu == "tanh")
       cost, seconds = compiled.cost_analysis(), plan._corrected_seconds(compiled)
       mfu = "?" if not seconds else f"{model / (plan.PEAK_FLOPS_PER_CHIP * seconds):.1%}"
-      print(f"| {n} | {name} | {cost['flops'] / model:.3f} | {cost.get('bytes accessed', 0):.3g} | "
+      print(f"| {n} | {name}, {gelu} | {cost['flops'] / model:.3f} | {cost.get('bytes accessed', 0):.3g} | "
             f"{'?' if not seconds else f'{seconds * 1e3:.2f}'} | {mfu} | "
             f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:,.0f} | {time.perf_counter() - start:.0f} |",
             flush=True)

@@ -86,6 +86,7 @@ def test_old_token_noise_has_the_requested_size():
 @pytest.mark.parametrize("change, phrase", [
     (dict(d_model=128), "d_model"), (dict(n_layers=3), "n_layers"), (dict(n_heads=8), "n_heads"),
     (dict(vocab_size=300), "vocab_size"), (dict(positions="rotary"), "positions"),
+    (dict(approximate_gelu=True), "approximate_gelu is False in the old model and True"),   # another function
 ])
 def test_growth_refuses_a_structural_change(change, phrase):
   with pytest.raises(ValueError, match=phrase):

@@ -48,7 +48,8 @@ class Stage:
     cfg = self.config
     mesh = f"data={cfg.mesh.data},fsdp={cfg.mesh.fsdp},tensor={cfg.mesh.tensor}"
     return (f"stage {self.name}: {cfg.model.name} on {self.accelerator} | {cfg.model.dtype}, mesh {cfg.mesh.preset} "
-            f"({mesh}), remat {cfg.model.remat}, grad_accum {cfg.grad_accum}, batch {cfg.global_batch} × "
+            f"({mesh}), {cfg.model.pattention_kernel} Pattention, {'tanh' if cfg.model.approximate_gelu else 'erf'} "
+            f"GeLU, remat {cfg.model.remat}, grad_accum {cfg.grad_accum}, batch {cfg.global_batch} × "
             f"{cfg.data.seq_len} | {cfg.optim.schedule} lr {cfg.optim.learning_rate:g} warmup "
             f"{cfg.optim.warmup_steps} | {cfg.steps:,} steps, {self.tokens:,} tokens | init {self.init}")
 

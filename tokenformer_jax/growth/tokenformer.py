@@ -24,7 +24,7 @@ INITS = ("zero_keys", "random")
 # Fields that must be equal for the old parameters to mean the same thing in the new model.
 _SAME_FIELDS = ("architecture", "vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads",
                 "normalization", "positions", "rotary_fraction", "rotary_base", "final_norm_params",
-                "logits_divide_by_sqrt_d", "layer_norm_eps")
+                "logits_divide_by_sqrt_d", "layer_norm_eps", "approximate_gelu")
 
 
 def check_growable(old: ModelConfig, new: ModelConfig) -> None:
