@@ -7,11 +7,13 @@
   python -m tokenformer_jax.cli.plan --ladder=paper --stages=paper_1_4b --search --slices=v4-32,v4-64
   python -m tokenformer_jax.cli.plan --ladder=paper --dry_run       # the stages' settings; compiles nothing
   python -m tokenformer_jax.cli.plan --ladder=paper --stages=paper_1_4b --search --kernels=plain,lean
+  python -m tokenformer_jax.cli.plan --ladder=paper --compare --kernels=plain,lean --remats=projections,lean
 
 A model config (experiments/paper.py) is planned with a default recipe: 512 × 1024 tokens per step, bf16
 compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig (to every
 stage with --ladder). --ladder plans the stages of a ladder (tokenformer_jax/ladder.py), each on its own slice
-with its own recipe, and prints the README's ladder table; --search tries other slices and remat policies.
+with its own recipe, and prints the README's ladder table; --search tries other slices and remat policies;
+--compare tries kernels and remat policies on each stage's own slice and names the fastest.
 """
 import os
 import tempfile
@@ -33,9 +35,12 @@ STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages, e.g. pape
 DRY_RUN = flags.DEFINE_bool("dry_run", False, "--ladder: print each stage's settings; compile nothing.")
 SEARCH = flags.DEFINE_bool("search", False, "--ladder: instead of each stage's slice and remat, find the smallest "
                            "of --slices (then the least recomputation of --remats) on which it fits.")
+COMPARE = flags.DEFINE_bool("compare", False, "--ladder: plan every --kernels × --remats on each stage's own slice, "
+                             "with its cost, and name the fastest that fits (what the stage's recipe should be).")
 SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--search: the slices to try, smallest first.")
-REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--search: remat policies to try, in this order.")
-KERNELS = flags.DEFINE_list("kernels", [], "--search: Pattention kernels to compare (plain, lean): one row "
+REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--search, --compare: remat policies to try, in "
+                           "this order.")
+KERNELS = flags.DEFINE_list("kernels", [], "--search, --compare: Pattention kernels to compare (plain, lean): one row "
                             "per stage and kernel. Empty: each stage's own kernel.")
 
 
@@ -62,6 +67,8 @@ def ladder() -> None:
   reason = plan.libtpu_missing()
   if reason:
     raise plan.PlanError(reason)
+  if COMPARE.value:
+    return compare(stages, KERNELS.value, REMATS.value)
   rows = []
   for stage in stages:
     for kernel in KERNELS.value or [stage.config.model.pattention_kernel]:
@@ -79,6 +86,29 @@ def ladder() -> None:
                   f"| {stage.name} | {failure} | | {kernel} | | | | | {stage.tokens:.3g} | | |")
       print(rows[-1], flush=True)
   print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows))
+
+
+def compare(stages, kernels, remats) -> None:
+  """Each stage on its own slice with every kernel × remat: one row each, then the fastest that fits."""
+  rows, best = [], []
+  for stage in stages:
+    fastest = None
+    for kernel in kernels or [stage.config.model.pattention_kernel]:
+      for remat in remats:
+        cfg = stage.config.replace(model=stage.config.model.replace(pattention_kernel=kernel, remat=remat))
+        try:
+          result = plan.plan_in_child(cfg, stage.accelerator, cost=True)
+        except Exception as error:  # noqa: BLE001 (one candidate's failure leaves the others' rows)
+          rows.append(f"| {stage.name} | {type(error).__name__}: {str(error).strip().splitlines()[0][:200]} | | "
+                      f"{kernel}, {remat} | | | | | | | |")
+        else:
+          rows.append(plan.table_row(result, stage.tokens, stage.name))
+          if result.fits and result.step_seconds and (fastest is None or result.step_seconds < fastest.step_seconds):
+            fastest = result
+        print(rows[-1], flush=True)
+    best.append(f"{stage.name} on {stage.accelerator}: " + (
+        f"kernel {fastest.kernel}, remat {fastest.remat} (MFU {fastest.mfu:.1%})" if fastest else "nothing fits"))
+  print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows) + "\n\nfastest that fits:\n  " + "\n  ".join(best))
 
 
 @one_line_errors(ValueError, plan.PlanError)
