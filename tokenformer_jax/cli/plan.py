@@ -79,13 +79,21 @@ def ladder() -> None:
         else:
           found = plan.plan_in_child(cfg, stage.accelerator, cost=True)
       except Exception as error:  # noqa: BLE001 (one stage's failure leaves the others' rows)
-        found, failure = None, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        found, failure = None, first_line(error)
       else:
         failure = f"fits none of {', '.join(SLICES.value)}" if SEARCH.value else f"does not fit {stage.accelerator}"
       rows.append(plan.table_row(found, stage.tokens, stage.name) if found else
-                  f"| {stage.name} | {failure} | | {kernel} | | | | | {stage.tokens:.3g} | | |")
+                  failed_row(stage, failure, kernel))
       print(rows[-1], flush=True)
   print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows))
+
+
+def first_line(error: Exception) -> str:
+  return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+
+
+def failed_row(stage, failure: str, kernel: str) -> str:
+  return f"| {stage.name} | {failure} | | {kernel} | | | | | {stage.tokens:.3g} | | |"
 
 
 def compare(stages, kernels, remats) -> None:
@@ -99,8 +107,7 @@ def compare(stages, kernels, remats) -> None:
         try:
           result = plan.plan_in_child(cfg, stage.accelerator, cost=True)
         except Exception as error:  # noqa: BLE001 (one candidate's failure leaves the others' rows)
-          rows.append(f"| {stage.name} | {type(error).__name__}: {str(error).strip().splitlines()[0][:200]} | | "
-                      f"{kernel}, {remat} | | | | | | | |")
+          rows.append(failed_row(stage, first_line(error), f"{kernel}, {remat}"))
         else:
           rows.append(plan.table_row(result, stage.tokens, stage.name))
           if result.fits and result.step_seconds and (fastest is None or result.step_seconds < fastest.step_seconds):
