@@ -39,8 +39,9 @@ _PAPER_BASE = TrainConfig(
 # optimizer state split along the parameter-token axis), the least rematerialisation that fits, and the tanh
 # GeLU: the exact (erf) GeLU over every [tokens, n] score matrix is vector-unit work that the TPU v4 cost model
 # puts at a fifth of ladder_1_4b's step (MFU 45.4% → 56.4% on a v4-32; README "Pattention kernels and MFU").
-# The plain kernel with remat="projections" beat the lean kernel at every stage. (The authors' own ladder ran on
-# Flax, whose nn.gelu is the tanh form by default; their PyTorch models use the exact one, as imports must.)
+# The plain kernel with remat="projections" beat the lean kernel at every stage (1.4B compared on a v4-32;
+# `cli.plan --ladder=paper --compare --kernels=plain,lean`). (The authors' ladder code is Flax, whose nn.gelu
+# defaults to the tanh form; their PyTorch models use the exact one, as imports must.)
 _FSDP = MeshConfig(data=1, fsdp=-1, tensor=1, preset="fsdp")
 _RECIPE = dict(dtype="bfloat16", approximate_gelu=True)
 _P = dict(first=_PAPER_MODELS[0], mesh=_FSDP)
