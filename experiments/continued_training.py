@@ -101,10 +101,7 @@ def summarize(curves, tf_pre, dense_pre, s, steps) -> dict:
 
 
 def plot(curves, path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+  fig, ax = report.new_figure(figsize=(8, 5))
   styles = {"tokenformer": ("tab:blue", "-", "o"), "transformer": ("tab:red", "-", "s"),
             "tokenformer_scratch": ("tab:blue", ":", "x"), "transformer_scratch": ("tab:red", ":", "x")}
   for key, curve in curves.items():
@@ -120,7 +117,6 @@ def plot(curves, path) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   report.save_figure(fig, path)
-  plt.close(fig)
   h.say(f"wrote {path}")
 
 

@@ -177,11 +177,8 @@ def summarize(curves, tf_models, dense_models, scale, s, name: str = NAME, style
 
 
 def plot(curves, n_sizes: int, scale, s, path, style: str = "ladder") -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-  fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), constrained_layout=True)
+  fig, axes = report.new_figure(2, figsize=(14, 5.6))
 
   def draw(ax, curve, color, linestyle, marker, own=False):
     x = curve.flops(curve.eval_steps) - (curve.start_flops if own else 0.0)
@@ -220,7 +217,6 @@ def plot(curves, n_sizes: int, scale, s, path, style: str = "ladder") -> None:
   fig.suptitle(f"Progressive scaling in miniature: TokenFormer grown {chain} vs scratch TokenFormers and "
                f"Transformers of matching size (shipped corpus, CPU; TokenFormer init: {style})", fontsize=11)
   report.save_figure(fig, path)
-  plt.close(fig)
   h.say(f"wrote {path}")
 
 

@@ -85,10 +85,7 @@ def summarize(theta, grown, s, seeds) -> dict:
 
 
 def plot(theta, grown, path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+  fig, axes = report.new_figure(2, figsize=(13, 5))
   colors = {"l2_norm_gelu": "tab:blue", "gelu_l2_norm": "tab:green", "softmax": "tab:red",
             "keep": "tab:blue", "follow": "tab:orange"}
 
@@ -118,7 +115,6 @@ def plot(theta, grown, path) -> None:
   values = np.concatenate([c.eval_loss[c.eval_steps > 0] for v in theta.values() for c in v])
   axes[0].set_ylim(values.min() - 0.05, np.percentile(values, 80))
   report.save_figure(fig, path)
-  plt.close(fig)
   h.say(f"wrote {path}")
 
 

@@ -70,10 +70,7 @@ def run(workdir: str, out: str, smoke: bool = False, seeds: int | None = None) -
 
 
 def plot(pairs, lengths, flops, path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+  fig, ax = report.new_figure(figsize=(8, 5.5))
   colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
   for i, (tf, tr) in enumerate(pairs):
     total = count_params(tf, storage=False)["total"]
@@ -90,7 +87,6 @@ def plot(pairs, lengths, flops, path) -> None:
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7.5)
   report.save_figure(fig, path)
-  plt.close(fig)
   h.say(f"wrote {path}")
 
 

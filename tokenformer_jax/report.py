@@ -234,11 +234,9 @@ def _axes_limits(curves: list[Curve]) -> tuple[float, float] | None:
 def plot(curves: list[Curve], path: str | epath.Path, title: str = "", train_loss: bool = True) -> None:
   """Validation loss (markers; train loss as a thin line) against cumulative FLOPs and against tokens."""
   import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
-  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig, axes = new_figure(2, figsize=(13, 5.2))
+  cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, c in enumerate(curves):
     style = {"color": cycle[i % len(cycle)], **c.style}
     for ax, x_of in ((axes[0], c.flops), (axes[1], c.tokens)):
@@ -260,11 +258,28 @@ def plot(curves: list[Curve], path: str | epath.Path, title: str = "", train_los
   note = "markers: validation loss; faint lines: train loss" if train_loss else "validation loss"
   fig.suptitle(f"{title} ({note})" if title else note, fontsize=11)
   save_figure(fig, path)
-  plt.close(fig)
+
+
+def new_figure(columns: int = 1, *, figsize: tuple[float, float]):
+  """(figure, axes) of one row of `columns` plots, drawn off-screen (matplotlib's Agg backend); `save_figure`
+  writes and closes it."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(1, columns, figsize=figsize, constrained_layout=True)
 
 
 def save_figure(fig, path: str | epath.Path) -> None:
-  """Write a PNG atomically: to a temporary file beside it, then renamed (gs://: written through epath)."""
+  """Write a PNG atomically: to a temporary file beside it, then renamed (gs://: written through epath); then
+  close the figure."""
+  import matplotlib.pyplot as plt
+  try:
+    _write_png(fig, path)
+  finally:
+    plt.close(fig)
+
+
+def _write_png(fig, path: str | epath.Path) -> None:
   path = epath.Path(path)
   remote = "://" in str(path)
   path.parent.mkdir(parents=True, exist_ok=True)
