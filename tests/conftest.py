@@ -33,3 +33,8 @@ def trained_run_console(tmp_path_factory):
 def trained_run(trained_run_console):
   """The workdir of that run (shared by several test files)."""
   return trained_run_console[0]
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: starts a subprocess, compiles for a TPU or trains a run; the inner loop "
+                          "is `pytest -m 'not slow'`")

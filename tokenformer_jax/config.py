@@ -13,7 +13,10 @@ import typing
 from typing import Any
 
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
-NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+# Θ of Eq. 4. "gelu" (no normalisation) is the "is Pattention just an FFN?" control: every projection a
+# two-layer MLP without biases, gelu(X·K_Pᵀ)·V_P, with TokenFormer's shapes (the plain kernel only).
+NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax", "gelu")
+MLPS = ("gelu", "swiglu")
 REMAT = ("none", "full", "dots", "dots_no_batch", "projections", "lean")
 PATTENTION_KERNELS = ("plain", "lean")
 
@@ -107,6 +110,9 @@ class ModelConfig:
   init: str = "fan_in"
   # Transformer only ------------------------------------------------------------------------------
   mlp_ratio: int = 4
+  # "gelu": GPT-2's gelu(x·W_in)·W_out with mlp_ratio·d hidden units; "swiglu": (silu(x·W_gate) ⊙ x·W_up)·W_down
+  # with round(2/3·mlp_ratio·d) hidden units, so its three matrices hold the parameters of GeLU's two.
+  mlp: str = "gelu"
   # Shared ----------------------------------------------------------------------------------------
   positions: str = "none"            # "none" (JAX ladder) or "rotary" (PyTorch Pile models)
   rotary_fraction: float = 0.25
@@ -158,6 +164,7 @@ class ModelConfig:
          f"pattention_kernel must be one of {'|'.join(PATTENTION_KERNELS)}, got {self.pattention_kernel!r}")
     need(self.pattention_block > 0, f"pattention_block must be positive, got {self.pattention_block}")
     need(self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive")
+    need(self.mlp in MLPS, f"mlp must be one of {'|'.join(MLPS)}, got {self.mlp!r}")
     if self.positions == "rotary":
       need(self.rotary_dims >= 2, f"rotary_fraction={self.rotary_fraction} leaves fewer than 2 rotary dims")
     if self.architecture == "tokenformer":
@@ -168,11 +175,19 @@ class ModelConfig:
            f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
       need(self.norm_scale in ("fixed", "live"), f"norm_scale must be 'fixed' or 'live', got {self.norm_scale!r}")
       need(self.init in ("fan_in", "neox"), f"init must be 'fan_in' or 'neox', got {self.init!r}")
+      need(self.normalization != "gelu" or self.pattention_kernel == "plain",
+           "normalization='gelu' (no normalisation) runs on pattention_kernel='plain' only")
 
   # Derived sizes -------------------------------------------------------------------------------------
   @property
   def padded_vocab(self) -> int:
     return round_up(self.vocab_size, self.vocab_multiple)
+
+  @property
+  def mlp_hidden(self) -> int:
+    """The dense MLP's hidden units (see `mlp`)."""
+    hidden = self.mlp_ratio * self.d_model
+    return hidden if self.mlp == "gelu" else round(2 * hidden / 3)
 
   @property
   def head_dim(self) -> int:
@@ -339,9 +354,10 @@ def count_params(cfg: ModelConfig, *, storage: bool = True) -> dict[str, int]:
     rows = cfg.storage_tokens if storage else cfg.tokens
     per_layer = sum(2 * rows(p) * d for p in PROJECTIONS)
   else:
-    hidden = cfg.mlp_ratio * d
+    hidden = cfg.mlp_hidden
     attention = 4 * (d * d + d)
-    mlp = d * hidden + hidden + hidden * d + d
+    matrices = 2 if cfg.mlp == "gelu" else 3   # each with its bias
+    mlp = (matrices - 1) * (d * hidden + hidden) + hidden * d + d
     norms = 2 * 2 * d
     per_layer = attention + mlp + norms
   non_embedding = layers * per_layer + final_norm

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from tokenformer_jax.config import ModelConfig
 
-_SAME_FIELDS = ("vocab_size", "vocab_multiple", "n_layers", "mlp_ratio", "positions", "rotary_base",
+_SAME_FIELDS = ("vocab_size", "vocab_multiple", "n_layers", "mlp_ratio", "mlp", "positions", "rotary_base",
                 "final_norm_params", "logits_divide_by_sqrt_d", "layer_norm_eps")
 
 

@@ -7,6 +7,7 @@
     l2_norm_gelu   gelu(A / ‖A‖₂ · sqrt(n_scale))       the default, used by every released model
     gelu_l2_norm   g = gelu(A);  g / ‖g‖₂ · sqrt(n_scale)
     softmax        softmax(A) · n_scale                  (stable: the max is subtracted)
+    gelu           gelu(A), no normalisation: a two-layer MLP without biases (the "just an FFN?" control)
 
 `n_scale` is a constant: with it fixed, appending tokens whose keys are zero leaves O unchanged
 (paper App. B). The authors' code uses the live row count instead, which breaks that (REFERENCE.md).
@@ -61,6 +62,8 @@ def normalize_scores(scores: jax.Array, *, normalization: str = "l2_norm_gelu", 
     return gelu(_l2_normalize(scores, n_scale, axis_name))
   if normalization == "gelu_l2_norm":
     return _l2_normalize(gelu(scores), n_scale, axis_name)
+  if normalization == "gelu":
+    return gelu(scores)
   if normalization == "softmax":
     if n_valid is not None:
       local_rows = scores.shape[-1]

@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from tokenformer_jax.config import NORMALIZATIONS, round_up
+from tokenformer_jax.config import round_up
 from tokenformer_jax.model.pattention import MIN_SUM_OF_SQUARES, PARAM_TOKENS_AXIS
 
 DEFAULT_BLOCK = 2048
+LEAN_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")   # Θ with a normalisation over the rows
 STATS_NAME = "pattention_stats"   # the per-row statistics (and M or the float32 output) kept for the backward
 BLOCK_AXES = (None, PARAM_TOKENS_AXIS, None)   # K_P, V_P as [blocks, rows, d]
 
@@ -74,8 +75,8 @@ def lean_pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_token
                     approximate_gelu: bool = False, axis_name: str | None = None, block: int = DEFAULT_BLOCK,
                     unroll: bool = False) -> jax.Array:
   """`pattention`'s contract (same arguments, dtypes and result) computed over blocks of `block` rows."""
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+  if normalization not in LEAN_NORMALIZATIONS:
+    raise ValueError(f"the lean kernel computes normalization {', '.join(LEAN_NORMALIZATIONS)}; got {normalization!r}")
   if block < 1:
     raise ValueError(f"block must be positive, got {block}")
   n = key_param_tokens.shape[0]

@@ -1,4 +1,5 @@
-"""The dense baseline: the same skeleton as TokenFormer with GPT-2's linear projections and 4d GeLU MLP."""
+"""The dense baseline: the same skeleton as TokenFormer with GPT-2's linear projections and a GeLU MLP of 4d
+hidden units, or a SwiGLU MLP of the same parameters (model.mlp)."""
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
     """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
     cfg = self.cfg
-    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    d, hidden = cfg.d_model, cfg.mlp_hidden
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)   # GPT-2's scaled init of residual projections
     h = LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x)
     q, k, v = (dense(cfg, d, ("embed", "heads"), p)(h) for p in ("query", "key", "value"))
@@ -33,6 +34,10 @@ class TransformerBlock(nn.Module):
       attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
     x = x + dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended)
     h = LayerNorm(cfg.layer_norm_eps, name="mlp_norm")(x)
-    h = jax.nn.gelu(dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h), approximate=False)
+    up = dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h)
+    if cfg.mlp == "swiglu":
+      h = jax.nn.silu(dense(cfg, hidden, ("embed", "mlp"), "mlp_gate")(h)) * up
+    else:
+      h = jax.nn.gelu(up, approximate=False)
     x = x + dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
