@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from tokenformer_jax import report, sharding  # noqa: E402
+from tokenformer_jax import fileio, report, sharding  # noqa: E402
 from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E402
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
                                     count_params, to_dict)
@@ -105,7 +105,7 @@ def train_run(cfg: TrainConfig, root, *, init_from=None, name: str | None = None
     if init_from is not None and not (workdir / "metrics.jsonl").exists():
       loss = eval_loss(cfg, init_from)
       workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/loss": loss}) + "\n")
+      fileio.write_text(workdir / "metrics.jsonl", json.dumps({"step": 0, "eval/loss": loss}) + "\n")
     final = train(cfg, str(workdir), init_from=None if init_from is None else str(init_from))
     if not finished(cfg, workdir):   # SIGTERM: the trainer saved and returned; so do we
       raise SystemExit(f"stopped in {workdir}; run the same command again to continue")
@@ -175,7 +175,7 @@ def widen_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, no
 # Results -----------------------------------------------------------------------------------------------
 def write_results(out, stem: str, markdown: str) -> pathlib.Path:
   path = pathlib.Path(out) / f"{stem}.md"
-  report.write_text(path, markdown)
+  fileio.write_text(path, markdown)
   say(f"wrote {path}")
   return path
 

@@ -28,6 +28,7 @@ from absl import app, flags
 from launch import gcloud, worker
 from launch.faults import Budget, BudgetExceeded, JobFailed, Status, Verdict, Watch, node_status, queued_status
 from launch.runner import NO_CAPACITY, PUBLICKEY, LaunchError, Runner, display, reason
+from tokenformer_jax import fileio
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ("setup.py", "README.md", "tokenformer_jax", "experiments", "launch")
@@ -39,12 +40,10 @@ def build_archive(path: pathlib.Path | None = None) -> pathlib.Path:
   """The code as a source archive (setup.py, the package, experiments/, launch/), written under a fresh temporary
   name (two launchers on one machine never share it)."""
   path = path or pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "src.tar.gz"
-  partial = path.with_suffix(".partial")
   skip = lambda info: None if "__pycache__" in info.name or info.name.endswith((".pyc", ".egg-info")) else info
-  with tarfile.open(partial, "w:gz") as archive:
+  with fileio.AtomicFile(path) as out, tarfile.open(fileobj=out.file, mode="w:gz") as archive:
     for name in SHIPPED:
       archive.add(REPO / name, arcname=name, filter=skip)
-  partial.rename(path)
   return path
 
 
@@ -55,7 +54,8 @@ def code_digest() -> str:
   for name in SHIPPED:
     root = REPO / name
     for path in sorted([root] if root.is_file() else root.rglob("*")):
-      if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith((".pyc", ".partial")):
+      if (path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc")
+          and not fileio.is_temporary(path.name)):   # a write under way is not code
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
   return digest.hexdigest()[:16]
 

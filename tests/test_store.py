@@ -3,6 +3,7 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import CORPUS
 
+from tokenformer_jax import fileio
 from tokenformer_jax.config import SHIPPED_TOKENIZER, DataConfig
 from tokenformer_jax.data import DataError, pipeline, prepare, sources, store
 from tokenformer_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -90,7 +92,7 @@ def test_killed_preparation_resumes_byte_identical_and_remote_store(shipped, tok
     prepare.prepare(data, tok, killed, shard_tokens=SHARD_TOKENS, workers=0, progress=False, _stop_after_shards=5)
   assert not (tmp_path / "killed" / "manifest.json").exists()
   assert sum(name.endswith(".json") and "-" in name for name in os.listdir(killed)) == 5
-  assert any(name.endswith(".tmp") for name in os.listdir(killed))       # a half-written shard, as a kill leaves
+  assert not any(fileio.is_temporary(name) for name in os.listdir(killed))   # discarded (a kill's: see below)
   (tmp_path / "killed" / "train-00003.json").unlink()                    # and a shard whose marker never landed
   with pytest.raises(DataError, match="holds an unfinished preparation of other inputs or settings"):
     prepare.prepare(data, tok, killed, shard_tokens=SHARD_TOKENS + 1, workers=0, progress=False)
@@ -204,6 +206,7 @@ def test_bad_store_gives_one_line_naming_the_file(shipped, tok, tmp_path, case, 
   assert "\n" not in str(info.value) and files_of(bad) == before    # one line; nothing touched
 
 
+@pytest.mark.slow
 def test_prepare_cli_refuses_to_overwrite_and_verifies(shipped, tmp_path):
   data, path, manifest = shipped
   out = tmp_path / "cli"
@@ -279,3 +282,124 @@ def test_a_vocabulary_over_65536_is_stored_as_uint32(tok, tmp_path):
   want = in_memory_stream(sources.load_splits(data)[0], tok).ids
   got = store.TokenStore(str(tmp_path / "s"), big).splits["train"]
   np.testing.assert_array_equal(got[0:len(got)], want)
+
+
+# Killed at any write: the rerun recovers the same bytes ------------------------------------------------------
+def small_corpus(tmp_path):
+  """Eight short documents (two shards of each pass) and a validation fraction below all their hashes: the first
+  pass holds none out, so the smallest-hash one is held out and the pass restarts (hold_out's rule). Every kind
+  of write a preparation makes happens: the settings (twice), shards, markers, removals, the manifest."""
+  corpus = tmp_path / "eight.jsonl"
+  corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i}: " + "some words " * (3 + i)}) + "\n"
+                            for i in range(8)))
+  fraction = min(sources.stable_fraction(f"d{i}") for i in range(8)) / 2
+  return DataConfig(train_files=(str(corpus),), validation_fraction=fraction), 120
+
+
+def boundary_kind(what: str) -> str:
+  """'…/.prepare.json: 12 bytes written' → '.prepare.json: bytes written' (the file's kind and the step)."""
+  path, step = what.rsplit(": ", 1)
+  name = pathlib.Path(path).name
+  kind = name if name in (".prepare.json", "manifest.json") else name.split(".", 1)[1]
+  return f"{kind}: {step.split(' ', 1)[1] if step[0].isdigit() else step}"
+
+
+def test_a_preparation_killed_at_any_write_recovers_the_same_bytes(tok, tmp_path, monkeypatch):
+  data, shard_tokens = small_corpus(tmp_path)
+  clean = tmp_path / "clean"
+  snapshots = []
+
+  def snapshot(what):   # the files on disk at this moment: exactly what a SIGKILL here would leave
+    copy = tmp_path / "killed" / str(len(snapshots))
+    shutil.copytree(clean, copy)
+    snapshots.append((copy, what))
+
+  monkeypatch.setattr(os, "fsync", lambda fd: None)   # it matters to a crash of the machine, not to a kill's
+  monkeypatch.setattr(fileio, "on_boundary", snapshot)
+  manifest = prepare.prepare(data, tok, str(clean), shard_tokens=shard_tokens, workers=0, progress=False)
+  monkeypatch.setattr(fileio, "on_boundary", None)
+  assert [len(manifest["splits"][s]["shards"]) for s in store.SPLITS] == [2, 1]
+  assert manifest["splits"]["validation"]["documents"] == 1
+  kinds = collections.Counter(boundary_kind(what) for _, what in snapshots)
+  assert kinds == {**{f"{kind}: {step}": n for kind, n in [(".prepare.json", 2), ("tokens", 5), ("docs", 5),
+                                                              ("json", 5), ("manifest.json", 1)]
+                      for step in ("temporary opened", "bytes written", "temporary complete", "renamed into place")},
+                   "tokens: bytes written": 16, "tokens: removed": 2, "docs: removed": 2, "json: removed": 2}
+  want = files_of(clean)
+  for copy, what in snapshots:
+    if (copy / "manifest.json").exists():   # killed after the last write: the store is finished already
+      assert files_of(copy) == want, what
+      continue
+    assert prepare.prepare(data, tok, str(copy), shard_tokens=shard_tokens, workers=0, progress=False) == manifest
+    assert files_of(copy) == want, what
+
+
+def test_a_store_whose_first_write_was_killed_is_recognised_others_are_refused(tok, tmp_path):
+  data, shard_tokens = small_corpus(tmp_path)
+  old = tmp_path / "old"   # what the writer before fileio left when killed before its rename
+  old.mkdir()
+  (old / "..prepare.json.tmp").write_text('{"format": ')
+  made = prepare.prepare(data, tok, str(old), shard_tokens=shard_tokens, workers=0, progress=False)
+  assert made["splits"]["train"]["documents"] == 7 and not any(fileio.is_temporary(n) for n in os.listdir(old))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / ".notes.json.tmp-1-abc").write_text("someone else's")   # a temporary, but not of the settings
+  with pytest.raises(DataError, match="holds other files, not an unfinished token store"):
+    prepare.prepare(data, tok, str(other), shard_tokens=shard_tokens, workers=0, progress=False)
+  assert os.listdir(other) == [".notes.json.tmp-1-abc"]
+
+
+SIGKILL_DRIVER = r"""
+import json, os, sys
+from tokenformer_jax.config import DataConfig
+from tokenformer_jax.data import prepare
+from tokenformer_jax.data.tokenizer import Tokenizer
+corpus, fraction, shard_tokens, root = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data, tok = DataConfig(train_files=(corpus,), validation_fraction=fraction), Tokenizer.load(sys.argv[5])
+
+def run(path, kill_at=None):   # a forked child prepares (SIGKILLed at boundary `kill_at`); its wait status
+  pid = os.fork()
+  if pid == 0:
+    os.fsync = lambda fd: None   # it matters to a crash of the machine, not to a kill's
+    if kill_at:
+      os.environ["TOKENFORMER_JAX_KILL_AT"] = str(kill_at)
+    prepare.prepare(data, tok, path, shard_tokens=shard_tokens, workers=0, progress=False)
+    os._exit(0)
+  return os.waitpid(pid, 0)[1]
+
+assert run(f"{root}/clean") == 0
+n, killed = 1, []
+while os.WIFSIGNALED(status := run(f"{root}/{n}", kill_at=n)):
+  assert os.WTERMSIG(status) == 9
+  killed.append(n)
+  if not os.path.exists(f"{root}/{n}/manifest.json"):
+    assert run(f"{root}/{n}") == 0, n
+  n += 1
+print(json.dumps(killed))
+"""
+
+
+@pytest.mark.slow
+def test_a_preparation_sigkilled_at_each_write_recovers_the_same_bytes(tmp_path):
+  data, shard_tokens = small_corpus(tmp_path)
+  # The issue's case, as a user meets it: killed after the settings' temporary is complete (the 3rd boundary:
+  # opened, written, complete), before its rename; the same command again.
+  command = [sys.executable, "-m", "tokenformer_jax.data.prepare", f"--store={tmp_path / 'cli'}",
+             f"--train_files={data.train_files[0]}", f"--validation_fraction={data.validation_fraction}",
+             f"--shard_mb={shard_tokens * 2 / 2**20}", "--workers=0"]
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  killed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, fileio.KILL_AT: "3"})
+  assert killed.returncode == -9 and "temporary complete" in killed.stderr
+  assert [fileio.is_temporary(n, of=".prepare.json") for n in os.listdir(tmp_path / "cli")] == [True]
+  again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+  assert again.returncode == 0 and "wrote" in again.stdout, again.stderr
+  # Every boundary, a real SIGKILL in a forked child, then the rerun: one subprocess for all of them.
+  driver = subprocess.run([sys.executable, "-c", SIGKILL_DRIVER, data.train_files[0], repr(data.validation_fraction),
+                           str(shard_tokens), str(tmp_path / "sigkill"), str(SHIPPED_TOKENIZER)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  killed_at = json.loads(driver.stdout)
+  want = files_of(tmp_path / "sigkill" / "clean")
+  assert len(killed_at) == 89 and files_of(tmp_path / "cli") == want
+  for n in killed_at:
+    assert files_of(tmp_path / "sigkill" / str(n)) == want, n

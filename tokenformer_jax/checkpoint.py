@@ -1,6 +1,8 @@
 """Orbax checkpoints of a run: parameters, optimizer state, data-iterator position and config, verified.
 
-A run directory holds `checkpoints/<step>/{params, opt_state, data_iterator, config, checksums}`. Orbax writes
+A run directory holds `checkpoints/<step>/{params, opt_state, data_iterator, config, checksums}`. (A grown
+checkpoint made by `cli.grow --optimizer=carry` holds `moments` instead of `opt_state`: AdamW's grown moments,
+{"count", "mu", "nu"}, mu and nu shaped like the parameters.) Orbax writes
 each step to a temporary directory and renames it when complete, so a killed job never leaves a half checkpoint
 that a restart would pick up. Restores go straight onto whatever mesh the abstract target's shardings name, so a
 checkpoint saved on one mesh restores on any other (or on one device).
@@ -28,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental.multihost_utils import sync_global_devices
 from jax.sharding import NamedSharding, PartitionSpec
+
+from tokenformer_jax import fileio
 
 CHECKSUM_VERSION = 1
 
@@ -125,20 +129,27 @@ def checkpoints_dir(path: str | epath.Path) -> epath.Path:
   return path if path.name == "checkpoints" else path / "checkpoints"
 
 
+def _dotted(path) -> str:
+  """`opt_state.1.0.mu.embedding`: a leaf's path as Orbax names it, alike for a saved tree's metadata (dicts and
+  lists) and the tree it restores into (optax's named tuples)."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def _leaf_shapes(tree) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+  return {_dotted(path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def check_same_structure(stored, target, what: str) -> None:
-  """Refuse a restore whose leaves or shapes differ: Orbax would otherwise restore part of a tree silently."""
+def check_same_structure(stored, target, what: str, kind: str = "model") -> None:
+  """Refuse a restore whose leaves or shapes differ: Orbax would otherwise restore part of a tree silently.
+  `kind`: what a mismatch means the checkpoint was saved from a different one of (model, optimizer)."""
   stored, target = _leaf_shapes(stored), _leaf_shapes(target)
   for path in sorted(set(stored) | set(target)):
     if path not in stored:
-      raise CheckpointError(f"{what}: the checkpoint has no {path}; it was saved from a different model")
+      raise CheckpointError(f"{what}: the checkpoint has no {path}; it was saved from a different {kind}")
     if path not in target:
-      raise CheckpointError(f"{what}: the checkpoint has {path}, which this model does not; it was saved "
-                            "from a different model")
+      raise CheckpointError(f"{what}: the checkpoint has {path}, which this {kind} does not; it was saved "
+                            f"from a different {kind}")
     if stored[path] != target[path]:
       raise CheckpointError(f"{what}: {path} is {stored[path]} in the checkpoint but {target[path]} in this "
                             "model; restore it into the config it was saved with (or grow it first)")
@@ -158,6 +169,7 @@ class RunCheckpoints:
     params_handler = (ocp.StandardCheckpointHandler() if save_concurrent_gb is None
                       else ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb))
     handlers = {"params": params_handler, "opt_state": ocp.StandardCheckpointHandler(),
+                "moments": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
                 "checksums": ocp.JsonCheckpointHandler(), "data_iterator": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(
@@ -181,15 +193,17 @@ class RunCheckpoints:
     return step
 
   def save(self, step: int, *, params, config: dict, opt_state=None, data_iterator=None,
-           extra: dict | None = None) -> None:
-    """Start an asynchronous save; params-only when opt_state and data_iterator are left out.
+           extra: dict | None = None, moments=None) -> None:
+    """Start an asynchronous save; params-only when opt_state and data_iterator are left out (`moments`: a grown
+    checkpoint's carried AdamW moments).
 
     The checksums of the arrays are computed first, on their devices (one short pass over the state)."""
     sums = {"version": CHECKSUM_VERSION, "params": checksums(params)}
     items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config)}
-    if opt_state is not None:
-      items["opt_state"] = ocp.args.StandardSave(opt_state)
-      sums["opt_state"] = checksums(opt_state)
+    for name, tree in (("opt_state", opt_state), ("moments", moments)):
+      if tree is not None:
+        items[name] = ocp.args.StandardSave(tree)
+        sums[name] = checksums(tree)
     items["checksums"] = ocp.args.JsonSave(sums)
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -247,38 +261,54 @@ class RunCheckpoints:
       return "; the run has no other checkpoint to use instead"
     return f"; use another of the run's checkpoints (steps {others}; resuming falls back by itself)"
 
+  def has_item(self, step: int, item: str) -> bool:
+    return (self.directory / str(step) / item).exists()
+
   def read_json(self, step: int | None = None, item: str = "config", default: dict | None = None) -> dict:
     """A JSON item of a checkpoint (the config, or growth's provenance "extra"); `default` if absent."""
     step = self.resolve_step(step)
-    if default is not None and not (self.directory / str(step) / item).exists():
+    if default is not None and not self.has_item(step, item):
       return default
     return self._read(step, lambda: self.manager.restore(
         step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item])
 
-  def _stored_params(self, step: int):
-    stored = self.manager.item_metadata(step)["params"]
+  def _stored(self, step: int, item: str = "params"):
+    stored = self.manager.item_metadata(step)[item]
     if stored is None:
-      raise FileNotFoundError("its params item is missing")
+      raise FileNotFoundError(f"its {item} item is missing")
     return stored
 
-  def restore_params(self, abstract_params, step: int | None = None):
-    """Parameters only, onto the shardings of `abstract_params` (a tree of ShapeDtypeStruct), verified."""
+  def _restore_item(self, item: str, abstract, step: int | None):
+    """One array item (params, or a grown checkpoint's moments) onto the shardings of `abstract`, verified."""
     step = self.resolve_step(step)
 
     def read():
-      stored = self._stored_params(step)
-      check_same_structure(stored, abstract_params, f"parameters of {self.directory / str(step)}")
-      return self.manager.restore(
-          step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-    params = self._read(step, read)
-    self._verify(step, {"params": params})
-    return params
+      what = {"params": "parameters"}.get(item, item)
+      check_same_structure(self._stored(step, item), abstract, f"{what} of {self.directory / str(step)}")
+      return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
+    restored = self._read(step, read)
+    self._verify(step, {item: restored})
+    return restored
 
-  def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator=None) -> tuple[Any, Any]:
-    """(params, opt_state) of `step`, verified, and the data iterator's position restored in place."""
+  def restore_params(self, abstract_params, step: int | None = None):
+    """Parameters only, onto the shardings of `abstract_params` (a tree of ShapeDtypeStruct), verified."""
+    return self._restore_item("params", abstract_params, step)
+
+  def restore_moments(self, abstract_moments, step: int | None = None):
+    """A grown checkpoint's carried AdamW moments ({"count", "mu", "nu"}), verified."""
+    return self._restore_item("moments", abstract_moments, step)
+
+  def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator=None, *,
+              check_optimizer: bool = False) -> tuple[Any, Any]:
+    """(params, opt_state) of `step`, verified, and the data iterator's position restored in place.
+    `check_optimizer`: refuse an optimizer state of another structure than `abstract_opt_state` (CheckpointError)
+    before reading it (what a tool that carries it elsewhere wants; resuming leaves that to Orbax)."""
     def read():
-      stored = self._stored_params(step)
+      stored = self._stored(step)
       check_same_structure(stored, abstract_params, f"parameters of {self.directory / str(step)}")
+      if check_optimizer:
+        check_same_structure(self._stored(step, "opt_state"), abstract_opt_state,
+                             f"optimizer state of {self.directory / str(step)}", kind="optimizer")
       items = {"params": ocp.args.StandardRestore(abstract_params),
                "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
       if data_iterator is not None:
@@ -363,20 +393,14 @@ def write_new_run(dst: str | epath.Path, *, files=(), save_concurrent_gb: float 
   """A params-only checkpoint at step 0 of the run directory `dst` (with `files` copied beside it), complete or
   not there at all: what cli.grow and cli.import_neox write.
 
-  Every process of the job calls it: each writes its own shards (Orbax), and only the first process deletes
-  (a leftover temporary directory, or the destination being replaced), with every other process waiting at a
-  barrier until it has. Locally the run is written to a temporary directory and renamed when complete; on GCS
-  (no rename) the old destination goes first.
+  Every process of the job calls it: each writes its own shards (Orbax) into the one directory that fileio's
+  writer names for the job (locally `.NAME.tmp-job` beside `dst`, renamed or swapped into place when complete;
+  on GCS `dst` itself, committed by Orbax's marker). Only the first process clears and commits, with every
+  other process waiting at a barrier until it has.
   """
   dst = epath.Path(dst)
   primary = jax.process_index() == 0
-  local = not str(dst).startswith("gs://")
-  target = dst.parent / f".{dst.name}.tmp" if local else dst   # the same name in every process
-  if primary:
-    if local and target.exists():    # a killed attempt's leftover
-      shutil.rmtree(target)
-    if not local and dst.exists():
-      dst.rmtree()
+  target = epath.Path(fileio.temporary_directory(dst, tag="job", create=primary))   # the same in every process
   sync_global_devices("write_new_run: destination cleared")
   try:
     written = RunCheckpoints(target, keep=None, save_concurrent_gb=save_concurrent_gb)
@@ -387,12 +411,10 @@ def write_new_run(dst: str | epath.Path, *, files=(), save_concurrent_gb: float 
       for file in files:
         epath.Path(file).copy(target / os.path.basename(file))
   except BaseException:
-    if local and primary:
+    if primary and fileio.is_temporary(target):
       shutil.rmtree(target, ignore_errors=True)
     raise
   sync_global_devices("write_new_run: checkpoint written")
-  if local and primary:
-    if dst.exists():   # empty, or --overwrite: the new checkpoint is complete before the old one goes
-      shutil.rmtree(dst)
-    target.rename(dst)
+  if primary:
+    fileio.commit_directory(target, dst)   # empty, or --overwrite: the old one goes once the new is in place
   sync_global_devices("write_new_run: checkpoint in place")

@@ -13,14 +13,14 @@ the stages parent-first and chains their offsets; `load_runs` takes any mix of r
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.config import TrainConfig, count_params, flops_per_token, from_dict
 from tokenformer_jax.growth.provenance import read_provenance
 
@@ -269,42 +269,18 @@ def new_figure(columns: int = 1, *, figsize: tuple[float, float]):
   return plt.subplots(1, columns, figsize=figsize, constrained_layout=True)
 
 
+write_text = fileio.write_text   # the experiments' results are written whole too
+
+
 def save_figure(fig, path: str | epath.Path) -> None:
-  """Write a PNG atomically: to a temporary file beside it, then renamed (gs://: written through epath); then
-  close the figure."""
+  """Write a PNG whole (fileio's atomic writer), then close the figure."""
   import matplotlib.pyplot as plt
   try:
-    _write_png(fig, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    fileio.write_bytes(path, png.getvalue())
   finally:
     plt.close(fig)
-
-
-def _write_png(fig, path: str | epath.Path) -> None:
-  path = epath.Path(path)
-  remote = "://" in str(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(suffix=".png", delete=False, prefix=f".{path.name}.",
-                                   dir=None if remote else str(path.parent)) as handle:
-    fig.savefig(handle, format="png", dpi=110)
-  if remote:
-    path.write_bytes(epath.Path(handle.name).read_bytes())
-    os.unlink(handle.name)
-    return
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(handle.name, 0o666 & ~umask)   # a temporary file is private; the figure is not
-  os.replace(handle.name, path)
-
-
-def write_text(path: str | epath.Path, text: str) -> None:
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if "://" in str(path):
-    path.write_text(text)
-    return
-  temporary = path.parent / (path.name + ".tmp")
-  temporary.write_text(text)
-  temporary.replace(path)
 
 
 def write_report(paths, out: str | epath.Path, title: str = "") -> tuple[epath.Path, epath.Path]:
@@ -315,7 +291,7 @@ def write_report(paths, out: str | epath.Path, title: str = "") -> tuple[epath.P
   png, md = out / "report.png", out / "report.md"
   plot(curves, png, title)
   heading = f"# {title}\n\n" if title else ""
-  write_text(md, f"{heading}![loss against FLOPs and tokens](report.png)\n\n{table(curves)}")
+  fileio.write_text(md, f"{heading}![loss against FLOPs and tokens](report.png)\n\n{table(curves)}")
   return png, md
 
 

@@ -18,6 +18,8 @@ import re
 import sys
 import zipfile
 
+from tokenformer_jax import fileio
+
 PLAYS = ("tragedies/hamlet", "tragedies/macbeth", "romances/the-tempest", "comedies/a-midsummer-night-s-dream",
          "roman/julius-caesar", "comedies/twelfth-night")
 OUTPUT = pathlib.Path(__file__).resolve().parent / "shakespeare-6-plays.jsonl.gz"
@@ -60,9 +62,7 @@ def main(argv: list[str]) -> None:
   with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as f:
     for document in documents:
       f.write((json.dumps(document, ensure_ascii=False) + "\n").encode("utf-8"))
-  temporary = OUTPUT.with_suffix(".tmp")
-  temporary.write_bytes(buffer.getvalue())
-  temporary.replace(OUTPUT)
+  fileio.write_bytes(OUTPUT, buffer.getvalue())
   print(f"wrote {OUTPUT}: {len(documents)} scenes, {sum(len(d['text']) for d in documents):,} characters")
 
 

@@ -12,12 +12,15 @@ the same windows and batches as the documents it came from.
 
 How it runs: documents stream from the source (files line by line, TFDS record by record) in chunks to a pool
 of `--workers` processes (default: all cores) that tokenize; results come back in order, at most 4 chunks per
-worker in flight, and are appended to the open shard of their split on disk (or through fsspec for gs://).
-Memory is bounded by that, whatever the corpus size. A shard closes after the document that brings it to
-`--shard_mb`; it is written under a temporary name, renamed, then marked finished by its .json (counts and
-checksums). The assignment of documents to shards depends only on the inputs, so a preparation that was killed
-resumes after its finished shards (rerun the same command) and yields a byte-identical store. manifest.json is
-written last; a finished store is never overwritten.
+worker in flight, and are appended to the open shard of their split on disk (for gs://, to a local temporary
+file uploaded whole when the shard closes). Memory is bounded by that, whatever the corpus size. A shard closes
+after the document that brings it to `--shard_mb`; its .tokens and .docs are written whole by the one atomic
+writer (tokenformer_jax.fileio: a temporary renamed into place, or one upload on gs://), then it is marked
+finished by its .json (counts and checksums). The settings file (.prepare.json) is written first and says "an
+unfinished store of mine"; manifest.json is written last and says "finished". The assignment of documents to
+shards depends only on the inputs, so a preparation killed anywhere (at any write: tests/test_store.py kills it
+at each) resumes after its finished shards when the same command is run again, and yields a byte-identical
+store. A finished store is never overwritten.
 
 Small corpora need no command: the pipeline prepares them into a cache directory keyed by the inputs'
 fingerprint (`cached_store`), so the main job and the ladder read data the same way.
@@ -36,6 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokenformer_jax import fileio
 from tokenformer_jax.config import DataConfig
 from tokenformer_jax.data import sources, store
 from tokenformer_jax.data.errors import DataError
@@ -93,7 +97,7 @@ def shard_name(split: str, index: int) -> str:
 
 
 class _ShardWriter:
-  """The open shard of one split: appends documents, closes at `shard_tokens`, renames, marks it finished."""
+  """The open shard of one split: appends documents, closes at `shard_tokens`, then marks it finished."""
 
   def __init__(self, location: store.Location, split: str, first_index: int, shard_tokens: int, dtype: np.dtype,
                on_finished):
@@ -104,7 +108,7 @@ class _ShardWriter:
   def add(self, ids: np.ndarray) -> None:
     if self._file is None:
       self._name = shard_name(self.split, self.index)
-      self._file = self.location.open(f".{self._name}.tokens.tmp", "wb")
+      self._file = self.location.open_atomically(f"{self._name}.tokens")
       self._sha, self._ends, self._tokens = hashlib.sha256(), [], 0
     data = np.ascontiguousarray(ids, self.dtype).tobytes()
     self._file.write(data)
@@ -117,24 +121,21 @@ class _ShardWriter:
   def finish(self) -> None:
     if self._file is None:
       return
-    self._file.close()
+    self._file.commit()
     self._file = None
     name = self._name
     docs = np.array(self._ends, store._DOC_DTYPE).tobytes()  # pylint: disable=protected-access
-    with self.location.open(f".{name}.docs.tmp", "wb") as f:
-      f.write(docs)
-    self.location.rename(f".{name}.tokens.tmp", f"{name}.tokens")
-    self.location.rename(f".{name}.docs.tmp", f"{name}.docs")
+    self.location.write_atomically(f"{name}.docs", docs)
     info = {"name": name, "tokens": self._tokens, "documents": len(self._ends), "sha256": self._sha.hexdigest(),
             "docs_sha256": hashlib.sha256(docs).hexdigest()}
-    self.location.write_atomically(f"{name}.json", json.dumps(info, sort_keys=True).encode())
+    self.location.write_atomically(f"{name}.json", json.dumps(info, sort_keys=True).encode())   # last: finished
     self.index += 1
     self.on_finished(self.split, info)
 
   def abandon(self) -> None:
     if self._file is not None:
       with contextlib.suppress(Exception):
-        self._file.close()
+        self._file.discard()
       self._file = None
 
 
@@ -152,7 +153,7 @@ def _finished_shards(location: store.Location, split: str, dtype: np.dtype) -> l
 
 
 def _clear_unfinished(location: store.Location, keep: set[str]) -> None:
-  """Removes temporary files and any shard file not in `keep` (later than a gap, or half-written)."""
+  """Removes temporaries (a killed write's) and any shard file not in `keep` (later than a gap, or half-written)."""
   for file in location.listdir():
     if file == _SETTINGS:
       continue
@@ -218,9 +219,13 @@ def prepare(data: DataConfig, tokenizer: Tokenizer, store_path: str, *, shard_mb
   inputs = hashlib.sha256(repr(sources.fingerprint_inputs(data)).encode()).hexdigest()[:20]   # names, sizes, mtimes
   settings = {"format": store.FORMAT, "source": describe_source(data), "tokenizer_fingerprint": tokenizer.fingerprint,
               "dtype": dtype.str, "shard_tokens": shard_tokens, "inputs": inputs, "forced_validation_index": -1}
-  if location.listdir() and not location.exists(_SETTINGS):
-    raise DataError(f"{location.path} is a directory that holds other files, not an unfinished token store; "
-                    "choose a new or empty --store directory")
+  if not location.exists(_SETTINGS):
+    # Nothing but temporaries of the settings file: this preparation's own first write, killed before it landed.
+    if any(not fileio.is_temporary(file, of=_SETTINGS) for file in location.listdir()):
+      raise DataError(f"{location.path} is a directory that holds other files, not an unfinished token store; "
+                      "choose a new or empty --store directory")
+    for file in location.listdir():
+      location.remove(file)
   location.makedirs()
   if location.exists(_SETTINGS):
     earlier = json.loads(location.read_bytes(_SETTINGS))
@@ -304,11 +309,13 @@ def _prepare_pass(data, tokenizer, location, settings, dtype, workers, show_prog
   if holding_out and fraction > 0 and split_progress.held == 0 and split_progress.documents >= 2:
     if settings["forced_validation_index"] >= 0:
       raise DataError("internal: the forced validation document was not held out")
-    settings["forced_validation_index"] = split_progress.smallest[1]
-    location.write_atomically(_SETTINGS, json.dumps(settings, sort_keys=True).encode())
+    # The train shards go before the settings say which document is held out: a kill in between reruns the
+    # first pass (which decides the same), never keeps shards that hold that document.
     for info in finished["train"]:
       for suffix in (".json", ".tokens", ".docs"):
         location.remove(info["name"] + suffix)
+    settings["forced_validation_index"] = split_progress.smallest[1]
+    location.write_atomically(_SETTINGS, json.dumps(settings, sort_keys=True).encode())
     return None
   if holding_out and seen["train"] == 0 and split_progress.documents:
     raise DataError(f"validation_fraction={fraction} holds out all {split_progress.documents} documents; "

@@ -35,6 +35,7 @@ import threading
 
 import numpy as np
 
+from tokenformer_jax import fileio
 from tokenformer_jax.data.errors import DataError
 
 FORMAT = "tokenformer_jax.store/1"
@@ -48,8 +49,7 @@ _DOC_DTYPE = np.dtype("<i8")
 LOCAL_READ = os.environ.get("TOKENFORMER_JAX_STORE_READ", "pread")
 
 
-def is_remote(path: str) -> bool:
-  return "://" in str(path) and not str(path).startswith("file://")
+is_remote = fileio.is_remote
 
 
 class Location:
@@ -78,6 +78,10 @@ class Location:
 
   def full(self, name: str) -> str:
     return os.path.join(self._root, name) if self.local else f"{self._root}/{name}"
+
+  def url(self, name: str) -> str:
+    """The path of `name` for the atomic writer (fileio): absolute locally, the URL remotely."""
+    return self.full(name) if self.local else self.name(name)
 
   def exists(self, name: str = "") -> bool:
     path = self.full(name) if name else self._root
@@ -116,23 +120,15 @@ class Location:
         return f.read(end - start)
     return self.fs.cat_file(self.full(name), start=start, end=end)
 
-  def rename(self, src: str, dst: str) -> None:
-    if self.local:
-      os.replace(self.full(src), self.full(dst))
-    else:
-      self.fs.mv(self.full(src), self.full(dst))
-
   def remove(self, name: str) -> None:
-    if self.local:
-      os.remove(self.full(name))
-    else:
-      self.fs.rm(self.full(name))
+    fileio.remove(self.url(name))
 
   def write_atomically(self, name: str, data: bytes) -> None:
-    temporary = f".{name}.tmp"
-    with self.open(temporary, "wb") as f:
-      f.write(data)
-    self.rename(temporary, name)
+    fileio.write_bytes(self.url(name), data)
+
+  def open_atomically(self, name: str) -> fileio.AtomicFile:
+    """`name` written as a stream, published whole by its commit()."""
+    return fileio.AtomicFile(self.url(name))
 
 
 def store_dtype(vocab_size: int) -> np.dtype:

@@ -16,13 +16,13 @@ import hashlib
 import io
 import json
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.data.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -243,8 +243,8 @@ def train_tokenizer(texts: Iterable[str], output_path: str, vocab_size: int, *, 
 
   Documents are fed line by line (SentencePiece drops over-long "sentences"). Training is deterministic:
   one thread, no input sampling unless `max_lines` > 0 (then SentencePiece samples that many lines with
-  its fixed seed). The file is written atomically (a temporary file beside it, then a rename), and an
-  existing file is left alone unless `overwrite=True`. Returns the loaded Tokenizer.
+  its fixed seed). The file is written whole (fileio's atomic writer), and an existing file is left alone unless
+  `overwrite=True`. Returns the loaded Tokenizer.
 
   Characters rarer than `character_coverage` get no piece of their own; they still round-trip as bytes.
   """
@@ -279,14 +279,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str, vocab_size: int, *, 
                     f"(vocab_size={vocab_size}, {counter[0]} lines); adjust vocab_size or the corpus") from None
   proto = model.getvalue()
   tokenizer = Tokenizer(proto, str(output_path))
-  output.parent.mkdir(parents=True, exist_ok=True)
-  temporary = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    temporary.write_bytes(proto)
-    temporary.replace(output)
-  finally:
-    if temporary.exists():
-      temporary.unlink()
+  fileio.write_bytes(output, proto)
   return tokenizer
 
 
