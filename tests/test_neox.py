@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import textwrap
 import zipfile
@@ -15,15 +16,27 @@ import pytest
 
 import neox_reference  # noqa: E402
 from helpers import assert_fails_with_one_line, run_cli  # noqa: E402
-from tokenformer_jax.checkpoint import RunCheckpoints  # noqa: E402
+from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E402
 from tokenformer_jax.interop.convert import export_run, import_checkpoint  # noqa: E402
-from tokenformer_jax.config import SHIPPED_CORPUS, SHIPPED_TOKENIZER, TrainConfig, from_dict  # noqa: E402
+from tokenformer_jax.config import (SHIPPED_CORPUS, SHIPPED_TOKENIZER, DataConfig, TrainConfig, from_dict,  # noqa: E402
+                                    to_dict)
 from tokenformer_jax.data.tokenizer import JsonTokenizer, Tokenizer  # noqa: E402
 from tokenformer_jax.interop import neox  # noqa: E402
 from tokenformer_jax.interop import torch_format as tf  # noqa: E402
 from tokenformer_jax.model import LanguageModel, abstract_params  # noqa: E402
 
 EOT = "<|endoftext|>"
+# The hub config.json of Haiyang-W/TokenFormer-150M, every key (issue 21): fixtures carry them all.
+HUB_CONFIG_150M = {
+    "architectures": ["TokenFormerForCausalLM"], "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+    "qkv_slot_num": 768, "proj_slot_num": 768, "ffn_slot_num": 3072, "seq_length": 2048,
+    "max_position_embeddings": 2048, "pos_emb": "rotary", "rotary_pct": 0.25, "no_weight_tying": False,
+    "norm": "layernorm_nonparam", "final_norm": "layernorm", "gpt_j_residual": False,
+    "output_layer_parallelism": "column", "use_bias_in_attn_linear": False, "attention_config": [[["tokenformer"], 12]],
+    "norm_activation_type": "l2_norm_gelu", "scaled_upper_triang_masked_softmax_fusion": False,
+    "bias_gelu_fusion": False, "rope_fusion": False, "layernorm_fusion": False, "init_method": "normal",
+    "output_layer_init_method": "wang_init", "use_cache": True, "torch_dtype": "float16",
+    "transformers_version": "4.36.0"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,12 +74,10 @@ def tokenizer_json(tmp_path_factory):
 
 
 def neox_config(layers, d, heads, qkv, proj, ffn, **changes):
-  """config.json as the authors' checkpoints carry it (REFERENCE.md)."""
-  config = {"num_layers": layers, "hidden_size": d, "num_attention_heads": heads, "qkv_slot_num": qkv,
-            "proj_slot_num": proj, "ffn_slot_num": ffn, "seq_length": 32, "max_position_embeddings": 32,
-            "pos_emb": "rotary", "rotary_pct": 0.25, "norm": "layernorm_nonparam", "final_norm": "layernorm",
-            "no_weight_tying": False, "gpt_j_residual": False, "norm_activation_type": "l2_norm_gelu",
-            "precision": "float16", "output_layer_parallelism": "column"}
+  """config.json as the authors' checkpoints carry it: the 150M model's hub file, another shape."""
+  config = {**HUB_CONFIG_150M, "num_layers": layers, "hidden_size": d, "num_attention_heads": heads,
+            "qkv_slot_num": qkv, "proj_slot_num": proj, "ffn_slot_num": ffn, "seq_length": 32,
+            "max_position_embeddings": 32, "attention_config": [[["tokenformer"], layers]]}
   config.update(changes)
   return config
 
@@ -240,6 +251,7 @@ def test_safetensors_and_half_precision_files_import_the_same(tmp_path, tiny_che
 
 
 # Import: the authors' forward, exactly ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("width", ["tiny", "900m", "1_5b"])
 def test_imported_logits_equal_the_authors_forward(width, tiny_checkpoint, tmp_path):
   if width == "tiny":
@@ -282,6 +294,33 @@ def test_the_released_models_configs_import_as_the_pile_configs(size):
   assert len(neox.tensor_layout(cfg)) == 10 * layers + 3
 
 
+def test_the_150m_hub_config_imports_and_other_attention_kinds_are_refused():
+  """The released file itself, every key: accepted with its shapes; a layer kind not implemented is refused."""
+  from experiments import paper
+  rows, vocab = 50304, 50277
+  cfg = neox.model_config(HUB_CONFIG_150M, embedding_rows=rows, vocab_size=vocab, name=paper.pile_150m.name)
+  assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.rotary_dims, cfg.max_seq_len) == (
+      12, 768, 12, 64, 16, 2048)
+  assert cfg.param_tokens.as_dict() == {"query": 768, "key": 768, "value": 768, "output": 768, "ffn": 3072}
+  assert cfg == paper.pile_150m.replace(norm_scale_tokens=paper.pile_150m.param_tokens)
+  # NeoX's other spellings of the same layers: "global", a repeat of "all", the expanded list
+  for attention in ([[["global"], 12]], [[["tokenformer"], "all"]], [[["tokenformer", "global"], 6]],
+                    ["tokenformer"] * 12):
+    assert neox.model_config({**HUB_CONFIG_150M, "attention_config": attention}, embedding_rows=rows,
+                             vocab_size=vocab, name=cfg.name) == cfg
+  for attention, phrase in (
+      ([[["local"], 12]], "has layers of kind local, which this model does not implement; supported: tokenformer, global"),
+      ([[["tokenformer"], 6], [["sparse_fixed", "local"], 3]],
+       "has layers of kind local, sparse_fixed, which this model does not implement; supported: "
+       "tokenformer, global"),
+      ([[["tokenformer"], 11]], "names 11 layers but num_layers=12"),
+      ([["tokenformer"]], "is not NeoX's [[[kind, ...], layers], ...]")):
+    with pytest.raises(neox.NeoXError) as error:
+      neox.model_config({**HUB_CONFIG_150M, "attention_config": attention}, embedding_rows=rows, vocab_size=vocab)
+    assert phrase in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
 def test_import_writes_a_run_with_the_fixed_live_scale_and_the_tokenizer(imported_run, tiny_checkpoint):
   src, sd = tiny_checkpoint
   cfg, params = restore(imported_run)
@@ -314,6 +353,7 @@ def test_import_then_export_reproduces_every_tensor(imported_run, tiny_checkpoin
   assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_import_grow_with_zero_keys_keeps_the_logits(imported_run, tmp_path):
   """cli.grow accepts the imported run; the grown model (scale kept) computes the same logits."""
   experiment = tmp_path / "grow_target.py"
@@ -337,6 +377,7 @@ def test_import_grow_with_zero_keys_keeps_the_logits(imported_run, tmp_path):
   assert relative_error(after[..., :vocab], before[..., :vocab]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_import_train_export_import_is_exact(imported_run, tmp_path):
   from tokenformer_jax.train.loop import train
   imported = from_dict(TrainConfig, RunCheckpoints(imported_run, read_only=True).read_json())
@@ -365,6 +406,8 @@ def test_export_refuses_a_model_the_authors_code_would_compute_differently(impor
   neox.check_exportable(cfg.replace(param_tokens=cfg.param_tokens.__class__(40, 40, 40, 30, 120)), live_scale=True)
   with pytest.raises(neox.NeoXError, match="divided by sqrt"):
     neox.check_exportable(cfg.replace(logits_divide_by_sqrt_d=True))
+  with pytest.raises(neox.NeoXError, match="its normalization 'gelu' is none of the authors'"):
+    neox.check_exportable(cfg.replace(normalization="gelu"))
 
 
 # Bad input: one line naming it, nothing written ---------------------------------------------------------
@@ -392,12 +435,14 @@ def _truncated(sd, config):
   return "truncated"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_drop, _extra, _shape, _no_key, _truncated])
-def test_bad_checkpoints_are_refused_with_one_line_and_nothing_written(damage, tmp_path, tiny_checkpoint):
+def test_bad_checkpoints_are_refused_with_one_line_and_nothing_written(damage, tmp_path, tiny_checkpoint,
+                                                                       tokenizer_json):
   _, good = tiny_checkpoint
   sd, config = collections.OrderedDict(good), tiny_config()
   phrase = damage(sd, config)
-  src = write_checkpoint(tmp_path / "bad", config, sd)
+  src = write_checkpoint(tmp_path / "bad", config, sd, tokenizer_json)
   if damage is _truncated:
     path = os.path.join(src, "pytorch_model.bin")
     with open(path, "r+b") as f:
@@ -432,3 +477,74 @@ def test_tokenizer_json_round_trips_and_has_its_own_fingerprint(tokenizer_json):
   batch = make_eval_batches(DataConfig(tokenizer=tokenizer_json, seq_len=16, validation_fraction=0.1), tok,
                             global_batch=2, max_batches=1)[0]
   assert batch["tokens"].shape == (2, 17) and batch["tokens"].max() < tok.vocab_size
+
+
+# The tokenizer of an import and of an export ----------------------------------------------------------------
+@pytest.mark.slow
+def test_import_refuses_a_source_without_a_tokenizer_unless_given_one(tmp_path, tiny_checkpoint, tokenizer_json):
+  _, sd = tiny_checkpoint
+  src = write_checkpoint(tmp_path / "TokenFormer-tiny", tiny_config(), sd)   # no tokenizer in it, as on the hub
+  dst = tmp_path / "runs" / "tiny"
+  elsewhere = tmp_path / "neox-20b"
+  elsewhere.mkdir()
+  tokenizer = str(shutil.copyfile(tokenizer_json, elsewhere / "20B_tokenizer.json"))
+  (elsewhere / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|padding|>"}))
+  for changes, phrase in (
+      ({}, f"--src={src} holds no tokenizer.json or tokenizer.model; pass the model's tokenizer with "
+           "--tokenizer=PATH"),
+      ({"tokenizer": str(SHIPPED_TOKENIZER)}, "the tokenizer has 2048 tokens but the embedding only 512 rows"),
+      ({"tokenizer": tokenizer, "vocab_size": 512}, f"--vocab_size=512 but {tokenizer} has 400 tokens")):
+    with pytest.raises(ValueError) as error:
+      import_checkpoint(src, str(dst), quiet=True, **changes)
+    assert phrase in str(error.value) and "\n" not in str(error.value)
+    assert not dst.parent.exists()
+  # given one (as a user does), it is copied in under its kind's name, with the special tokens beside it
+  result = run_cli("tokenformer_jax.cli.import_neox", f"--src={src}", f"--dst={dst}", f"--tokenizer={tokenizer}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"--set data.tokenizer={dst}/tokenizer.json " in result.stdout
+  assert sorted(os.listdir(dst)) == ["checkpoints", "special_tokens_map.json", "tokenizer.json"]
+  data = from_dict(TrainConfig, RunCheckpoints(str(dst), read_only=True).read_json()).data
+  assert data.tokenizer == str(dst / "tokenizer.json")
+  copy, original = Tokenizer.load(data.tokenizer), Tokenizer.load(tokenizer)
+  assert copy.eos_id == original.eos_id == 1 and copy.fingerprint == original.fingerprint
+  assert sorted(os.listdir(src)) == ["config.json", "pytorch_model.bin"]
+
+
+def sentencepiece_run(path):
+  """A run made here, not imported: TrainConfig's default tokenizer (the shipped SentencePiece one)."""
+  cfg = neox.model_config(tiny_config(), embedding_rows=2048, vocab_size=2048, name="tiny-spm")
+  rng = np.random.default_rng(5)
+  params = jax.tree.map(lambda leaf: rng.normal(0, 0.5, leaf.shape).astype(np.float32), abstract_params(cfg))
+  train_cfg = TrainConfig(model=cfg, data=DataConfig(seq_len=16))
+  assert train_cfg.data.tokenizer == str(SHIPPED_TOKENIZER)
+  write_new_run(path, params=params, config=to_dict(train_cfg))
+  return str(path)
+
+
+def run_tokenizer(run):
+  return Tokenizer.load(from_dict(TrainConfig, RunCheckpoints(run, read_only=True).read_json()).data.tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.model", "tokenizer.json"])
+def test_export_then_import_gives_the_same_tokenizer_and_logits(kind, imported_run, tmp_path):
+  run = sentencepiece_run(tmp_path / "run") if kind == "tokenizer.model" else imported_run
+  out = export_run(run, str(tmp_path / "exported"), quiet=True)
+  assert sorted(os.listdir(out)) == sorted(["config.json", "pytorch_model.bin", kind])
+  config = neox.read_config(os.path.join(out, "config.json"))
+  assert [key for key in HUB_CONFIG_150M if key not in config] == []
+  assert config["tokenizer_type"] == {"tokenizer.model": "SPMTokenizer", "tokenizer.json": "HFTokenizer"}[kind]
+  again = str(tmp_path / "reimported")
+  import_checkpoint(out, again, quiet=True)   # finds the tokenizer beside the weights
+  before, after = run_tokenizer(run), run_tokenizer(again)
+  assert after.path == os.path.join(again, kind)
+  assert after.vocab_size == before.vocab_size == {"tokenizer.model": 2048, "tokenizer.json": 400}[kind]
+  text = corpus_texts()[3][:3000] + " héllo wörld ✓"
+  assert len(after.encode(text)) > 300 and after.encode(text) == before.encode(text)
+  assert (after.eos_id, after.fingerprint) == (before.eos_id, before.fingerprint)
+  (cfg, params), (cfg_again, params_again) = restore(run), restore(again)
+  assert cfg_again == cfg.replace(name=cfg_again.name)   # so one compiled forward serves both
+  apply = jax.jit(LanguageModel(cfg).apply)
+  tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 12))
+  ours = np.asarray(apply({"params": params}, tokens))
+  assert np.ptp(ours[..., :cfg.vocab_size]) > 1
+  np.testing.assert_array_equal(np.asarray(apply({"params": params_again}, tokens)), ours)

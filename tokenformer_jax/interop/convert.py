@@ -1,8 +1,9 @@
 """Whole-checkpoint conversion between the authors' GPT-NeoX files and run directories here.
 
-`import_checkpoint(src_dir, run_dir)`: pytorch_model.bin (or model.safetensors) + config.json (+ tokenizer.json)
-→ a params-only Orbax checkpoint at step 0 with its TrainConfig, the tokenizer files copied beside it.
-`export_run(run_dir, out_dir)`: a run's checkpoint → pytorch_model.bin + config.json (+ tokenizer.json).
+`import_checkpoint(src_dir, run_dir)`: pytorch_model.bin (or model.safetensors) + config.json + the tokenizer
+(tokenizer.json or a SentencePiece tokenizer.model in src_dir, or `tokenizer=`) → a params-only Orbax checkpoint
+at step 0 with its TrainConfig, the tokenizer files copied beside it.
+`export_run(run_dir, out_dir)`: a run's checkpoint → pytorch_model.bin + config.json + the run's tokenizer.
 Both check everything before writing anything, and write to a temporary directory renamed when complete.
 The command-line tools are `tokenformer_jax.cli.import_neox` and `tokenformer_jax.cli.export_neox`.
 """
@@ -12,19 +13,24 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import jax
 from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, write_new_run
 from tokenformer_jax.config import DataConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.data.tokenizer import JsonTokenizer, Tokenizer
 from tokenformer_jax.interop import neox
 from tokenformer_jax.interop.torch_format import read_tensors, save_state_dict
 from tokenformer_jax.model import abstract_params
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
+# A tokenizer's file name by kind, and NeoX's tokenizer_type of that kind.
+TOKENIZER_TYPES = {"tokenizer.json": "HFTokenizer", "tokenizer.model": "SPMTokenizer"}
+SPECIAL_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")   # beside a tokenizer.json
 
 
 def weights_file(src: str) -> str:
@@ -35,9 +41,44 @@ def weights_file(src: str) -> str:
                    "directory")
 
 
-def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name: str | None = None,
-                      overwrite: bool = False, quiet: bool = False) -> TrainConfig:
-  """Convert the checkpoint in directory `src` into the run directory `dst`; returns the run's TrainConfig."""
+def find_tokenizer(src: str, tokenizer: str | None = None) -> str:
+  """The tokenizer of an import: `tokenizer` when given, else the tokenizer.json or tokenizer.model in `src`."""
+  if tokenizer:
+    if not os.path.isfile(tokenizer):
+      raise ValueError(f"--tokenizer={tokenizer} is not a file; give the model's tokenizer.json or SentencePiece "
+                       ".model")
+    return tokenizer
+  for name in TOKENIZER_TYPES:
+    if os.path.isfile(os.path.join(src, name)):
+      return os.path.join(src, name)
+  raise ValueError(f"--src={src} holds no tokenizer.json or tokenizer.model; pass the model's tokenizer with "
+                   "--tokenizer=PATH (for the released models, GPT-NeoX-20B's tokenizer.json)")
+
+
+def tokenizer_name(tokenizer: Tokenizer | JsonTokenizer) -> str:
+  """The file name of a tokenizer's kind: tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)."""
+  return "tokenizer.json" if isinstance(tokenizer, JsonTokenizer) else "tokenizer.model"
+
+
+def tokenizer_files(path: str, tokenizer: Tokenizer | JsonTokenizer) -> dict[str, str]:
+  """File name in a run or export directory → file: the tokenizer `path` (loaded as `tokenizer`) under the name
+  of its kind, and beside a tokenizer.json the special-token files there."""
+  files = {tokenizer_name(tokenizer): path}
+  if isinstance(tokenizer, JsonTokenizer):
+    for name in SPECIAL_TOKEN_FILES:
+      beside = epath.Path(path).parent / name
+      if beside.exists():
+        files[name] = str(beside)
+  return files
+
+
+def import_checkpoint(src: str, dst: str, *, tokenizer: str | None = None, vocab_size: int | None = None,
+                      name: str | None = None, overwrite: bool = False, quiet: bool = False) -> TrainConfig:
+  """Convert the checkpoint in directory `src` into the run directory `dst`; returns the run's TrainConfig.
+
+  `tokenizer`: the model's tokenizer file (default: the tokenizer.json or tokenizer.model in `src`);
+  `vocab_size`, when given, must be its vocabulary size.
+  """
   started = time.time()
   log = (lambda *_: None) if quiet else print
   if not os.path.isdir(src):
@@ -49,13 +90,12 @@ def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name
     raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
   path = weights_file(src)
   config_json = neox.read_config(os.path.join(src, "config.json"))
-  tokenizer_json = os.path.join(src, "tokenizer.json")
-  if os.path.isfile(tokenizer_json):
-    from tokenformer_jax.data.tokenizer import Tokenizer   # pylint: disable=g-import-not-at-top
-    tokenizer_vocab = Tokenizer.load(tokenizer_json).vocab_size
-    if vocab_size is not None and vocab_size != tokenizer_vocab:
-      raise ValueError(f"--vocab_size={vocab_size} but {tokenizer_json} has {tokenizer_vocab} tokens")
-    vocab_size = tokenizer_vocab
+  tokenizer = find_tokenizer(src, tokenizer)
+  tok = Tokenizer.load(tokenizer)
+  if vocab_size is not None and vocab_size != tok.vocab_size:
+    raise ValueError(f"--vocab_size={vocab_size} but {tokenizer} has {tok.vocab_size} tokens; drop --vocab_size "
+                     "or pass the model's own tokenizer with --tokenizer")
+  vocab_size = tok.vocab_size
   tensors = read_tensors(path)
   if neox.EMBEDDING not in tensors or len(tensors[neox.EMBEDDING].shape) != 2:
     raise neox.NeoXError(f"{path} has no 2-d tensor {neox.EMBEDDING}; it is not a TokenFormer NeoX checkpoint")
@@ -70,16 +110,20 @@ def import_checkpoint(src: str, dst: str, *, vocab_size: int | None = None, name
     print(f"\r  read {done}/{total} {leaf:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
   params = neox.load_params(tensors, cfg, progress=None if quiet else progress)
-  data = DataConfig(tokenizer=str(dst_path / "tokenizer.json")) if os.path.isfile(tokenizer_json) else DataConfig()
-  train_cfg = TrainConfig(model=cfg, data=data.replace(seq_len=min(cfg.max_seq_len, 2048)))
+  files = tokenizer_files(tokenizer, tok)
+  data = DataConfig(tokenizer=str(dst_path / tokenizer_name(tok)), seq_len=min(cfg.max_seq_len, 2048))
+  train_cfg = TrainConfig(model=cfg, data=data)
   extra = {"imported_from": os.path.abspath(path), "neox_config": config_json}
 
   dst_path.parent.mkdir(parents=True, exist_ok=True)
   # Write about one device piece at a time: without the cap Orbax has a copy of the whole model in flight.
   largest = max(shard.data.nbytes for x in jax.tree.leaves(params) for shard in x.addressable_shards)
-  write_new_run(dst_path, params=params, config=to_dict(train_cfg), extra=extra,
-                files=[os.path.join(src, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))],
-                save_concurrent_gb=largest * 1.01 / 1e9)
+  with tempfile.TemporaryDirectory() as staging:   # the tokenizer files under their names in the run
+    for file_name, file in files.items():
+      shutil.copyfile(file, os.path.join(staging, file_name))
+    write_new_run(dst_path, params=params, config=to_dict(train_cfg), extra=extra,
+                  files=[os.path.join(staging, file_name) for file_name in files],
+                  save_concurrent_gb=largest * 1.01 / 1e9)
   log(f"imported {cfg.name} ({count_params(cfg)['total'] / 1e6:.1f}M parameters) in {time.time() - started:.1f}s"
       f"\nrun: {dst_path}")
   return train_cfg
@@ -99,6 +143,12 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
   train_cfg = from_dict(TrainConfig, source.read_json(step))
   cfg = train_cfg.model
   neox.check_exportable(cfg, live_scale=live_scale)
+  tokenizer = train_cfg.data.tokenizer
+  if not tokenizer.startswith("gs://") and not os.path.isfile(tokenizer):
+    raise ValueError(f"the run's tokenizer {tokenizer} is missing; put it back there (export writes it beside the "
+                     "weights)")
+  tok = Tokenizer.load(tokenizer)
+  files = tokenizer_files(tokenizer, tok)
   device = jax.devices()[0]
   one_device = jax.sharding.SingleDeviceSharding(device)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract_params(cfg))
@@ -107,27 +157,20 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
     raise CheckpointError(f"{bad[0]} has nonzero rows past its token count; they have no place in the "
                           "authors' format (was the checkpoint edited outside tokenformer_jax?)")
   extra = source.read_json(step, item="extra", default={})
-  config_json = neox.neox_config(cfg, base=extra.get("neox_config"))
+  config_json = neox.neox_config(cfg, base=extra.get("neox_config"),
+                                 tokenizer_type=TOKENIZER_TYPES[tokenizer_name(tok)])
 
   dst = os.path.abspath(dst)
-  temporary = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-  shutil.rmtree(temporary, ignore_errors=True)
-  os.makedirs(temporary)
+  temporary = fileio.temporary_directory(dst)
   try:
     save_state_dict(os.path.join(temporary, "pytorch_model.bin"), neox.export_tensors(params, cfg))
     with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as f:
       json.dump(config_json, f, indent=2)
-    tokenizer = train_cfg.data.tokenizer
-    if tokenizer.endswith(".json") and os.path.isfile(tokenizer):
-      shutil.copyfile(tokenizer, os.path.join(temporary, "tokenizer.json"))
-      beside = os.path.join(os.path.dirname(tokenizer), "special_tokens_map.json")
-      if os.path.isfile(beside):
-        shutil.copyfile(beside, os.path.join(temporary, "special_tokens_map.json"))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.rename(temporary, dst)
+    for file_name, file in files.items():
+      epath.Path(file).copy(os.path.join(temporary, file_name))
+    fileio.commit_directory(temporary, dst)
   finally:
     shutil.rmtree(temporary, ignore_errors=True)
   log(f"exported {cfg.name} ({count_params(cfg, storage=False)['total'] / 1e6:.1f}M parameters) at step {step} "
-      f"in {time.time() - started:.1f}s\nwrote {dst}/pytorch_model.bin and config.json")
+      f"in {time.time() - started:.1f}s\nwrote {dst}/pytorch_model.bin, config.json and {', '.join(files)}")
   return dst

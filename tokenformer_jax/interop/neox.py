@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from tokenformer_jax.config import NORMALIZATIONS, ModelConfig, ParamTokens
+from tokenformer_jax.config import ModelConfig, ParamTokens
 from tokenformer_jax.interop.torch_format import LazyArray, TensorRef
 
 # Our projection → the authors' module inside a layer.
@@ -36,13 +36,23 @@ REQUIRED_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "qkv_slot_n
                  "ffn_slot_num", "pos_emb")
 # Keys that, when present, must hold the value this model implements.
 EXPECTED = {"norm": "layernorm_nonparam", "final_norm": "layernorm", "no_weight_tying": False,
-            "gpt_j_residual": False, "rotary_interleaved": False, "use_bias_in_norms": True}
+            "gpt_j_residual": False, "rotary_interleaved": False, "use_bias_in_norms": True,
+            "use_bias_in_attn_linear": False}
+# NeoX layer kinds in attention_config ([[[kind, ...], layers], ...]) whose attention is this model's causal
+# global attention: "tokenformer" (what the released TokenFormers say) and NeoX's "global".
+ATTENTION_KINDS = ("tokenformer", "global")
+# norm_activation_type values of the authors' code that this model computes (Θ of Eq. 4).
+NEOX_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 # What an exported config.json says beyond the model's shape (the authors' keys and values).
-EXPORT_DEFAULTS = {"norm": "layernorm_nonparam", "final_norm": "layernorm", "no_weight_tying": False,
-                   "gpt_j_residual": False, "rotary_interleaved": False, "output_layer_parallelism": "column",
-                   "scaled_upper_triang_masked_softmax_fusion": False, "bias_gelu_fusion": False,
-                   "rope_fusion": False, "attention_dropout": 0.0, "hidden_dropout": 0.0, "precision": "float32",
-                   "tokenizer_type": "HFTokenizer"}
+# Every key of the released models' hub config.json is here (tests/test_neox.py checks it).
+EXPORT_DEFAULTS = {"architectures": ["TokenFormerForCausalLM"], "norm": "layernorm_nonparam",
+                   "final_norm": "layernorm", "no_weight_tying": False, "gpt_j_residual": False,
+                   "rotary_interleaved": False, "output_layer_parallelism": "column",
+                   "use_bias_in_attn_linear": False, "scaled_upper_triang_masked_softmax_fusion": False,
+                   "bias_gelu_fusion": False, "rope_fusion": False, "layernorm_fusion": False,
+                   "init_method": "normal", "output_layer_init_method": "wang_init", "use_cache": True,
+                   "attention_dropout": 0.0, "hidden_dropout": 0.0, "precision": "float32",
+                   "torch_dtype": "float32", "transformers_version": "4.36.0"}
 
 
 class NeoXError(ValueError):
@@ -86,19 +96,18 @@ def model_config(neox: Mapping, *, embedding_rows: int, vocab_size: int | None =
     if key in neox and neox[key] != value:
       raise NeoXError(f"config.json sets {key}={neox[key]!r}; this model implements only {key}={value!r}")
   activation = neox.get("norm_activation_type", "l2_norm_gelu")
-  if activation not in NORMALIZATIONS:
-    raise NeoXError(f"config.json sets norm_activation_type={activation!r}; supported: {', '.join(NORMALIZATIONS)}")
+  if activation not in NEOX_NORMALIZATIONS:
+    raise NeoXError(f"config.json sets norm_activation_type={activation!r}; supported: "
+                    f"{', '.join(NEOX_NORMALIZATIONS)}")
   if neox["pos_emb"] not in ("rotary", "none"):
     raise NeoXError(f"config.json sets pos_emb={neox['pos_emb']!r}; this model implements 'rotary' and 'none'")
-  attention_config = neox.get("attention_config")
-  if attention_config and any(kind != "global" for kinds, _ in attention_config for kind in kinds):
-    raise NeoXError(f"config.json sets attention_config={attention_config!r}; only global attention is implemented")
   try:
     layers, d, heads = int(neox["num_layers"]), int(neox["hidden_size"]), int(neox["num_attention_heads"])
     qkv, proj, ffn = int(neox["qkv_slot_num"]), int(neox["proj_slot_num"]), int(neox["ffn_slot_num"])
     rotary_pct = float(neox.get("rotary_pct", 0.25))
   except (TypeError, ValueError) as e:
     raise NeoXError(f"config.json: a size is not a number ({e})") from None
+  _check_attention_config(neox.get("attention_config"), layers)
   if heads <= 0 or d % heads:
     raise NeoXError(f"config.json: hidden_size={d} is not divisible by num_attention_heads={heads}")
   if neox["pos_emb"] == "rotary" and int(d // heads * rotary_pct) % 2:
@@ -106,7 +115,8 @@ def model_config(neox: Mapping, *, embedding_rows: int, vocab_size: int | None =
                     f"({int(d // heads * rotary_pct)}) per head, which rotate-half cannot split")
   vocab_size = embedding_rows if vocab_size is None else vocab_size
   if vocab_size > embedding_rows:
-    raise NeoXError(f"the tokenizer has {vocab_size} tokens but the embedding only {embedding_rows} rows")
+    raise NeoXError(f"the tokenizer has {vocab_size} tokens but the embedding only {embedding_rows} rows; give "
+                    "the model's own tokenizer")
   multiple = VOCAB_MULTIPLE if -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE == embedding_rows else embedding_rows
   tokens = ParamTokens(qkv, qkv, qkv, proj, ffn)
   return ModelConfig(
@@ -119,6 +129,36 @@ def model_config(neox: Mapping, *, embedding_rows: int, vocab_size: int | None =
       max_seq_len=int(neox.get("seq_length", 2048)))
 
 
+def _layer_kinds(attention_config, num_layers: int) -> list:
+  """NeoX's expansion of attention_config: [[[kind, ...], repeat or "all"], ...], or one kind per layer already."""
+  if isinstance(attention_config, list) and all(isinstance(kind, str) for kind in attention_config):
+    return list(attention_config)
+  kinds = []
+  for group, repeat in attention_config:
+    group = [group] if isinstance(group, str) else list(group)
+    kinds += group * (num_layers // len(group) if repeat == "all" else int(repeat))
+  return kinds
+
+
+def _check_attention_config(attention_config, num_layers: int) -> None:
+  """Every layer's kind one of ATTENTION_KINDS, and one kind per layer."""
+  if not attention_config:
+    return
+  try:
+    kinds = _layer_kinds(attention_config, num_layers)
+  except (TypeError, ValueError, ZeroDivisionError):
+    raise NeoXError(f"config.json: attention_config={attention_config!r} is not NeoX's [[[kind, ...], layers], "
+                    "...]; fix it to list one kind per layer") from None
+  unsupported = sorted({str(kind) for kind in kinds} - set(ATTENTION_KINDS))
+  if unsupported:
+    raise NeoXError(f"config.json: attention_config={attention_config!r} has layers of kind "
+                    f"{', '.join(unsupported)}, which this model does not implement; supported: "
+                    f"{', '.join(ATTENTION_KINDS)}")
+  if len(kinds) != num_layers:
+    raise NeoXError(f"config.json: attention_config={attention_config!r} names {len(kinds)} layers but "
+                    f"num_layers={num_layers}; make them agree")
+
+
 def check_exportable(cfg: ModelConfig, *, live_scale: bool = False) -> None:
   """Refuse a model the authors' code would compute differently (it has no setting for the difference)."""
   def need(ok: bool, message: str):
@@ -129,6 +169,8 @@ def check_exportable(cfg: ModelConfig, *, live_scale: bool = False) -> None:
   need(not cfg.logits_divide_by_sqrt_d, "its logits are divided by sqrt(d) (a ladder model); NeoX's are not")
   need(cfg.final_norm_params, "its final LayerNorm has no scale and bias; NeoX's has")
   need(not cfg.approximate_gelu, "it uses the tanh GeLU; NeoX uses the exact one")
+  need(cfg.normalization in NEOX_NORMALIZATIONS, f"its normalization {cfg.normalization!r} is none of the "
+       f"authors' ({', '.join(NEOX_NORMALIZATIONS)})")
   pt = cfg.param_tokens
   need(pt.query == pt.key == pt.value, f"its query/key/value token counts differ ({pt.query}, {pt.key}, "
        f"{pt.value}); NeoX has one qkv_slot_num")
@@ -144,9 +186,10 @@ def check_exportable(cfg: ModelConfig, *, live_scale: bool = False) -> None:
          "changes), or grow with --scale=follow")
 
 
-def neox_config(cfg: ModelConfig, base: Mapping | None = None) -> dict:
-  """config.json for `cfg`: `base` (e.g. the imported model's own) with the shape keys set from `cfg`."""
-  out = dict(EXPORT_DEFAULTS if base is None else base)
+def neox_config(cfg: ModelConfig, base: Mapping | None = None, *, tokenizer_type: str = "HFTokenizer") -> dict:
+  """config.json for `cfg`: EXPORT_DEFAULTS, then `base` (e.g. the imported model's own), then the shape keys
+  from `cfg` and `tokenizer_type` (NeoX's name of the tokenizer's kind: HFTokenizer or SPMTokenizer)."""
+  out = {**EXPORT_DEFAULTS, **(base or {})}
   pt = cfg.param_tokens
   out.update({
       "num_layers": cfg.n_layers, "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_heads,
@@ -155,6 +198,7 @@ def neox_config(cfg: ModelConfig, base: Mapping | None = None) -> dict:
       "pos_emb": cfg.positions, "rotary_pct": cfg.rotary_fraction, "rotary_emb_base": cfg.rotary_base,
       "norm_activation_type": cfg.normalization, "layernorm_epsilon": cfg.layer_norm_eps,
       "make_vocab_size_divisible_by": cfg.vocab_multiple,
+      "attention_config": [[["tokenformer"], cfg.n_layers]], "tokenizer_type": tokenizer_type,
   })
   return out
 
