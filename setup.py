@@ -35,7 +35,7 @@ setup(
         # lm-evaluation-harness (the paper's zero-shot tasks): python -m tokenformer_jax.cli.lm_eval, without torch.
         "eval": ["lm_eval>=0.4.13"],
         # The TPU compiler, to plan a TPU run from any machine (cli/plan.py): jax[tpu] pins the libtpu its jax
-        # was built with (libtpu==0.0.42.* for jax 0.10.2). Without a TPU, set JAX_PLATFORMS=cpu for other runs.
+        # was built with (libtpu==0.0.42.* for jax 0.10.2). Where no TPU is attached the tools set JAX_PLATFORMS=cpu.
         "plan": ["jax[tpu]>=0.10.2"],
         # gcsfs: gs:// paths for data, tokenizers and checkpoints without TensorFlow (through fsspec).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs"],

@@ -8,3 +8,6 @@
   tpu.py       one TPU slice's life: preflight, create, set up, start, the watch (recreate / restart / wait), delete
   ladder.py    the ladder: skip done stages, grow from the previous one, train; idempotent
 """
+from tokenformer_jax import accelerators  # noqa: E402  (before any launch module imports JAX)
+
+accelerators.skip_absent_tpu()   # a controller (launch.ladder's fit check compiles in a child) has no TPU

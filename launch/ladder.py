@@ -85,7 +85,7 @@ def train_argv(stage, workdir: str, overrides: list[str], grown: bool, path: str
 
 def grow_argv(previous, stage, workdir: str, overrides: list[str], path: str = LADDER_FILE) -> list[str]:
   # --overwrite: we only grow when no complete grown checkpoint exists, so a leftover is a killed attempt
-  return ["python", "-m", "tokenformer_jax.cli.grow", f"--src={workdir}/{previous.name}", f"--step={previous.steps}",
+  return ["python", "-m", "tokenformer_jax.cli.grow", f"--checkpoint={workdir}/{previous.name}/{previous.steps}",
           f"--config={path}:{stage.name}", f"--dst={workdir}/{stage.name}_grown",
           f"--init={stage.init}", f"--seed={stage.config.seed}", "--overwrite", *[f"--set={o}" for o in overrides]]
 

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import re
 
+from tokenformer_jax import accelerators
 from tokenformer_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig, DataConfig, flops_per_token
 
 PEAK_FLOPS_PER_CHIP = 275e12          # TPU v4, bf16 dense
@@ -92,6 +93,7 @@ def topology_devices(topology: Topology) -> list:
     raise PlanError(reason)
   # A process on this machine may already hold libtpu's lock file; a description needs no exclusive TPU.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  accelerators.describe_absent_tpu()
   from jax.experimental import topologies
   grid = "x".join(map(str, topology.grid))
   description = topologies.get_topology_desc(platform="tpu", topology_name=f"v4:{grid}", chip_config_name="megacore",

@@ -14,7 +14,6 @@ live; the compiler moves them to where the activations need them (an all-gather 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tokenformer_jax import accelerators
 from tokenformer_jax.config import MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -90,7 +90,7 @@ def _on_tpu_vm() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms and "tpu" not in platforms.split(","):
     return False
-  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  return accelerators.tpu_devices()
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:

@@ -1,9 +1,12 @@
 """What every command-line tool shares: the --config/--set flags, process setup, errors printed as one line,
-and a quiet console (library log lines to a file, see `quiet_console`)."""
+a quiet console (library log lines to a file, see `quiet_console`), and `command`, the shell around a main that
+puts them together. (The flag naming a run or one of its checkpoints is in checkpoint_flags.py.)"""
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import tempfile
 
 from absl import flags
 
@@ -46,14 +49,49 @@ def one_line_errors(*error_types):
   return decorate
 
 
-def quiet_console(log_dir=None, name: str | None = None) -> None:
+def quiet_console(log_dir=None, name: str | None = None, *, shown: bool | None = None) -> str | None:
   """Keep library log lines (absl, Orbax, JAX INFO and Python warnings) off the console: they are held in memory
   and go to LOG_DIR/NAME.log once `log_dir` is given here or later (`train.logger.attach_library_log`; the
-  trainer does it in WORKDIR/logs). absl's --verbosity (or --v) given on the command line leaves them on stderr.
+  trainer does it in WORKDIR/logs). absl's --verbosity (or --v) given on the command line leaves them on stderr
+  (`shown` decides instead, for a main whose command line is not absl's). Returns the log file, if attached.
   """
   from tokenformer_jax.train import logger   # pylint: disable=g-import-not-at-top (keeps this module light)
-  if logger.verbosity_requested():
-    return
+  if logger.verbosity_requested() if shown is None else shown:
+    return None
   logger.capture_library_logs()
-  if log_dir is not None:
-    logger.attach_library_log(log_dir, name)
+  return None if log_dir is None else logger.attach_library_log(log_dir, name)
+
+
+# Where the library lines of a tool that writes no run go (one file per tool, appended to; each process's lines
+# start with a line naming its command).
+TEMP_LOGS = os.path.join(tempfile.gettempdir(), "tokenformer_jax", "logs")
+
+
+def say_library_log(path: str | None, shown_by: str = "--verbosity=0") -> None:
+  """Say where the library lines go, in one line on stderr, when the first one does (see quiet_console)."""
+  from tokenformer_jax.train import logger   # pylint: disable=g-import-not-at-top
+  if path:
+    logger.say_with_first_library_line(f"library log lines go to {path} ({shown_by} shows them here instead)")
+
+
+def command(*error_types, log: str | None = None, arguments: bool = False, distributed: bool = False):
+  """The shell of a main: `@command(CheckpointError, log="eval")` above `def main(argv)`, run by `app.run(main)`.
+
+  Arguments after the flags are refused unless the main takes them (`arguments`); `distributed` joins the job's
+  other processes first (`setup_process`); library log lines go to TEMP_LOGS/LOG.log, said in one line on
+  stderr when the first one comes (with `log=None` they are held until the main names its run's log directory,
+  `quiet_console(DIR, NAME)`); ValueError, FileNotFoundError and `error_types` end the process with one line
+  and exit code 1.
+  """
+  def decorate(main):
+    @functools.wraps(main)
+    @one_line_errors(ValueError, FileNotFoundError, *error_types)
+    def wrapped(argv):
+      if len(argv) > 1 and not arguments:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+      if distributed:
+        setup_process()
+      say_library_log(quiet_console(TEMP_LOGS if log else None, log))
+      return main(argv)
+    return wrapped
+  return decorate

@@ -15,14 +15,14 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.checkpoint import CheckpointError
-from tokenformer_jax.cli.checkpoint_flags import JSON_OUT, TOKENIZER, require_checkpoint
-from tokenformer_jax.cli.common import OVERRIDES, one_line_errors
+from tokenformer_jax.cli import checkpoint_flags
+from tokenformer_jax.cli.common import OVERRIDES, command
+from tokenformer_jax.cli.inference_flags import JSON_OUT, TOKENIZER
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import eval_stream, evaluate, load_model
-from tokenformer_jax.train.loop import write_json_atomically
 
 SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split of --store, or of the run's "
                           "own data config when none of --files, --tfds_name, --store is given.")
@@ -43,13 +43,12 @@ def show_progress(result: dict) -> None:
         flush=True)
 
 
-@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
+@command(CheckpointError, DataError, log="eval")
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}")
   if sum(map(bool, (FILES.value, TFDS_NAME.value, STORE.value))) > 1:
     raise ValueError("give one of --files, --tfds_name and --store")
-  model = load_model(require_checkpoint(), overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  run, step = checkpoint_flags.checkpoint()
+  model = load_model(run, step=step, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
   stream = eval_stream(model, split=SPLIT.value, files=FILES.value, tfds_name=TFDS_NAME.value,
                        tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value, store=STORE.value)
   result = evaluate(model, stream, batch_size=BATCH_SIZE.value, max_tokens=MAX_TOKENS.value, progress=show_progress)
@@ -63,7 +62,7 @@ def main(argv):
         f"{result['perplexity']:.3f} | bits per byte {result['bits_per_byte']:.4f} | {result['tokens']} tokens, "
         f"{result['bytes']} bytes | {result['tokens_per_second'] / 1e3:.1f}k tok/s")
   if JSON_OUT.value:
-    write_json_atomically(epath.Path(JSON_OUT.value), result)
+    fileio.write_json(JSON_OUT.value, result)
 
 
 if __name__ == "__main__":

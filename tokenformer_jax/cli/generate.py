@@ -16,12 +16,13 @@ import sys
 from absl import app, flags
 from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.checkpoint import CheckpointError
-from tokenformer_jax.cli.checkpoint_flags import JSON_OUT, TOKENIZER, require_checkpoint
-from tokenformer_jax.cli.common import OVERRIDES, SEED, one_line_errors
+from tokenformer_jax.cli import checkpoint_flags
+from tokenformer_jax.cli.common import OVERRIDES, SEED, command
+from tokenformer_jax.cli.inference_flags import JSON_OUT, TOKENIZER
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import generate_text, load_model
-from tokenformer_jax.train.loop import write_json_atomically
 
 PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
 PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts, one a line (.txt) or JSON lines with a "
@@ -56,14 +57,13 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
+@command(CheckpointError, DataError, log="generate")
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}")
   if (PROMPT.value is None) == (PROMPTS_FILE.value is None):
     raise ValueError("give exactly one of --prompt and --prompts_file")
   prompts = [PROMPT.value] if PROMPT.value is not None else read_prompts(PROMPTS_FILE.value)
-  model = load_model(require_checkpoint(), overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  run, step = checkpoint_flags.checkpoint()
+  model = load_model(run, step=step, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
   sampling = dict(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value, seed=SEED.value)
   single = len(prompts) == 1
   if single:
@@ -91,7 +91,7 @@ def main(argv):
   if JSON_OUT.value:
     out = [{"prompt": p, "completion": t, "tokens": len(k), "finish": f}
            for p, t, k, f in zip(prompts, result.texts, result.tokens, result.finish)]
-    write_json_atomically(epath.Path(JSON_OUT.value), out)
+    fileio.write_json(JSON_OUT.value, out)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ with its own recipe, and prints the README's ladder table; --search tries other 
 --compare tries kernels and remat policies on each stage's own slice and names the fastest.
 """
 import os
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a plan compiles for a TPU that is not here
 
 from absl import app, flags  # noqa: E402
 
 from tokenformer_jax import plan  # noqa: E402
-from tokenformer_jax.cli.common import CONFIG, OVERRIDES, one_line_errors, quiet_console  # noqa: E402
+from tokenformer_jax.cli.common import CONFIG, OVERRIDES, TEMP_LOGS, one_line_errors, quiet_console  # noqa: E402
 from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, load_config  # noqa: E402
 from tokenformer_jax.ladder import load_ladder  # noqa: E402
 
@@ -122,7 +121,7 @@ def compare(stages, kernels, remats) -> None:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
-  quiet_console(os.path.join(tempfile.gettempdir(), "tokenformer_jax", "logs"), "plan")
+  quiet_console(TEMP_LOGS, "plan")
   if LADDER.value:
     return ladder()
   reason = plan.libtpu_missing()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 from etils import epath
 
-from tokenformer_jax.cli.common import one_line_errors
+from tokenformer_jax.cli.common import command
 from tokenformer_jax.report import write_report
 
 OUT = flags.DEFINE_string("out", None, "Where report.png and report.md go (default: WORKDIR/report for one "
@@ -20,7 +20,7 @@ OUT = flags.DEFINE_string("out", None, "Where report.png and report.md go (defau
 TITLE = flags.DEFINE_string("title", "", "A title for the figure and the table.")
 
 
-@one_line_errors(ValueError, FileNotFoundError)
+@command(log="report", arguments=True)
 def main(argv):
   paths = argv[1:]
   if not paths:

@@ -21,6 +21,8 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from tokenformer_jax import fileio
+
 # Peak dense bf16 FLOP/s per device, for MFU. Devices not listed (CPUs) report no MFU.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
@@ -48,10 +50,14 @@ class LibraryLog:
     self.written = 0
     self.file = None
     self.path: str | None = None
+    self.in_file = 0                 # lines written to the file
+    self.note: str | None = None     # one line for stderr, said when the file gets its first line
 
   def write(self, text: str) -> int:
     if self.file is not None:
       self.file.write(text)
+      self.in_file += 1
+      self.say_note()
     else:
       self.pending.append(text)
       self.written += 1
@@ -63,6 +69,11 @@ class LibraryLog:
 
   def isatty(self) -> bool:
     return False
+
+  def say_note(self) -> None:
+    if self.note and self.in_file:
+      note, self.note = self.note, None
+      print(note, file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self.file is not None:
@@ -80,6 +91,7 @@ class LibraryLog:
     if self.written > len(self.pending):
       self.file.write(f"({self.written - len(self.pending)} earlier lines were dropped)\n")
     self.file.writelines(self.pending)
+    self.in_file += len(self.pending)
     self.pending.clear()
     self.file.flush()
 
@@ -99,6 +111,7 @@ def capture_library_logs() -> None:
   from absl import logging as absl_logging
   if _library_log is None:
     _library_log = LibraryLog()
+  absl_logging.use_absl_handler()   # app.run installs it on the root logger; a main that is not absl's does not
   absl_logging.get_absl_handler().python_handler.stream = _library_log
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.captureWarnings(True)
@@ -116,6 +129,14 @@ def attach_library_log(directory: str | epath.Path, name: str) -> str | None:
   return _library_log.path
 
 
+def say_with_first_library_line(note: str) -> None:
+  """Say `note` on stderr once the log file has a library line (at once if it has one already): a tool whose
+  libraries log nothing says nothing."""
+  if _library_log is not None:
+    _library_log.note = note
+    _library_log.say_note()
+
+
 class MetricsLogger:
   def __init__(self, workdir: str | epath.Path, enabled: bool = True):
     self.enabled = enabled
@@ -127,7 +148,7 @@ class MetricsLogger:
     if enabled:
       self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
       self.writer = EventFileWriter(str(self.tensorboard_dir))
-      self.jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+      self.jsonl = fileio.open_append(epath.Path(workdir) / "metrics.jsonl")   # a killed run's torn line dropped
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
