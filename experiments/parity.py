@@ -317,7 +317,8 @@ def plot(sweeps: dict[str, list], finals: dict[str, list], path: pathlib.Path) -
     if runs:
       left.plot([r["learning_rate"] for r in runs], [r["final_val_loss"] for r in runs], "o-", label=LABELS[arch])
   left.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss", title="sweeps (seed 0)")
-  left.legend(fontsize=8)
+  if any(sweeps.values()):
+    left.legend(fontsize=8)
   for i, (arch, runs) in enumerate(finals.items()):
     for j, r in enumerate(runs):
       flops_per_token_ = r["flops"] / r["tokens"]
