@@ -1,4 +1,5 @@
-"""Shared test helpers: the shipped corpus as bytes, a tiny training step, and running the CLIs."""
+"""Shared test helpers: the shipped corpus as bytes, a small model config, jitted init / forward / loss and a tiny
+training step (compiled once per config and shared between tests), relative errors, and running the CLIs."""
 import functools
 import gzip
 import json
@@ -11,7 +12,8 @@ import jax
 import numpy as np
 import optax
 
-from tokenformer_jax.model import LanguageModel
+from tokenformer_jax.config import ModelConfig, ParamTokens
+from tokenformer_jax.model import LanguageModel, init_params
 
 CORPUS = pathlib.Path(__file__).resolve().parent.parent / "tokenformer_jax/data/corpus/python-docs-slice.jsonl.gz"
 
@@ -34,6 +36,56 @@ def next_token_loss(cfg, params, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+# The small TokenFormer of the in-process tests that compile whole models (d = 32, 2 layers, byte vocabulary, storage
+# padded to multiples of 8); each file replaces what its check is about (token counts, kernel, block, remat).
+SMALL = ModelConfig(name="small", vocab_size=256, d_model=32, n_layers=2, n_heads=4,
+                    param_tokens=ParamTokens.uniform(24, 100), token_multiple=8, max_seq_len=128)
+
+# Eager init and eager forward passes compile every primitive for every shape (minutes over the suite); these
+# compile each config once, and tests with the same config and shapes share the compilation.
+jit_next_token_loss = jax.jit(next_token_loss, static_argnums=0)
+
+# Settings that change what a model computes but neither its parameters nor their initial draws.
+_COMPUTE_ONLY = dict(positions="none", remat="none", dtype="float32", normalization="l2_norm_gelu",
+                     norm_scale="fixed", norm_scale_tokens=None, pattention_kernel="plain", pattention_impl="auto",
+                     pattention_block=2048)
+
+
+def initial_params(cfg, seed: int = 0) -> dict:
+  """init_params(cfg, jax.random.key(seed)), jitted, and computed once per parameter layout and seed: configs that
+  differ only in the settings above get the same (identical) parameters."""
+  return jax.tree.map(lambda x: x, _initial_params(cfg.replace(name="params", **_COMPUTE_ONLY), seed))
+
+
+@functools.cache
+def _initial_params(cfg, seed):
+  return jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))
+
+
+@functools.cache
+def forward(cfg):
+  """jit(LanguageModel(cfg).apply), one per config."""
+  return jax.jit(LanguageModel(cfg).apply)
+
+
+# Compiler options for a program that is compiled only to read its memory analysis (never run): the backend's
+# optimisation level changes the machine code, not the buffer assignment, and level 0 compiles ~2× faster.
+NOT_RUN = {"xla_backend_optimization_level": 0}
+
+
+def relative_error(got, want) -> float:
+  """max |got − want| / max |want| (in float64; 0 when both are zero)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
+
+
+def assert_relative_close(got, want, tolerance=1e-5):
+  """Every leaf of the tree `got` within `tolerance` of the same leaf of `want`, relative to its largest entry."""
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    error = relative_error(g, w)
+    assert error <= tolerance, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
+
+
 def make_train_step(cfg, tx):
   @jax.jit
   def step(params, opt_state, tokens):
@@ -47,12 +99,26 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_RUN = "--config=experiments/demo.py:test_run"
 
 
-def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None):
-  """Run `python -m module args` (or `python script... args`) from the repository root, as a user would."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None, timeout: int = 600,
+            env: dict | None = None):
+  """Run `python -m module args` (or `python script... args`) from the repository root, as a user would, on
+  `devices` CPU devices; `env` adds to (a value of None: removes from) the environment."""
+  full = {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+  for name, value in (env or {}).items():
+    if value is None:
+      full.pop(name, None)
+    else:
+      full[name] = value
   command = [sys.executable, *(script or ("-m", module)), *args]
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(command, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def run_params(directory, model, step: int | None = None) -> dict:
+  """The parameters of checkpoint `step` (default: the newest) of the run in `directory`, for `model`."""
+  from tokenformer_jax.checkpoint import RunCheckpoints
+  from tokenformer_jax.model import abstract_params
+  return RunCheckpoints(directory, read_only=True).restore_params(abstract_params(model), step)
 
 
 def losses(workdir, key: str = "train/loss") -> dict[int, float]:

@@ -4,14 +4,11 @@ probe errors; and the one spelling of "a run or one of its checkpoints", --check
 --src/--step still accepted and warned about."""
 import gzip
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from helpers import CORPUS, REPO
+from helpers import CORPUS, run_cli
 from test_neox import EOT, neox_state_dict, tiny_config, write_checkpoint
 from tokenformer_jax.growth import read_provenance
 
@@ -25,10 +22,7 @@ GROWN_TARGET = "--config=experiments/demo.py:test_run_grown"
 
 def run(*args):
   """`python -m args` from the repository root as a user runs it here: JAX_PLATFORMS not set, one CPU device."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env.update(XLA_FLAGS="", HF_DATASETS_OFFLINE="1")
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return run_cli(*args, env={"JAX_PLATFORMS": None, "HF_DATASETS_OFFLINE": "1"})
 
 
 def console_lines(result) -> list[str]:

@@ -116,6 +116,7 @@ def test_tokenizer_load_errors(tmp_path):
     Tokenizer.load(str(tmp_path / "junk.model"))
 
 
+@pytest.mark.slow
 def test_tokenizer_cli(tmp_path, corpus):
   root, _ = corpus
   out = tmp_path / "out" / "cli.model"

@@ -42,6 +42,7 @@ def grown_tokenformer():
 
 # Both architectures, both position schemes, and a grown TokenFormer: the dense baseline without positions, and a
 # grown rotary TokenFormer (two models: each one costs three compilations).
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["transformer-none", "grown-rotary"])
 def test_cache_decoding_equals_full_recomputation(case):
   if case == "grown-rotary":
@@ -107,6 +108,7 @@ def next_token_log_probs(loaded):
   return log_probs
 
 
+@pytest.mark.slow
 def test_eval_equals_the_trainers_evaluation(loaded, trained_run):
   cfg = loaded.config
   logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -165,6 +167,7 @@ def request(*args):
   return Instance("loglikelihood", doc={}, arguments=args, idx=0)
 
 
+@pytest.mark.slow
 def test_adapter_log_likelihoods_are_the_models_own_sums(loaded, next_token_log_probs):
   from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
   lm = TokenFormerLM(model=loaded, batch_size=4)
@@ -193,6 +196,7 @@ def test_adapter_log_likelihoods_are_the_models_own_sums(loaded, next_token_log_
   assert generated == full.split("on")[0]
 
 
+@pytest.mark.slow
 def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypatch, capsys):
   """`python -m tokenformer_jax.cli.lm_eval --model tokenformer_jax ...` end to end on the shipped local task (its
   main, in this process); its accuracy equals the one computed here from the adapter's own log-likelihoods."""
@@ -230,6 +234,7 @@ def run_main(module, capsys, *args) -> tuple[int, str, str]:
   return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path, capsys):
   from tokenformer_jax.cli import eval as cli
   cfg = load_config("experiments/demo.py:test_run")
@@ -245,6 +250,7 @@ def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path, capsys):
   assert "eval 2/2 batches" in stderr and "bits per byte" in stdout
 
 
+@pytest.mark.slow
 def test_generate_cli_streams_and_bad_inputs_end_in_one_line(loaded, trained_run, tmp_path, capsys):
   from tokenformer_jax.cli import generate as cli
   from tokenformer_jax.data.tokenizer import train_tokenizer

@@ -2,14 +2,11 @@
 stage that the plan finds does not fit its slice before it calls gcloud."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import types
 
 import pytest
 
-from helpers import REPO
+from helpers import run_cli
 from launch import gcloud, ladder as ladder_main
 from launch.ladder import launch_ladder
 from launch.runner import Runner
@@ -20,13 +17,12 @@ TPU_DATA = ["--set=data.tfds_data_dir=gs://bkt/tfds", "--set=data.tokenizer=gs:/
 
 
 def run(module, *args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+  result = run_cli(module, *args, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   return result.stdout
 
 
+@pytest.mark.slow
 def test_plan_and_launch_name_the_same_stages_with_the_same_settings():
   planned = run("tokenformer_jax.cli.plan", "--ladder=paper", "--dry_run", *TPU_DATA)
   launched = run("launch.ladder", "--ladder=paper", "--backend=tpu", "--workdir=gs://bkt/ladder", "--project=p",

@@ -27,6 +27,7 @@ from launch.tpu import (Job, Limits, TpuVm, WorkerSetup, checkpoint_url, committ
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from fake_gcloud import FakeCloud  # noqa: E402
+from helpers import run_cli, run_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -436,6 +437,7 @@ def test_consecutive_stages_on_the_same_slice_type_share_one_tpu_and_none_is_lef
   assert kinds(fake).count("setup") == 2 and not fake.state["queued"] and not fake.state["nodes"]
 
 
+@pytest.mark.slow
 def test_the_versions_installed_on_a_recreated_worker_are_the_lock_files(tmp_path):
   fake, lines = FakeCloud(), []
   runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
@@ -579,6 +581,7 @@ def fake(tmp_path, monkeypatch):
   return FakeGcloudOnPath(tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 def test_tpu_cli_lists_its_flags_in_help_and_a_permanent_failure_is_one_line(fake):
   result = run_cli("launch.tpu", "--help")
   ladder = run_cli("launch.ladder", "--help").stdout
@@ -591,12 +594,6 @@ def test_tpu_cli_lists_its_flags_in_help_and_a_permanent_failure_is_one_line(fak
                    "--accelerator=v4-32")
   assert result.returncode == 0 and result.stdout == "tf-test: absent\n"
   assert fake.calls() == [gcloud.describe_node(gcloud.TpuSpec("tf-test", "europe-west4-a", "proj", "v4-32"))]
-
-
-def run_cli(module, *args, timeout=120):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
 
 
 def assert_one_error_line(result, phrase):
@@ -619,6 +616,7 @@ tiny_1 = _tiny[1].config.replace(model=_tiny[1].config.model.replace(d_model=128
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, phrase", [
     ("launch.tpu", ["up", "--name=tf", "--project=p", "--zone=z", "--accelerator=v4-12", "--workdir=gs://b/x"],
      "unknown accelerator type 'v4-12'"),
@@ -649,6 +647,7 @@ def test_bad_flags_fail_before_any_gcloud_call(fake, tmp_path, module, args, phr
   assert fake.calls() == []
 
 
+@pytest.mark.slow
 def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
   result = run_cli("launch.ladder", *PAPER_TPU, "--provisioning=spot", "--env=LIBTPU_INIT_ARGS=--xla_x=1",
                    "--valid_until=12h", "--dry_run")
@@ -674,11 +673,12 @@ def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
           "--valid-until-duration=12h --metadata-from-file=startup-script=") in out
   assert "export LIBTPU_INIT_ARGS=--xla_x=1; " in out
   assert "export JAX_COMPILATION_CACHE_DIR=gs://bkt/ladder/jax_cache; " in out
-  assert ("tokenformer_jax.cli.grow --src=gs://bkt/ladder/paper_757m --step=57221 --config=experiments/ladder.py:"
+  assert ("tokenformer_jax.cli.grow --checkpoint=gs://bkt/ladder/paper_757m/57221 --config=experiments/ladder.py:"
           "paper_1_4b --dst=gs://bkt/ladder/paper_1_4b_grown --init=zero_keys --seed=0 --overwrite") in out
   assert "# stage paper_757m: 57,221 steps × 524,288 tokens (30B) on v4-128, grown from paper_354m (zero_keys)" in out
 
 
+@pytest.mark.slow
 def test_tpu_train_cli_recreates_a_preempted_tpu_and_deletes_it_at_the_end(fake):
   done = checkpoint_url("gs://b/run", 30)
   fake.script({"tick_s": 60, "jobs": {"train": [{"runs_s": 600, "then": "finish", "writes": [done]}]},
@@ -695,6 +695,7 @@ def test_tpu_train_cli_recreates_a_preempted_tpu_and_deletes_it_at_the_end(fake)
   assert "[tf-x] train is done" in result.stdout and len(cloud.state["calls"]) < 60
 
 
+@pytest.mark.slow
 def test_a_rerun_tpu_ladder_skips_done_stages_and_adopts_a_running_job(fake):
   done = lambda stage, step: checkpoint_url(f"gs://bkt/ladder/{stage}", step)
   objects = {url: "done\n" for url in (done("paper_124m", 572205), done("paper_354m_grown", 0),
@@ -738,17 +739,18 @@ def test_ladder_definitions():
   assert [s.init for s in tiny] == ["scratch", "zero_keys", "zero_keys"]
 
 
+@pytest.mark.slow
 def test_the_local_ladder_dry_run(tmp_path):
   result = run_cli("launch.ladder", "--ladder=tiny", "--backend=local", f"--workdir={tmp_path}", "--dry_run")
   assert result.returncode == 0, result.stderr[-2000:]
   commands = [line for line in result.stdout.splitlines() if line.startswith("python ")]
   assert commands == [
       f"python -m tokenformer_jax.cli.train --config=experiments/ladder.py:tiny_0 --workdir={tmp_path}/tiny_0",
-      f"python -m tokenformer_jax.cli.grow --src={tmp_path}/tiny_0 --step=30 --config=experiments/ladder.py:tiny_1 "
+      f"python -m tokenformer_jax.cli.grow --checkpoint={tmp_path}/tiny_0/30 --config=experiments/ladder.py:tiny_1 "
       f"--dst={tmp_path}/tiny_1_grown --init=zero_keys --seed=0 --overwrite",
       f"python -m tokenformer_jax.cli.train --config=experiments/ladder.py:tiny_1 --workdir={tmp_path}/tiny_1 "
       f"--init_from={tmp_path}/tiny_1_grown",
-      f"python -m tokenformer_jax.cli.grow --src={tmp_path}/tiny_1 --step=20 --config=experiments/ladder.py:tiny_2 "
+      f"python -m tokenformer_jax.cli.grow --checkpoint={tmp_path}/tiny_1/20 --config=experiments/ladder.py:tiny_2 "
       f"--dst={tmp_path}/tiny_2_grown --init=zero_keys --seed=0 --overwrite",
       f"python -m tokenformer_jax.cli.train --config=experiments/ladder.py:tiny_2 --workdir={tmp_path}/tiny_2 "
       f"--init_from={tmp_path}/tiny_2_grown",
@@ -759,16 +761,11 @@ def test_the_local_ladder_dry_run(tmp_path):
 GROW_CLI = REPO / "tokenformer_jax" / "cli" / "grow.py"
 
 
-def final_params(run_dir, stage):
-  from tokenformer_jax.checkpoint import RunCheckpoints
-  from tokenformer_jax.model import abstract_params
-  return RunCheckpoints(run_dir, read_only=True).restore_params(abstract_params(stage.config.model))
-
-
 def metrics(run_dir):
   return [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GROW_CLI.exists(), reason="WAITING FOR tokenformer_jax/cli/grow.py: the local ladder "
                                                   "grows stages with it")
 def test_the_local_ladder_runs_end_to_end_and_a_killed_run_finishes_the_same(tmp_path):
@@ -801,8 +798,8 @@ def test_the_local_ladder_runs_end_to_end_and_a_killed_run_finishes_the_same(tmp
   assert f"--dst={killed}/tiny_1_grown" not in resumed.stdout             # nor grown again,
   assert f"--dst={killed}/tiny_2_grown" in resumed.stdout                 # and the rest goes on
   assert "resumed" in (killed / "logs" / "tiny_1.train.log").read_text()
-  for a, b in zip(jax.tree.leaves(final_params(whole / "tiny_2", tiny[2])),
-                  jax.tree.leaves(final_params(killed / "tiny_2", tiny[2])), strict=True):
+  for a, b in zip(jax.tree.leaves(run_params(whole / "tiny_2", tiny[2].config.model)),
+                  jax.tree.leaves(run_params(killed / "tiny_2", tiny[2].config.model)), strict=True):
     np.testing.assert_array_equal(a, b)
   losses = lambda run: {m["step"]: m["train/loss"] for m in metrics(run) if "train/loss" in m}
   assert losses(whole / "tiny_2") == losses(killed / "tiny_2")

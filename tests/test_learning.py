@@ -1,5 +1,6 @@
 """The TokenFormer learns: a few hundred CPU steps on real English text beat unigram entropy by far."""
 import numpy as np
+import pytest
 import optax
 
 import jax
@@ -8,6 +9,7 @@ from tokenformer_jax.config import load_config
 from tokenformer_jax.model import init_params
 
 
+@pytest.mark.slow
 def test_tokenformer_learns_real_text():
   cfg = load_config("experiments/tiny.py:tiny_tokenformer")
   data = corpus_bytes()

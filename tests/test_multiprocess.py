@@ -24,6 +24,8 @@ from tokenformer_jax.config import load_config
 from tokenformer_jax.growth import grow, grown_config, read_provenance
 from tokenformer_jax.model import abstract_params
 
+pytestmark = pytest.mark.slow   # every test here starts several processes
+
 STEPS = 4
 RUN = (TEST_RUN, f"--set=steps={STEPS}", "--set=checkpoint_every=100", f"--set=eval_every={STEPS}",
        "--set=eval_batches=1", "--set=log_every=1")

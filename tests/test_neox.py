@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import neox_reference  # noqa: E402
-from helpers import assert_fails_with_one_line, run_cli  # noqa: E402
+from helpers import assert_fails_with_one_line, relative_error, run_cli  # noqa: E402
 from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E402
 from tokenformer_jax.interop.convert import export_run, import_checkpoint  # noqa: E402
 from tokenformer_jax.config import (SHIPPED_CORPUS, SHIPPED_TOKENIZER, DataConfig, TrainConfig, from_dict,  # noqa: E402
@@ -142,10 +142,6 @@ def restore(run, step=None):
 
 def logits(cfg, params, tokens):
   return np.asarray(jax.jit(LanguageModel(cfg).apply)({"params": params}, tokens))
-
-
-def relative_error(ours, reference):
-  return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 # The torch.save format ------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_softmax_is_stable_for_large_scores():
   np.testing.assert_allclose(got, ref.pattention(x, keys, values, "softmax"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_all_zero_scores_give_zero_output_and_finite_gradients(normalization):
   _, keys, values = random_problem(seed=5)
@@ -81,6 +82,7 @@ def test_bfloat16_compute_normalises_in_float32():
   assert rel < 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_module_padding_rows_are_inert(normalization):
   x = np.random.default_rng(7).normal(size=(2, 6, 32)).astype(np.float32)
@@ -102,6 +104,7 @@ def test_module_padding_rows_are_inert(normalization):
     assert np.any(g[:37] != 0)
 
 
+@pytest.mark.slow
 def test_module_logical_axes_and_init_statistics():
   module = Pattention(n_tokens=4096, d_out=64)
   variables = module.init(jax.random.key(1), jnp.zeros((1, 256)))

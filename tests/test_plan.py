@@ -40,6 +40,7 @@ def tiny(global_batch=16, seq_len=128, **model_changes):
                                   seq_len=seq_len)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_plan_compiles_a_tiny_model_for_a_v4_8():
   result = plan.plan(tiny(), "v4-8")
@@ -60,6 +61,7 @@ def test_plan_compiles_a_tiny_model_for_a_v4_8():
   assert "tiny_tokenformer on v4-8: 4 chips" in plan.describe(result, 30e9)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_step_that_does_not_fit_is_reported_not_raised():
   # The logits of 512 × 4096 tokens over a 50k vocabulary alone need ~100 GB per chip.
@@ -68,6 +70,7 @@ def test_a_step_that_does_not_fit_is_reported_not_raised():
   assert result.hbm["temp"] > plan.HBM_USABLE
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   result = subprocess.run([sys.executable, "-m", "tokenformer_jax.cli.plan", "--config=experiments/tiny.py:tiny_tokenformer",

@@ -18,6 +18,7 @@ from tokenformer_jax.growth import Provenance
 TEST_RUN_FLOPS_PER_TOKEN = 3 * (2 * (2 * 2 * 168 * 32 + 2048 * 32) + 2 * 2 * 2 * 32 * 32)
 
 
+@pytest.mark.slow
 def test_flop_axis_of_a_known_run(trained_run):
   cfg = load_config(f"{REPO}/experiments/demo.py:test_run")
   assert flops_per_token(cfg.model, cfg.data.seq_len) == TEST_RUN_FLOPS_PER_TOKEN == 546816
@@ -30,6 +31,7 @@ def test_flop_axis_of_a_known_run(trained_run):
   assert curve.final_eval_loss == [m["eval/loss"] for m in metrics if "eval/loss" in m][-1]
 
 
+@pytest.mark.slow
 def test_ladder_directory_chains_stages_and_the_cli_draws_it(trained_run, tmp_path):
   ladder = tmp_path / "ladder"
   for stage in ("s0", "s1"):
@@ -73,6 +75,7 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", False)
 
 
+@pytest.mark.slow
 def test_every_experiment_runs_in_smoke_mode(tmp_path, fast_compiles):
   from experiments import continued_training, growth_pays, theta_ablation, token_cost
   runs, out = tmp_path / "runs", tmp_path / "results"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, TEST_RUN, assert_fails_with_one_line, losses, run_cli
+from helpers import REPO, TEST_RUN, assert_fails_with_one_line, losses, run_cli, run_params
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, array_checksum, checksums
 from tokenformer_jax.config import MeshConfig, apply_overrides, load_config
@@ -44,6 +44,7 @@ def numpy_checksum(x: np.ndarray) -> np.ndarray:
     return np.array(lanes, np.uint32) ^ numpy_mix(np.uint32(bits.size))
 
 
+@pytest.mark.slow
 def test_checksum_matches_numpy_sees_one_flipped_bit_and_a_swap_and_ignores_the_mesh():
   x = np.random.default_rng(0).standard_normal((6, 40, 8)).astype(np.float32)
   np.testing.assert_array_equal(jax.device_get(array_checksum(x)), numpy_checksum(x))
@@ -102,6 +103,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_restore_falls_back_past_a_damaged_latest_checkpoint(trained_run, tmp_path, damage, capsys):
   run = copy_run(trained_run, tmp_path)
@@ -122,6 +124,7 @@ def test_restore_falls_back_past_a_damaged_latest_checkpoint(trained_run, tmp_pa
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["12.corrupt", "8"]
 
 
+@pytest.mark.slow
 def test_flipped_params_bytes_detected_named_and_training_ends_as_the_uninterrupted_run(trained_run_console,
                                                                                        tmp_path):
   trained_run, uninterrupted = trained_run_console
@@ -138,7 +141,7 @@ def test_flipped_params_bytes_detected_named_and_training_ends_as_the_uninterrup
   assert len(broken) == 1 and "step 12" in broken[0] and "params[" in broken[0], result.stdout
   assert f"resumed {run} at step 8" in result.stdout
   assert losses(run) == losses(trained_run)   # steps 9-12 re-run: the same losses, bit for bit
-  final = [RunCheckpoints(r, read_only=True).restore_params(abstract_params(CFG.model)) for r in (trained_run, run)]
+  final = [run_params(r, CFG.model) for r in (trained_run, run)]
   for a, b in zip(*map(jax.tree.leaves, final)):
     np.testing.assert_array_equal(a, b)
   # The damaged checkpoint is kept as it was, out of the way.
@@ -156,6 +159,7 @@ def test_flipped_params_bytes_detected_named_and_training_ends_as_the_uninterrup
   assert len(out) == 2 + 1 + 6 + 2 + 3 + 3   # start, log file, training; progress, eval, saves; done (3 lines)
 
 
+@pytest.mark.slow
 def test_broken_latest_for_growth_names_it_and_the_good_steps(trained_run, tmp_path):
   from tokenformer_jax.cli.grow import broken_source, placed
   run = copy_run(trained_run, tmp_path)
@@ -166,9 +170,10 @@ def test_broken_latest_for_growth_names_it_and_the_good_steps(trained_run, tmp_p
     source.restore_params(placed(CFG.model, mesh, "dp")[0], 12)
   message = str(broken_source(source, broken.value, mesh, "dp"))
   assert f"{run}/checkpoints/12 is broken" in message and "good checkpoints" in message and "steps [8]" in message
-  assert "--step=8" in message
+  assert f"--checkpoint={run}/8" in message
 
 
+@pytest.mark.slow
 def test_no_good_checkpoint_stops_and_old_unverified_ones_still_restore(trained_run, tmp_path, capsys):
   run = copy_run(trained_run, tmp_path)
   for step in ("8", "12"):
@@ -212,6 +217,7 @@ INVALID = {"data.seq_len=0": "data.seq_len must be an integer >= 1", "steps=-5":
            "model.layer_norm_eps=0": "model.layer_norm_eps", "model.rotary_fraction=2": "model.rotary_fraction"}
 
 
+@pytest.mark.slow
 def test_every_invalid_value_is_refused_with_its_field_and_range(tmp_path):
   for override, phrase in INVALID.items():
     with pytest.raises(ValueError) as refused:
@@ -226,6 +232,7 @@ def test_every_invalid_value_is_refused_with_its_field_and_range(tmp_path):
   assert not (tmp_path / "cli").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_it_is_complete_and_where_its_checkpoint_is(trained_run, tmp_path):
   run = copy_run(trained_run, tmp_path)
   out = io.StringIO()
@@ -281,6 +288,7 @@ def two_processes(mode: str, run_dir) -> list[str]:
   return [logs[2 * i].read_text() for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_hosts_agree_on_a_checkpoint_only_one_of_them_reads_broken(tmp_path):
   run = tmp_path / "run"
   saved = two_processes("save", run)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli
+from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli, run_params
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import MeshConfig, OptimConfig, load_config
@@ -20,8 +20,7 @@ def run(*args, script=None):
 
 
 def final_params(workdir):
-  cfg = load_config("experiments/demo.py:test_run").model
-  return RunCheckpoints(workdir, read_only=True).restore_params(abstract_params(cfg))
+  return run_params(workdir, load_config("experiments/demo.py:test_run").model)
 
 
 def assert_same_run(a, b):
@@ -30,6 +29,7 @@ def assert_same_run(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_the_uninterrupted_run(trained_run, tmp_path):
   killed = run("SIGKILL", "7", TEST_RUN, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
   assert killed.returncode == -9
@@ -40,6 +40,7 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(trained_run, tmp_path):
   assert_same_run(trained_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_cleanly(trained_run, tmp_path):
   stopped = run("SIGTERM", "5", TEST_RUN, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
   assert stopped.returncode == 0, stopped.stderr[-3000:]
@@ -50,6 +51,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(trained_run, tmp_path):
   assert_same_run(trained_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_init_from_takes_parameters_with_a_fresh_optimizer(trained_run, tmp_path):
   # Learning rate 0: the parameters it saves must be the source's, bit for bit.
   result = run(TEST_RUN, f"--workdir={tmp_path}", f"--init_from={trained_run}", "--set=steps=2",
@@ -62,6 +64,7 @@ def test_init_from_takes_parameters_with_a_fresh_optimizer(trained_run, tmp_path
   assert RunCheckpoints(tmp_path, read_only=True).latest_step() == 2   # a fresh step count
 
 
+@pytest.mark.slow
 def test_bad_corpus_files(tmp_path):
   missing = run(TEST_RUN, f"--workdir={tmp_path}/a", f"--set=data.train_files={tmp_path}/nothing*.jsonl")
   assert_fails_with_one_line(missing, "nothing*.jsonl")
@@ -75,11 +78,13 @@ def test_bad_corpus_files(tmp_path):
                              "binary.txt")
 
 
+@pytest.mark.slow
 def test_tokenizer_and_model_vocabulary_must_agree(tmp_path):
   result = run(TEST_RUN, f"--workdir={tmp_path}", "--set=model.vocab_size=1000")
   assert_fails_with_one_line(result, "2048", "model.vocab_size")
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused_and_kept(trained_run):
   before = sorted(str(p) for p in pathlib.Path(trained_run).rglob("*"))
   result = run(TEST_RUN, f"--workdir={trained_run}", "--set=model.d_model=64")
@@ -87,6 +92,7 @@ def test_workdir_of_another_model_is_refused_and_kept(trained_run):
   assert sorted(str(p) for p in pathlib.Path(trained_run).rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_a_checkpoint(tmp_path):
   result = run(TEST_RUN, f"--workdir={tmp_path}", "--set=optim.learning_rate=1e30", "--set=optim.warmup_steps=0",
                "--set=optim.grad_clip=0")
@@ -133,6 +139,7 @@ def test_checkpoints_work_under_a_relative_path(tmp_path, monkeypatch):
   assert (tmp_path / "runs/relative/checkpoints/3").is_dir()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   tx = optax.sgd(1.0)   # the update is the averaged gradient itself
   schedule = optax.constant_schedule(1.0)
