@@ -273,6 +273,14 @@ class OptimConfig:
   grad_clip: float = 1.0          # global-norm clip; 0 disables
   # After growth: update only the appended parameter tokens (paper §5); needs --init_from a grown checkpoint.
   train_only_new_tokens: bool = False
+  # The loss-spike guard (train/guard.py), off by default: a step whose loss exceeds spike_factor × the mean of
+  # the last spike_window accepted losses leaves the parameters and the optimizer state unchanged (the batch is
+  # not replayed); spike_patience skipped in a row restore the last checkpoint and halve the learning rate for
+  # the rest of the run. It reads each step's loss on the host (one small device-to-host copy per step).
+  spike_guard: bool = False
+  spike_factor: float = 2.0
+  spike_window: int = 20
+  spike_patience: int = 3
 
   def replace(self, **changes: Any) -> OptimConfig:
     return dataclasses.replace(self, **changes)
@@ -287,6 +295,9 @@ class OptimConfig:
     check_float("optim.eps", self.eps, 0.0, low_open=True)
     check_float("optim.weight_decay", self.weight_decay, 0.0)
     check_float("optim.grad_clip", self.grad_clip, 0.0)   # 0 disables clipping
+    check_float("optim.spike_factor", self.spike_factor, 1.0, low_open=True)
+    check_int("optim.spike_window", self.spike_window, 1)
+    check_int("optim.spike_patience", self.spike_patience, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,25 @@
 """Checkpoint surgery: grow a trained TokenFormer's key/value parameter tokens into a bigger config.
 
-  python -m tokenformer_jax.cli.grow --src=runs/124m --config=experiments/ladder.py:paper_354m \
+  python -m tokenformer_jax.cli.grow --checkpoint=runs/124m --config=experiments/ladder.py:paper_354m \
       --dst=runs/354m-init --init=zero_keys --verify
   python -m tokenformer_jax.cli.train --config=experiments/ladder.py:paper_354m --workdir=runs/354m \
       --init_from=runs/354m-init
 
-Reads only the source's parameters (not its optimizer state), straight onto the target mesh with the target
-shardings; grows them under jit; writes a params-only checkpoint with the grown config and where it came
-from. The source is never written to; the destination is written to a temporary directory and renamed.
+Reads the source's parameters straight onto the target mesh with the target shardings; grows them under jit;
+writes a params-only checkpoint with the grown config and where it came from. The source is never written to;
+the destination is written to a temporary directory and renamed.
+
+`--optimizer=carry` also reads the source's optimizer state and writes AdamW's moments into the grown
+checkpoint (item "moments": {"count", "mu", "nu"}, mu and nu shaped like the grown parameters): the old rows
+copied exactly, zeros in every new row (whatever --init gives the new parameters) and in the padding, and
+Adam's step count (its bias correction) kept. `cli.train --init_from` then starts from them; the learning-rate
+schedule is the grown run's own either way. The default, `reset`, is a fresh optimizer (paper App. E).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -19,16 +27,16 @@ from etils import epath
 
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, write_new_run
-from tokenformer_jax.cli.common import (OVERRIDES, SEED, load_experiment, one_line_errors, quiet_console,
-                                        setup_process)
+from tokenformer_jax.cli import checkpoint_flags
+from tokenformer_jax.cli.common import OVERRIDES, SEED, command, load_experiment, quiet_console
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data import DataError
-from tokenformer_jax.growth import (INITS, Provenance, check_growable, grow, grown_config, net2net_widen,
-                                    nonzero_padding, widening_factor)
+from tokenformer_jax.growth import (INITS, OPTIMIZERS, Provenance, check_growable, grow, grow_moments, grown_config,
+                                    net2net_widen, nonzero_padding, widening_factor)
 from tokenformer_jax.model import abstract_params, logical_axes
+from tokenformer_jax.train.optimizer import adam_moments, make_optimizer
+from tokenformer_jax.train.steps import state_shardings
 
-SRC = flags.DEFINE_string("src", None, "The trained run (its directory, or its checkpoints/ directory).")
-STEP = flags.DEFINE_string("step", "latest", "Which checkpoint of --src: a step number or 'latest'.")
 DST = flags.DEFINE_string("dst", None, "Where the grown params-only checkpoint goes (new or empty).")
 INIT = flags.DEFINE_enum("init", "zero_keys", INITS, "New tokens: zero keys + random values (function-"
                          "preserving), or both random (the authors' code). A dense Transformer source is widened "
@@ -38,6 +46,11 @@ SCALE = flags.DEFINE_enum("scale", "keep", ["keep", "follow"], "keep: the norm s
 OLD_NOISE = flags.DEFINE_float("old_noise", 0.0, "Std of noise added to the old tokens, as a fraction of "
                                "their init std (the authors found a little helps); for Net2Net, to every "
                                "widened tensor as a fraction of its std (breaks the symmetry of the copies).")
+OPTIMIZER = flags.DEFINE_enum("optimizer", "reset", OPTIMIZERS, "The grown run's AdamW state. reset: fresh, as "
+                              "the paper (App. E) and the authors' code; carry: the source checkpoint's moments "
+                              "(mu, nu, and the step count of their bias correction) with zeros for every new "
+                              "token, which cli.train --init_from then starts from. The schedule is the grown "
+                              "run's own either way. carry needs a TokenFormer source with its optimizer state.")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
 VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a validation batch and report the "
                            "loss difference (0 up to float noise for zero_keys with --scale=keep).")
@@ -79,65 +92,125 @@ def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, t
 
 
 def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
-  """The error for a broken --src checkpoint: it, and which of the source's steps are good instead."""
+  """The error for a broken source checkpoint: it, and which of the source's steps are good instead."""
   good = source.good_steps(lambda s: placed(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
   what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason})"
   if not good:
     return CheckpointError(f"{what}; none of the checkpoints in {source.directory} is good")
-  return CheckpointError(f"{what}; good checkpoints of {source.directory}: steps {good} (e.g. --step={good[-1]})")
+  return CheckpointError(f"{what}; good checkpoints of {source.directory}: steps {good} "
+                         f"(e.g. --checkpoint={source.directory.parent}/{good[-1]})")
 
 
-@one_line_errors(ValueError, FileNotFoundError, CheckpointError, DataError)
-def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}")
-  if not SRC.value or not DST.value:
-    raise ValueError("--src and --dst are required")
-  setup_process()
-  quiet_console()   # library lines go to DST/logs/grow.log once the grown checkpoint is written
-  started = time.time()
-  source = RunCheckpoints(SRC.value, read_only=True)
-  step = source.resolve_step(None if STEP.value == "latest" else int(STEP.value))
-  target = load_experiment()
-  mesh = sharding.make_mesh(target.mesh)
+@dataclasses.dataclass(frozen=True)
+class Grown:
+  """What grow_checkpoint made (already written to its destination)."""
+  old_cfg: ModelConfig
+  old_params: Any
+  new_cfg: ModelConfig
+  new_params: Any
+  provenance: Provenance
+
+
+def growth_plan(old_cfg: ModelConfig, target: ModelConfig, *, init: str, scale: str, old_noise: float,
+                optimizer: str):
+  """(the grown config, the scheme, params, rng → grown params), or a ValueError saying why not."""
+  if old_cfg.architecture == "transformer":   # the dense baseline grows by Net2Net widening
+    if optimizer == "carry":
+      raise ValueError(f"--optimizer=carry grows a TokenFormer's moments by zero rows; {old_cfg.name} is a dense "
+                       "Transformer (widened by Net2Net), so use --optimizer=reset")
+    widening_factor(old_cfg, target)
+    return target, "net2net", lambda p, rng: net2net_widen(p, old_cfg, target, noise=old_noise, rng=rng)
+  new_cfg = grown_config(old_cfg, target, keep_scale=scale == "keep")
+  check_growable(old_cfg, new_cfg)
+  return new_cfg, init, lambda p, rng: grow(p, old_cfg, new_cfg, init=init, rng=rng, old_noise=old_noise)
+
+
+def restore_source(source: RunCheckpoints, step: int, cfg: TrainConfig, mesh, preset: str, carry: bool):
+  """(the source's parameters, its AdamW moments with carry else None), placed on `mesh`."""
+  if not carry:
+    return source.restore_params(placed(cfg.model, mesh, preset)[0], step), None
+  if not source.has_item(step, "opt_state"):
+    raise CheckpointError(f"--optimizer=carry needs the source's optimizer state, and {source.directory / str(step)} "
+                          "has none (a params-only checkpoint: imported or grown); use --optimizer=reset")
+  rows = {} if cfg.optim.train_only_new_tokens else None   # the structure of the state it was trained with
+  abstract, _ = state_shardings(cfg.model, make_optimizer(cfg.optim, cfg.steps, trainable_rows=rows), mesh, preset)
   try:
-    old_cfg = from_dict(TrainConfig, source.read_json(step)).model
+    params, rest = source.restore(step, abstract.params, {"step": abstract.step, "opt_state": abstract.opt_state},
+                                  check_optimizer=True)
+  except BrokenCheckpoint:
+    raise
+  except CheckpointError as mismatch:
+    raise CheckpointError(f"{mismatch}; --optimizer=carry cannot carry it (use --optimizer=reset)") from None
+  return params, adam_moments(rest["opt_state"])
+
+
+def grown_moments(moments: dict, old_cfg: ModelConfig, new_cfg: ModelConfig, new_shardings, mesh) -> dict:
+  """The source's {"count", "mu", "nu"} grown (zeros in every new row), under jit onto the grown shardings."""
+  grow_both = lambda m: {"count": m["count"], "mu": grow_moments(m["mu"], old_cfg, new_cfg),
+                         "nu": grow_moments(m["nu"], old_cfg, new_cfg)}
+  out = {"count": sharding.replicated(mesh), "mu": new_shardings, "nu": new_shardings}
+  return jax.jit(grow_both, out_shardings=out)(moments)
+
+
+def grow_checkpoint(run: str, step: int | None, target: TrainConfig, dst: str, *, init: str = "zero_keys",
+                    scale: str = "keep", old_noise: float = 0.0, seed: int = 0, optimizer: str = "reset",
+                    overwrite: bool = False, devices=None) -> Grown:
+  """Grow checkpoint RUN[/STEP] into `target`'s model and write the result to the new run directory `dst`, on
+  `devices` (default: all of them)."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown --optimizer={optimizer}; choose one of {OPTIMIZERS}")
+  source = RunCheckpoints(run, read_only=True)
+  step = source.resolve_step(step)
+  mesh = sharding.make_mesh(target.mesh, devices)
+  try:
+    source_cfg = from_dict(TrainConfig, source.read_json(step))
   except BrokenCheckpoint as broken:
     raise broken_source(source, broken, mesh, target.mesh.preset) from None
-  if old_cfg.architecture == "transformer":   # the dense baseline grows by Net2Net widening
-    new_cfg, scheme = target.model, "net2net"
-    widening_factor(old_cfg, new_cfg)
-    grow_params = lambda p, rng: net2net_widen(p, old_cfg, new_cfg, noise=OLD_NOISE.value, rng=rng)
-  else:
-    new_cfg, scheme = grown_config(old_cfg, target.model, keep_scale=SCALE.value == "keep"), INIT.value
-    check_growable(old_cfg, new_cfg)
-    grow_params = lambda p, rng: grow(p, old_cfg, new_cfg, init=INIT.value, rng=rng, old_noise=OLD_NOISE.value)
-  dst = epath.Path(DST.value)
-  check_destination(source.directory.parent, dst, OVERWRITE.value)
+  old_cfg = source_cfg.model
+  new_cfg, scheme, grow_params = growth_plan(old_cfg, target.model, init=init, scale=scale, old_noise=old_noise,
+                                             optimizer=optimizer)
+  check_destination(source.directory.parent, epath.Path(dst), overwrite)
 
-  old_abstract, _ = placed(old_cfg, mesh, target.mesh.preset)
   _, new_shardings = placed(new_cfg, mesh, target.mesh.preset)
   try:
-    old_params = source.restore_params(old_abstract, step)
+    old_params, moments = restore_source(source, step, source_cfg, mesh, target.mesh.preset, optimizer == "carry")
   except BrokenCheckpoint as broken:
     raise broken_source(source, broken, mesh, target.mesh.preset) from None
   if old_cfg.architecture == "tokenformer" and (bad := nonzero_padding(old_params, old_cfg)):
     raise CheckpointError(f"{bad[0]} has nonzero padding rows past its {old_cfg.name} token count; the "
                           "checkpoint does not match its config (was it edited outside tokenformer_jax?)")
-  new_params = jax.jit(grow_params, out_shardings=new_shardings)(old_params, jax.random.key(SEED.value))
+  new_params = jax.jit(grow_params, out_shardings=new_shardings)(old_params, jax.random.key(seed))
+  if moments is not None:
+    moments = grown_moments(moments, old_cfg, new_cfg, new_shardings, mesh)
 
-  provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=SCALE.value,
-                          old_noise=OLD_NOISE.value, seed=SEED.value, old_model=old_cfg, new_model=new_cfg)
-  write_new_run(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json())
+  provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=scale,
+                          old_noise=old_noise, seed=seed, old_model=old_cfg, new_model=new_cfg, optimizer=optimizer)
+  write_new_run(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json(),
+                moments=moments)
+  return Grown(old_cfg, old_params, new_cfg, new_params, provenance)
+
+
+@command(CheckpointError, DataError, distributed=True)   # library lines: DST/logs/grow.log, once it is written
+def main(argv):
+  run, step = checkpoint_flags.checkpoint()
+  if not DST.value:
+    raise ValueError("--dst is required: where the grown checkpoint goes")
+  started = time.time()
+  target = load_experiment()
+  grown = grow_checkpoint(run, step, target, DST.value, init=INIT.value, scale=SCALE.value,
+                          old_noise=OLD_NOISE.value, seed=SEED.value, optimizer=OPTIMIZER.value,
+                          overwrite=OVERWRITE.value)
+  dst, record = epath.Path(DST.value), grown.provenance
   quiet_console(dst / "logs", "grow")
 
-  old_n, new_n = count_params(old_cfg)["total"], count_params(new_cfg)["total"]
-  print_once(f"grew {old_cfg.name} ({old_n / 1e6:.2f}M) at step {step} into {new_cfg.name} ({new_n / 1e6:.2f}M) "
-             f"with {scheme}, scale={SCALE.value}, in {time.time() - started:.1f}s\ncheckpoint: {dst}\n"
+  old_n, new_n = count_params(grown.old_cfg)["total"], count_params(grown.new_cfg)["total"]
+  print_once(f"grew {grown.old_cfg.name} ({old_n / 1e6:.2f}M) at step {record.source_step} into {grown.new_cfg.name} "
+             f"({new_n / 1e6:.2f}M) with {record.init}, scale={record.scale}, optimizer={record.optimizer}, in "
+             f"{time.time() - started:.1f}s\ncheckpoint: {dst}\n"
              f"next: python -m tokenformer_jax.cli.train --config={flags.FLAGS.config}"
              f"{''.join(f' --set {o}' for o in OVERRIDES.value)} --workdir=RUN --init_from={dst}")
   if VERIFY.value:
-    verify(old_cfg, old_params, new_cfg, new_params, target)
+    verify(grown.old_cfg, grown.old_params, grown.new_cfg, grown.new_params, target)
 
 
 if __name__ == "__main__":

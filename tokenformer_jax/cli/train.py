@@ -16,7 +16,8 @@ from tokenformer_jax.train.loop import TrainingError, train
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard logs, metrics.jsonl.")
 INIT_FROM = flags.DEFINE_string(
     "init_from", None, "Start from the parameters of this checkpoint (a run directory, e.g. a grown one) with a "
-                       "fresh optimizer and schedule. Ignored when --workdir already has a checkpoint.")
+                       "fresh optimizer and schedule (a checkpoint grown with --optimizer=carry: with its AdamW "
+                       "moments, the schedule still fresh). Ignored when --workdir already has a checkpoint.")
 
 
 @one_line_errors(ValueError, FileNotFoundError, TrainingError, CheckpointError, DataError)

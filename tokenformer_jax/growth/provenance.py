@@ -1,14 +1,17 @@
 """Where a grown checkpoint came from: a typed record that cli.grow writes and the trainer reads in one call.
 
 A grown checkpoint (params only, step 0) carries its grown TrainConfig (item "config") and this record (item
-"extra"). Starting a run from it (`--init_from`) needs two things from there: the norm scale the grown
-function depends on, and, for optim.train_only_new_tokens, which parameter-token rows growth appended.
+"extra"); with `optimizer="carry"` also AdamW's grown moments (item "moments", see cli/grow.py). Starting a run
+from it (`--init_from`) needs from there: the norm scale the grown function depends on, for
+optim.train_only_new_tokens which parameter-token rows growth appended, and whether to carry the moments.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from tokenformer_jax.config import PROJECTIONS, ModelConfig, ParamTokens, TrainConfig, from_dict, to_dict
+
+OPTIMIZERS = ("reset", "carry")   # the grown run's AdamW state: fresh (paper App. E), or the source's moments grown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Provenance:
   seed: int
   old_model: ModelConfig
   new_model: ModelConfig     # as stored in the grown checkpoint's config (its norm scale included)
+  optimizer: str = "reset"   # reset | carry (the checkpoint holds AdamW's grown moments); older records: reset
 
   def to_json(self) -> dict:
     """The "extra" item of the grown checkpoint (the new model is in its "config" item)."""
@@ -33,7 +37,7 @@ class Provenance:
   def from_checkpoint(cls, extra: dict, config: dict) -> Provenance:
     fields = {k: extra[k] for k in ("source", "source_step", "init", "scale", "old_noise", "seed")}
     return cls(**fields, old_model=from_dict(ModelConfig, extra["old_model"]),
-               new_model=from_dict(TrainConfig, config).model)
+               new_model=from_dict(TrainConfig, config).model, optimizer=extra.get("optimizer", "reset"))
 
   def adopt(self, cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """`cfg` with the norm scale the grown function depends on: a config that leaves the scale unset takes the
@@ -73,7 +77,8 @@ def start_from_grown(cfg: TrainConfig, init_from: str | None) -> tuple[TrainConf
   notes = []
   if grown is not None:
     cfg, note = grown.adopt(cfg)
-    notes += [f"grown from {grown.source} at step {grown.source_step} ({grown.init})"] + ([note] if note else [])
+    notes += [f"grown from {grown.source} at step {grown.source_step} ({grown.init}, optimizer {grown.optimizer})"]
+    notes += [note] if note else []
   if not cfg.optim.train_only_new_tokens:
     return cfg, None, notes
   if grown is None:

@@ -102,3 +102,14 @@ def grow(params: dict, old: ModelConfig, new: ModelConfig, *, init: str = "zero_
                                          noise(v_noise, old_value_std)),
     }
   return grown
+
+
+def grow_moments(moments: dict, old: ModelConfig, new: ModelConfig) -> dict:
+  """An AdamW moment tree (mu or nu, shaped like the parameters) grown as `grow` grows the parameters, but with
+  zeros in every new row whatever the parameters' init (a new token has no gradient history) and in the padding;
+  the old rows and every other leaf copied exactly."""
+  check_growable(old, new)
+  grown = {k: v for k, v in moments.items() if k != "layers"}
+  grown["layers"] = {p: {name: _grow_rows(leaf, old.tokens(p), new.tokens(p), new.storage_tokens(p), None, None)
+                         for name, leaf in moments["layers"][p].items()} for p in PROJECTIONS}
+  return grown

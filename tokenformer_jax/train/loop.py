@@ -6,7 +6,6 @@ Resuming is exact: parameters, optimizer state, step and the data iterator's pos
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -15,14 +14,16 @@ import jax
 import numpy as np
 from etils import epath
 
-from tokenformer_jax import sharding
+from tokenformer_jax import fileio, sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import TrainConfig, flops_per_token, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
-from tokenformer_jax.growth import start_from_grown
+from tokenformer_jax.growth import read_provenance, start_from_grown
 from tokenformer_jax.train import steps
+from tokenformer_jax.train.guard import SpikeGuard
 from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
+from tokenformer_jax.train.optimizer import adam_moments
 from tokenformer_jax.train.setup import Run, build_run
 
 
@@ -60,12 +61,6 @@ def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
                         "or --init_from to start from its parameters")
 
 
-def write_json_atomically(path: epath.Path, value: dict) -> None:
-  temporary = path.parent / (path.name + ".tmp")
-  temporary.write_text(json.dumps(value, indent=2) + "\n")
-  temporary.replace(path)   # atomic on POSIX; rename() refuses an existing target
-
-
 def evaluate(run: Run, params, batches) -> dict[str, float]:
   total, count = 0.0, 0.0
   for batch in batches:
@@ -86,9 +81,42 @@ def starting_state(run: Run, checkpoints: RunCheckpoints, train_batches,
     state = steps.TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
     return state, f"resumed {checkpoints.directory.parent} at step {latest}"
   if init_from:
-    params = RunCheckpoints(init_from, read_only=True).restore_params(run.abstract.params)
-    return run.init_state(params), f"initialised parameters from {init_from}; fresh optimizer and schedule"
+    return initialised_from(run, init_from)
   return run.init_state(), f"new run in {checkpoints.directory.parent}"
+
+
+def initialised_from(run: Run, init_from: str) -> tuple[steps.TrainState, str]:
+  """--init_from's parameters with a fresh optimizer; from a checkpoint grown with `cli.grow --optimizer=carry`,
+  with the AdamW moments carried in it instead of zeros: mu, nu (zeros for the new tokens) and Adam's step
+  count as the source left it. That count only sets the bias correction 1 / (1 - b^count): the moments are
+  already warmed up, so it is kept (reset to 0, the first updates would be up to 1 / (1 - b1) = 10× too
+  large). The learning-rate schedule, whose count is separate, and the run's step start at 0 either way: the
+  grown run's own warmup, peak and decay."""
+  source = RunCheckpoints(init_from, read_only=True)
+  params = source.restore_params(run.abstract.params)
+  grown = read_provenance(init_from)
+  if grown is None or grown.optimizer != "carry":
+    return run.init_state(params), f"initialised parameters from {init_from}; fresh optimizer and schedule"
+  moments = source.restore_moments(adam_moments(run.abstract.opt_state))
+  count = int(jax.device_get(moments["count"]))
+  return run.init_state(params, moments), (
+      f"initialised parameters from {init_from} and carried its AdamW moments (mu and nu of the source at step "
+      f"{grown.source_step}, zeros for the new tokens; bias-correction count {count} kept); the schedule starts "
+      "at step 0")
+
+
+def roll_back(run: Run, checkpoints: RunCheckpoints, train_batches, guard: SpikeGuard, step: int,
+              log: MetricsLogger) -> tuple[steps.TrainState, int]:
+  """The spike guard's last resort: the newest checkpoint (parameters, optimizer, data position) at a halved
+  learning rate; (state, its step)."""
+  checkpoints.wait()
+  latest = checkpoints.latest_step()
+  if latest is None:
+    raise TrainingError(f"the loss spiked {guard.patience} times in a row at step {step}, before the first "
+                        "checkpoint: lower optim.learning_rate or save earlier (checkpoint_every)")
+  state, _ = starting_state(run, checkpoints, train_batches, None)
+  log.say(guard.rolled_back(step, checkpoints.latest_step()))
+  return state, int(jax.device_get(state.step))
 
 
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
@@ -121,7 +149,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   if log.library_log:
     log.say(f"library log lines go to {log.library_log} (--verbosity=0 shows them here instead)")
   if writer:
-    write_json_atomically(workdir / "config.json", to_dict(cfg))
+    fileio.write_json(workdir / "config.json", to_dict(cfg))
 
   config_json = to_dict(cfg)
   tokens_per_step = cfg.global_batch * cfg.data.seq_len
@@ -133,6 +161,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
     checkpoints.save(step, params=state.params, opt_state={"step": state.step, "opt_state": state.opt_state},
                      data_iterator=train_batches, config=config_json)
 
+  guard = SpikeGuard(cfg.optim, workdir) if cfg.optim.spike_guard else None
   step = int(jax.device_get(state.step))
   if step >= cfg.steps:
     log.say(f"the run is complete: {workdir} already holds step {step} of steps={cfg.steps}; its checkpoint is "
@@ -147,8 +176,20 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   final: dict[str, float] = {}
   try:
     while step < cfg.steps:
-      state, metrics = run.train_step(state, run.to_global(next(train_batches)))
+      batch = run.to_global(next(train_batches))
+      if guard is None:
+        state, metrics = run.train_step(state, batch)
+      else:
+        threshold = guard.threshold()
+        state, metrics = run.train_step(state, batch, np.float32(threshold), np.float32(guard.lr_scale))
       step += 1
+      if guard is not None:
+        verdict = guard.observe(step, float(metrics["loss"]), bool(metrics["skipped"]), threshold)
+        if verdict == "rollback":
+          state, step = roll_back(run, checkpoints, train_batches, guard, step, log)
+          continue
+        if verdict:
+          log.say(verdict)
       window_steps += 1
       pending.append((step, metrics))
       stopping = stop.everywhere()

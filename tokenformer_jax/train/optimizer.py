@@ -55,3 +55,23 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
   if trainable_rows is not None:
     parts.append(only_rows(trainable_rows))
   return optax.chain(*parts)
+
+
+# AdamW's moments, out of and into a state of make_optimizer's chain (cli.grow --optimizer=carry) ----------------
+def _is_adam(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+def adam_moments(opt_state) -> dict:
+  """{"count", "mu", "nu"} of the one ScaleByAdamState in `opt_state` (arrays or their ShapeDtypeStructs);
+  count is Adam's own step count, the one its bias correction 1 / (1 - b^count) uses (the schedule has another)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(s)]
+  if len(found) != 1:
+    raise ValueError(f"the optimizer state holds {len(found)} AdamW moment sets, not one")
+  return {"count": found[0].count, "mu": found[0].mu, "nu": found[0].nu}
+
+
+def with_moments(opt_state, moments: dict):
+  """`opt_state` with its AdamW count, mu and nu replaced by `moments`; everything else (the schedule's count
+  included) as it was."""
+  return jax.tree.map(lambda s: s._replace(**moments) if _is_adam(s) else s, opt_state, is_leaf=_is_adam)

@@ -48,12 +48,14 @@ class Run:
   schedule: Callable
   abstract: steps.TrainState      # ShapeDtypeStructs carrying their shardings
   shardings: steps.TrainState     # NamedShardings
-  train_step: Any                 # jit(state, batch) → (state, metrics)
+  train_step: Any                 # jit(state, batch) → (state, metrics); with optim.spike_guard see guard.py
   eval_step: Any                  # jit(params, batch) → (Σ loss, targets)
 
-  def init_state(self, params=None) -> steps.TrainState:
-    """A fresh state (or one around already placed `params`), created directly with its shardings."""
-    return steps.init_state(self.config.model, self.tx, self.shardings, self.config.seed, params=params)
+  def init_state(self, params=None, moments=None) -> steps.TrainState:
+    """A fresh state (or one around already placed `params`, with carried AdamW `moments`), created directly
+    with its shardings."""
+    return steps.init_state(self.config.model, self.tx, self.shardings, self.config.seed, params=params,
+                            moments=moments)
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """A global batch's shapes and shardings, for compiling the step ahead of time."""
@@ -76,5 +78,6 @@ def build_run(cfg: TrainConfig, devices=None, *, trainable_rows=None, processes:
   tx = make_optimizer(cfg.optim, cfg.steps, trainable_rows=trainable_rows)
   abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
   return Run(config=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings,
-             train_step=steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum),
+             train_step=steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum,
+                                              guarded=cfg.optim.spike_guard),
              eval_step=steps.make_eval_step(cfg.model, shardings, mesh))

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from tokenformer_jax import sharding
 from tokenformer_jax.config import ModelConfig
 from tokenformer_jax.model import LanguageModel, init_params, logical_axes
+from tokenformer_jax.train.optimizer import with_moments
 
 
 @flax.struct.dataclass
@@ -38,14 +39,18 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return abstract, shardings
 
 
-def init_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=None) -> TrainState:
-  """A fresh state, created directly with its shardings; `params` (already placed) skips their init."""
-  def make(params):
+def init_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=None, moments=None) -> TrainState:
+  """A fresh state, created directly with its shardings; `params` (already placed) skips their init; `moments`
+  (already placed: {"count", "mu", "nu"}, cli.grow --optimizer=carry) replace AdamW's fresh ones (zeros)."""
+  def make(params, moments=None):
     if params is None:
       params = init_params(cfg, jax.random.key(seed))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    opt_state = tx.init(params) if moments is None else with_moments(tx.init(params), moments)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
   if params is None:
     return jax.jit(lambda: make(None), out_shardings=shardings)()
+  if moments is not None:
+    return jax.jit(make, out_shardings=shardings)(params, moments)
   return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
@@ -62,16 +67,22 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
   return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
 
 
-def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh: Mesh, grad_accum: int = 1):
+def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh: Mesh, grad_accum: int = 1,
+                    guarded: bool = False):
   """jit(state, batch) → (state, metrics); gradients averaged over the real targets of all micro-batches.
 
   The state keeps `shardings` (the preset's); activations are laid out by `sharding.activation_sharding`,
   under which a `pattention_impl="shard_map"` model finds its mesh. `.lower(abstract_state, abstract_batch)`
   compiles it ahead of time (plan.py).
+
+  `guarded` (the loss-spike guard, train/guard.py): jit(state, batch, threshold, lr_scale) instead. A step whose
+  loss exceeds `threshold` keeps the parameters and the optimizer state (moments and schedule count) as they
+  were, only the step counter moves on (metrics["skipped"] = 1); every update is multiplied by `lr_scale`, which
+  for AdamW with decoupled weight decay is exactly a learning rate × lr_scale.
   """
   value_and_grad = jax.value_and_grad(functools.partial(loss_sums, cfg), has_aux=True)
 
-  def step(state: TrainState, batch: dict):
+  def step(state: TrainState, batch: dict, threshold=None, lr_scale=None):
     def accumulate(carry, micro):
       grads, loss_sum, count = carry
       (micro_loss, micro_count), micro_grads = value_and_grad(state.params, micro["tokens"], micro["mask"])
@@ -86,18 +97,25 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state)
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "targets": count}
-    return new_state, metrics
+    if guarded:
+      updates = jax.tree.map(lambda u: u * lr_scale, updates)
+    params = optax.apply_updates(state.params, updates)
+    if guarded:
+      skip = metrics["loss"] > threshold
+      keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(skip, a, b), old, new)
+      params, opt_state = keep(state.params, params), keep(state.opt_state, opt_state)
+      metrics.update(skipped=skip.astype(jnp.float32), learning_rate=metrics["learning_rate"] * lr_scale)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def step_on_mesh(state: TrainState, batch: dict):
+  def step_on_mesh(state: TrainState, batch: dict, *guard):
     with sharding.activation_sharding(mesh):
-      return step(state, batch)
+      return step(state, batch, *guard)
 
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(step_on_mesh, in_shardings=(shardings, batch_sharding),
+  scalars = (sharding.replicated(mesh),) * 2 if guarded else ()
+  return jax.jit(step_on_mesh, in_shardings=(shardings, batch_sharding, *scalars),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
