@@ -2,6 +2,7 @@
 
   python -m experiments.parity                     # the whole study, resumable (many CPU hours; see below)
   python -m experiments.parity --phase=sweep       # only the learning-rate sweeps
+  python -m experiments.parity --phase=growth      # the sweeps, then the growth ladder (experiments/parity_growth.py)
   python -m experiments.parity --only=NAME         # one run, as its record's `command` says; prints the loss
   python -m experiments.parity --report            # rewrite docs/results/parity.{md,json,png} from the records
   python -m experiments.parity --smoke             # seconds: every code path on toy sizes (tests)
@@ -19,10 +20,13 @@ The study, in the order it runs (each finished run recorded as docs/results/pari
 when the runner starts again, on any machine that has the records):
   1. sweep: per architecture, learning rates spaced ×2 on 2.5 M tokens at seed 0; while the best sits at an edge
      of the grid, the grid grows past that edge.
-  2. final: each architecture's best learning rate on 10 M tokens, with 3 seeds for the headline pair (the better
+  2. growth: a 3-stage ladder of TokenFormers grown by four recipes (zero_keys or random new tokens × AdamW state
+     reset or carried) and of Net2Net-widened Transformers, each grown stage against its scratch twin, at the
+     sweep's learning rates (experiments/parity_growth.py says how; about 1.5 CPU-hours).
+  3. final: each architecture's best learning rate on 10 M tokens, with 3 seeds for the headline pair (the better
      TokenFormer init and the GeLU Transformer) and 2 for the others.
-Then the report: loss against FLOPs, the sweep curves, tables with spreads over seeds, and the parity with its
-spread. (The growth ladder of the issue is the next phase; it is not run yet.)
+Then the report: loss against FLOPs, the sweep curves, tables with spreads over seeds, the parity with its
+spread, and growth's compute ratio per recipe.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ class Scale:
 
 FULL = Scale(d=160, layers=4, heads=5, seq_len=256, batch=16, sweep_tokens=2_500_000, final_tokens=10_000_000,
              lrs=(1e-3, 2e-3, 4e-3, 8e-3), evals=10, eval_batches=48)
-SMOKE = Scale(d=16, layers=1, heads=2, seq_len=32, batch=4, sweep_tokens=1280, final_tokens=2560,
+SMOKE = Scale(d=16, layers=1, heads=2, seq_len=32, batch=8, sweep_tokens=2560, final_tokens=5120,
               lrs=(0.016, 0.032, 0.064, 0.128), evals=2, eval_batches=2)
 MAX_GRID = 8   # a sweep whose best is still at an edge after this many values stops with an error
 
@@ -92,11 +96,13 @@ def model(arch: str, s: Scale) -> ModelConfig:
   return tokenformer
 
 
-def config(arch: str, lr: float, tokens: int, seed: int, s: Scale, corpus: str) -> TrainConfig:
+def config(arch: str, lr: float, tokens: int, seed: int, s: Scale, corpus: str, *,
+           model_cfg: ModelConfig | None = None, evals: int | None = None) -> TrainConfig:
+  """The run of `arch` (or of `model_cfg`, a growth stage's) at one learning rate, length and seed."""
   steps = -(-tokens // (s.batch * s.seq_len))   # at least `tokens`
   data = DataConfig(train_files=(corpus,), validation_fraction=0.05, shuffle_seed=seed)
-  evals = s.evals if tokens >= s.final_tokens else max(s.evals // 4, 2)
-  cfg = h.train_config(model(arch, s), steps, seq_len=s.seq_len, batch=s.batch, lr=lr,
+  evals = evals or (s.evals if tokens >= s.final_tokens else max(s.evals // 4, 2))
+  cfg = h.train_config(model_cfg or model(arch, s), steps, seq_len=s.seq_len, batch=s.batch, lr=lr,
                        warmup=max(int(steps * s.warmup_fraction), 1), evals=evals, eval_batches=s.eval_batches,
                        seed=seed, data=data)
   return cfg.replace(checkpoint_every=max(steps // 4, 1), keep_checkpoints=2)   # a killed run resumes here
@@ -130,8 +136,8 @@ def records(out: pathlib.Path) -> dict[str, dict]:
   return {p.stem: json.loads(p.read_text()) for p in sorted((out / NAME / "runs").glob("*.json"))}
 
 
-def command(spec: Spec, args) -> str:
-  parts = ["python", "-m", "experiments.parity", f"--only={spec.name}"]
+def command(name: str, args) -> str:
+  parts = ["python", "-m", "experiments.parity", f"--only={name}"]
   if args.smoke:
     parts.append("--smoke")
   if pathlib.Path(args.corpus).resolve() != CORPUS.resolve():
@@ -148,7 +154,7 @@ def train(spec: Spec, s: Scale, args) -> dict:
   return dict(
       name=spec.name, architecture=spec.arch, label=LABELS[spec.arch], non_embedding_params=h.non_embedding(cfg.model),
       tokens=int(curve.end_tokens), flops=flops, learning_rate=spec.lr, seed=spec.seed,
-      final_val_loss=curve.final_eval_loss, command=command(spec, args),
+      final_val_loss=curve.final_eval_loss, command=command(spec.name, args),
       curve={"tokens": curve.tokens(curve.eval_steps).tolist(), "val_loss": curve.eval_loss.tolist()},
       seconds=round(time.time() - started, 1), steps=cfg.steps,
       recorded=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -214,13 +220,18 @@ def run(args) -> None:
   s = SMOKE if args.smoke else FULL
   if not pathlib.Path(args.corpus).is_file():
     raise SystemExit(f"error: the corpus {args.corpus} does not exist; pass --corpus=PATH to software-docs.jsonl.gz")
+  from experiments import parity_growth
   if args.only:
-    spec = Spec.parse(args.only)
-    result = train(spec, s, args)
-    recorded = records(pathlib.Path(args.out)).get(spec.name)
-    line = f"{spec.name}: final validation loss {result['final_val_loss']:.6f}"
+    if grown := parity_growth.Growth.parse(args.only):   # a growth run: trained with its ancestors
+      if grown.name(s) != args.only:
+        raise SystemExit(f"error: --only={args.only} is not a run of this scale (it would be {grown.name(s)})")
+      loss = parity_growth.trained(grown, s, args).final_eval_loss
+    else:
+      loss = train(Spec.parse(args.only), s, args)["final_val_loss"]
+    recorded = records(pathlib.Path(args.out)).get(args.only)
+    line = f"{args.only}: final validation loss {loss:.6f}"
     if recorded:
-      relative = abs(result["final_val_loss"] - recorded["final_val_loss"]) / abs(recorded["final_val_loss"])
+      relative = abs(loss - recorded["final_val_loss"]) / abs(recorded["final_val_loss"])
       line += f" (recorded {recorded['final_val_loss']:.6f}, relative difference {relative:.1e})"
     print(line)
     return
@@ -230,6 +241,9 @@ def run(args) -> None:
     if unknown:
       raise SystemExit(f"error: --archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
     best = {arch: sweep(arch, s, args) for arch in archs}
+    if args.phase in ("all", "growth"):
+      recipes = tuple(args.recipes.split(",")) if args.recipes else ()
+      parity_growth.run(best, s, args, recipes)
     if args.phase in ("all", "final"):
       for arch, seeds in final_seeds(records(pathlib.Path(args.out)), s).items():
         for seed in range(seeds if arch in archs else 0):
@@ -288,6 +302,8 @@ def write_report(done: dict[str, dict], s: Scale, out: pathlib.Path) -> None:
     lines += ["", f"Not run yet: the final runs of {', '.join(LABELS[a] for a in pending)}."]
   plot(sweeps, finals, out / f"{NAME}.png")
   lines += ["", f"![validation loss against learning rate and FLOPs]({NAME}.png)", ""]
+  from experiments import parity_growth
+  lines += parity_growth.report_lines(done, s, out)
   report.write_text(out / f"{NAME}.md", "\n".join(lines))
   report.write_text(out / f"{NAME}.json", json.dumps({"runs": list(done.values())}, indent=1) + "\n")
   h.say(f"wrote {out / f'{NAME}.md'}")
@@ -332,7 +348,10 @@ def plot(sweeps: dict[str, list], finals: dict[str, list], path: pathlib.Path) -
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--phase", choices=("sweep", "final", "all"), default="all", help="how far to go")
+  parser.add_argument("--phase", choices=("sweep", "growth", "final", "all"), default="all",
+                      help="sweep: only the sweeps; growth or final: the sweeps, then that phase; all: every phase")
+  parser.add_argument("--recipes", default="", help="the growth phase's recipes, a comma list (default: all: "
+                      "zero_keys+reset,zero_keys+carry,random+reset,random+carry; the Transformers' net2net)")
   parser.add_argument("--only", default="", help="train just this run (a record's name) and print its loss")
   parser.add_argument("--archs", default="", help=f"a comma list of architectures (default: all of "
                       f"{','.join(ARCHITECTURES)})")

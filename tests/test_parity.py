@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import parity
+from experiments import parity, parity_growth
 from helpers import CORPUS
 from tokenformer_jax.config import count_params
 from tokenformer_jax.model import abstract_params, init_params
@@ -108,3 +108,61 @@ def test_study_records_runs_skips_them_and_a_command_reproduces_its_loss(tmp_pat
   line = capsys.readouterr().out.strip().splitlines()[-1]
   reproduced = float(line.split("final validation loss ")[1].split()[0])
   assert abs(reproduced / record["final_val_loss"] - 1) <= 1e-4, line
+
+
+# The growth phase (experiments/parity_growth.py) ------------------------------------------------------------
+def test_growth_ladder_stages_grow_four_fold_and_the_families_match():
+  s = parity.FULL
+  count = lambda family, stage: count_params(parity_growth.stage_model(family, stage, s))["non_embedding"]
+  for family in ("tokenformer", "transformer"):
+    sizes = [count(family, stage) for stage in range(parity_growth.STAGES)]
+    assert sizes[-1] == count_params(parity.model(family, s))["non_embedding"]   # the top: the study's size
+    assert all(abs(b / a - 4) < 0.15 for a, b in zip(sizes, sizes[1:])), (family, sizes)
+  for stage in range(parity_growth.STAGES):
+    assert abs(count("tokenformer", stage) / count("transformer", stage) - 1) < 0.04, stage
+  assert parity_growth.stage_model("tokenformer", 2, s) == parity.model("tokenformer", s)
+  widths = [parity_growth.stage_model("transformer", i, s) for i in range(3)]
+  assert [(m.d_model, m.n_heads) for m in widths] == [(40, 1), (80, 2), (160, 4)]   # Net2Net: ×2, head size kept
+
+
+def test_growth_names_parents_and_compute_ratios():
+  s = parity.FULL
+  top = parity_growth.Growth("tokenformer", 2, "random+carry", 0.016)
+  assert top.name(s) == "tokenformer2-random+carry-lr0.016-1250000-s0"
+  assert parity_growth.Growth.parse(top.name(s)) == top
+  assert parity_growth.Growth.parse("tokenformer-lr0.016-2500000-s0") is None   # a sweep run's name
+  assert top.parent == parity_growth.Growth("tokenformer", 1, "random+carry", 0.016)
+  assert top.parent.parent == parity_growth.Growth("tokenformer", 0, "scratch", 0.016)
+  assert top.parent.parent.parent is None
+  assert parity_growth.twin_name("tokenformer", 2, 0.016, s) == "tokenformer-lr0.016-2500000-s0"
+  assert parity_growth.twin_name("transformer", 2, 0.004, s) == "transformer2-scratch-lr0.004-2500000-s0"
+  # A grown stage: 100 own FLOPs per token, 300 FLOPs before it; loss 5 → 4 → 3 at 0, 10, 20 tokens.
+  grown = dict(tokens=20, flops=2000.0, cumulative_flops=2300.0, final_val_loss=3.0,
+               curve={"tokens": [0, 10, 20], "val_loss": [5.0, 4.0, 3.0]})
+  twin = dict(flops=5000.0, final_val_loss=3.5)   # reached halfway between 10 and 20 tokens: 1500 own FLOPs
+  assert parity_growth.ratios(grown, twin) == pytest.approx(((300 + 1500) / 5000, 1500 / 5000))
+  assert parity_growth.ratios(grown, dict(flops=5000.0, final_val_loss=2.5)) == (None, None)
+
+
+@pytest.mark.slow
+def test_growth_phase_records_a_chain_that_starts_where_its_parent_ended(tmp_path):
+  """The smoke ladder with one recipe: each grown record names its parent, adds its FLOPs to the parent's, and
+  (zero_keys, norm scale kept) starts at exactly the parent's final validation loss, moments carried or not."""
+  args = parity.argparse.Namespace(corpus=str(CORPUS), smoke=True, out=str(tmp_path / "out"),
+                                   workdir=str(tmp_path / "runs"))
+  s = parity.SMOKE
+  parity_growth.run({"tokenformer": 0.1}, s, args, recipes=("zero_keys+carry",))
+  done = parity.records(tmp_path / "out")
+  chain = [done[f"tokenformer{i}-{r}-lr0.1-{t}-s0"] for i, r, t in
+           ((0, "scratch", s.sweep_tokens), (1, "zero_keys+carry", s.sweep_tokens // 2),
+            (2, "zero_keys+carry", s.sweep_tokens // 2))]
+  assert {f"tokenformer1-scratch-lr0.1-{s.sweep_tokens}-s0", f"tokenformer-lr0.1-{s.sweep_tokens}-s0"} <= set(done)   # the twins
+  for parent, child in zip(chain, chain[1:]):
+    assert child["grown_from"] == parent["name"] and child["recipe"] == "zero_keys+carry"
+    assert child["cumulative_flops"] == pytest.approx(parent["cumulative_flops"] + child["flops"])
+    assert child["curve"]["tokens"][0] == 0
+    assert abs(child["curve"]["val_loss"][0] - parent["final_val_loss"]) <= 1e-5
+    assert child["non_embedding_params"] > 3 * parent["non_embedding_params"]
+  lines = parity_growth.report_lines(done, s, tmp_path / "out")
+  assert sum(line.startswith("| TokenFormer stage") for line in lines) == 2
+  assert (tmp_path / "out" / "parity_growth.png").stat().st_size > 10_000

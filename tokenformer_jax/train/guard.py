@@ -24,7 +24,9 @@ FILE = "guard.json"
 
 
 class SpikeGuard:
-  def __init__(self, cfg: OptimConfig, workdir: epath.Path):
+  def __init__(self, cfg: OptimConfig, workdir: epath.Path, writer: bool = True):
+    """Every process keeps the same guard (the losses are global); only the `writer` writes guard.json."""
+    self.writer = writer
     self.factor, self.patience = cfg.spike_factor, cfg.spike_patience
     self.recent = collections.deque(maxlen=cfg.spike_window)
     self.skipped_in_a_row = 0
@@ -63,4 +65,5 @@ class SpikeGuard:
 
   def _record(self, step: int, kind: str, **fields) -> None:
     self.events.append({"step": step, "event": kind, **fields})
-    fileio.write_json(self.path, {"lr_scale": self.lr_scale, "events": self.events})
+    if self.writer:
+      fileio.write_json(self.path, {"lr_scale": self.lr_scale, "events": self.events})

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
     checkpoints.save(step, params=state.params, opt_state={"step": state.step, "opt_state": state.opt_state},
                      data_iterator=train_batches, config=config_json)
 
-  guard = SpikeGuard(cfg.optim, workdir) if cfg.optim.spike_guard else None
+  guard = SpikeGuard(cfg.optim, workdir, writer=writer) if cfg.optim.spike_guard else None
   step = int(jax.device_get(state.step))
   if step >= cfg.steps:
     log.say(f"the run is complete: {workdir} already holds step {step} of steps={cfg.steps}; its checkpoint is "
