@@ -27,7 +27,6 @@ from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E4
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
                                     count_params, to_dict)
 from tokenformer_jax.growth import Provenance, grow, grown_config, net2net_widen  # noqa: E402
-from tokenformer_jax.model import abstract_params, logical_axes  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
@@ -131,10 +130,8 @@ def eval_loss(cfg: TrainConfig, params_dir) -> float:
 
 
 def restore(run_dir, model: ModelConfig):
-  mesh = sharding.make_mesh(TrainConfig(model=model).mesh)
-  shardings = sharding.logical_to_sharding(logical_axes(model), mesh, "dp")
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params(model), shardings)
+  mesh_cfg = TrainConfig(model=model).mesh
+  abstract, _ = sharding.place(model, sharding.make_mesh(mesh_cfg), mesh_cfg.preset)
   return RunCheckpoints(run_dir, read_only=True).restore_params(abstract)
 
 

@@ -171,6 +171,23 @@ def check_divisible(abstract, logical_specs, shardings, cfg: ModelConfig | None 
       raise ValueError(f"{problem}: {fix}")
 
 
+def place_tree(abstract, logical_specs, mesh: Mesh, preset: str, cfg: ModelConfig | None = None):
+  """(`abstract` with each ShapeDtypeStruct carrying its NamedSharding on `mesh`, the tree of NamedShardings),
+  every dimension checked to split evenly over its mesh axes (check_divisible). Any tree with logical specs:
+  parameters, or a whole train state with its optimizer moments."""
+  shardings = logical_to_sharding(logical_specs, mesh, preset)
+  check_divisible(abstract, logical_specs, shardings, cfg)
+  placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return placed, shardings
+
+
+def place(cfg: ModelConfig, mesh: Mesh, preset: str):
+  """The one way a model config becomes placed abstract parameters: (abstract params with their shardings, the
+  tree of NamedShardings), for restoring a checkpoint straight onto `mesh` or compiling ahead of time."""
+  from tokenformer_jax.model import abstract_params, logical_axes   # (the model imports this module)
+  return place_tree(abstract_params(cfg), logical_axes(cfg), mesh, preset, cfg)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches [batch, ...] are split over the data-parallel axes and replicated over "tensor"."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -33,7 +33,6 @@ from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, OPTIMIZERS, Provenance, check_growable, grow, grow_moments, grown_config,
                                     net2net_widen, nonzero_padding, widening_factor)
-from tokenformer_jax.model import abstract_params, logical_axes
 from tokenformer_jax.train.optimizer import adam_moments, make_optimizer
 from tokenformer_jax.train.steps import state_shardings
 
@@ -54,13 +53,6 @@ OPTIMIZER = flags.DEFINE_enum("optimizer", "reset", OPTIMIZERS, "The grown run's
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.")
 VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a validation batch and report the "
                            "loss difference (0 up to float noise for zero_keys with --scale=keep).")
-
-
-def placed(cfg: ModelConfig, mesh, preset: str):
-  """Abstract parameters of `cfg` carrying their shardings on `mesh`."""
-  shardings = sharding.logical_to_sharding(logical_axes(cfg), mesh, preset)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_params(cfg), shardings), shardings
 
 
 def print_once(text: str) -> None:
@@ -93,7 +85,7 @@ def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, t
 
 def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
   """The error for a broken source checkpoint: it, and which of the source's steps are good instead."""
-  good = source.good_steps(lambda s: placed(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
+  good = source.good_steps(lambda s: sharding.place(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
   what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason})"
   if not good:
     return CheckpointError(f"{what}; none of the checkpoints in {source.directory} is good")
@@ -128,7 +120,7 @@ def growth_plan(old_cfg: ModelConfig, target: ModelConfig, *, init: str, scale: 
 def restore_source(source: RunCheckpoints, step: int, cfg: TrainConfig, mesh, preset: str, carry: bool):
   """(the source's parameters, its AdamW moments with carry else None), placed on `mesh`."""
   if not carry:
-    return source.restore_params(placed(cfg.model, mesh, preset)[0], step), None
+    return source.restore_params(sharding.place(cfg.model, mesh, preset)[0], step), None
   if not source.has_item(step, "opt_state"):
     raise CheckpointError(f"--optimizer=carry needs the source's optimizer state, and {source.directory / str(step)} "
                           "has none (a params-only checkpoint: imported or grown); use --optimizer=reset")
@@ -171,7 +163,7 @@ def grow_checkpoint(run: str, step: int | None, target: TrainConfig, dst: str, *
                                              optimizer=optimizer)
   check_destination(source.directory.parent, epath.Path(dst), overwrite)
 
-  _, new_shardings = placed(new_cfg, mesh, target.mesh.preset)
+  _, new_shardings = sharding.place(new_cfg, mesh, target.mesh.preset)
   try:
     old_params, moments = restore_source(source, step, source_cfg, mesh, target.mesh.preset, optimizer == "carry")
   except BrokenCheckpoint as broken:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 from etils import epath
 from jax.sharding import Mesh
 
@@ -18,7 +17,6 @@ from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
 from tokenformer_jax.config import MeshConfig, TrainConfig, apply_overrides, from_dict
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.tokenizer import Tokenizer
-from tokenformer_jax.model import abstract_params, logical_axes
 
 
 @dataclasses.dataclass
@@ -70,11 +68,7 @@ def load_model(checkpoint: str, *, step: int | None = None, overrides=(), mesh: 
   tok = Tokenizer.load(cfg.data.tokenizer)
   check_tokenizer(tok, cfg)
   device_mesh = sharding.make_mesh(cfg.mesh)
-  specs = logical_axes(cfg.model)
-  shardings = sharding.logical_to_sharding(specs, device_mesh, cfg.mesh.preset)
-  abstract = abstract_params(cfg.model)
-  sharding.check_divisible(abstract, specs, shardings, cfg.model)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract, shardings = sharding.place(cfg.model, device_mesh, cfg.mesh.preset)
   params = checkpoints.restore_params(abstract, step)
   checkpoints.close()
   return LoadedModel(cfg, params, shardings, device_mesh, tok, step, str(checkpoints.directory))

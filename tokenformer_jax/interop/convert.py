@@ -19,13 +19,12 @@ import time
 import jax
 from etils import epath
 
-from tokenformer_jax import fileio
+from tokenformer_jax import fileio, sharding
 from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, write_new_run
-from tokenformer_jax.config import DataConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.config import DataConfig, MeshConfig, TrainConfig, count_params, from_dict, to_dict
 from tokenformer_jax.data.tokenizer import JsonTokenizer, Tokenizer
 from tokenformer_jax.interop import neox
 from tokenformer_jax.interop.torch_format import read_tensors, save_state_dict
-from tokenformer_jax.model import abstract_params
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 # A tokenizer's file name by kind, and NeoX's tokenizer_type of that kind.
@@ -149,9 +148,8 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
                      "weights)")
   tok = Tokenizer.load(tokenizer)
   files = tokenizer_files(tokenizer, tok)
-  device = jax.devices()[0]
-  one_device = jax.sharding.SingleDeviceSharding(device)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract_params(cfg))
+  one_device = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  abstract, _ = sharding.place(cfg, one_device, "dp")
   params = source.restore_params(abstract, step)
   if bad := neox.padding_is_zero(params, cfg):
     raise CheckpointError(f"{bad[0]} has nonzero rows past its token count; they have no place in the "

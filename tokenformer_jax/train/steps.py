@@ -33,10 +33,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
                                     is_leaf=lambda x: isinstance(x, P))
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
-  shardings = sharding.logical_to_sharding(specs, mesh, preset)
-  sharding.check_divisible(abstract, specs, shardings, cfg)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return abstract, shardings
+  return sharding.place_tree(abstract, specs, mesh, preset, cfg)
 
 
 def init_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=None, moments=None) -> TrainState:
