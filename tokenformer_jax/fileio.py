@@ -44,6 +44,8 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from etils import epath
+
 KILL_AT = "TOKENFORMER_JAX_KILL_AT"
 on_boundary: Callable[[str], None] | None = None
 _boundaries = 0
@@ -171,6 +173,21 @@ def remove(path) -> None:
 
 
 # Directories -------------------------------------------------------------------------------------------------
+def check_destination(dst, *, overwrite: bool, source=None, flag: str = "--dst") -> None:
+  """The one refusal of a directory a tool is asked to write (grow, import, export), a ValueError in one line:
+  a file, a non-empty directory without `overwrite`, or one inside, above or equal to `source`, which tools
+  never write into. (Writing it then goes through temporary_directory and commit_directory.)"""
+  path = epath.Path(dst)
+  if source is not None and not is_remote(dst) and not is_remote(source):
+    a, b = os.path.realpath(_local(source)), os.path.realpath(_local(dst))
+    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+      raise ValueError(f"{flag}={dst} overlaps the source {source}; a tool never writes into its source")
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{flag}={dst} is a file; give a directory")
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise ValueError(f"{flag}={dst} is not empty; choose a new directory or pass --overwrite")
+
+
 def temporary_directory(dst, *, tag: str | None = None, create: bool = True) -> str:
   """Where to fill a directory that `commit_directory` makes `dst`: locally `.NAME.tmp-TAG` beside it, made empty
   (a leftover of the same tag, a killed attempt of the same job, is removed first); remotely `dst` itself, its old

@@ -25,7 +25,7 @@ import jax
 from absl import app, flags
 from etils import epath
 
-from tokenformer_jax import sharding
+from tokenformer_jax import fileio, sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, write_new_run
 from tokenformer_jax.cli import checkpoint_flags
 from tokenformer_jax.cli.common import OVERRIDES, SEED, command, load_experiment, quiet_console
@@ -58,14 +58,6 @@ VERIFY = flags.DEFINE_bool("verify", False, "Evaluate old and new model on a val
 def print_once(text: str) -> None:
   if jax.process_index() == 0:   # every process of the job runs this; one says it
     print(text, flush=True)
-
-
-def check_destination(src: epath.Path, dst: epath.Path, overwrite: bool) -> None:
-  src, dst = src.resolve(), dst.resolve()
-  if dst == src or src in dst.parents or dst in src.parents:
-    raise ValueError(f"--dst={dst} overlaps the source {src}; growth never writes into its source")
-  if dst.exists() and any(dst.iterdir()) and not overwrite:
-    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
 
 
 def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, target: TrainConfig) -> float:
@@ -161,7 +153,7 @@ def grow_checkpoint(run: str, step: int | None, target: TrainConfig, dst: str, *
   old_cfg = source_cfg.model
   new_cfg, scheme, grow_params = growth_plan(old_cfg, target.model, init=init, scale=scale, old_noise=old_noise,
                                              optimizer=optimizer)
-  check_destination(source.directory.parent, epath.Path(dst), overwrite)
+  fileio.check_destination(dst, overwrite=overwrite, source=source.directory.parent)
 
   _, new_shardings = sharding.place(new_cfg, mesh, target.mesh.preset)
   try:

@@ -82,11 +82,8 @@ def import_checkpoint(src: str, dst: str, *, tokenizer: str | None = None, vocab
   log = (lambda *_: None) if quiet else print
   if not os.path.isdir(src):
     raise ValueError(f"--src={src} is not a directory")
+  fileio.check_destination(dst, overwrite=overwrite, source=src)
   dst_path = epath.Path(os.path.abspath(dst))
-  if dst_path.exists() and not dst_path.is_dir():
-    raise ValueError(f"--dst={dst} is a file; give a directory for the run")
-  if dst_path.exists() and any(dst_path.iterdir()) and not overwrite:
-    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
   path = weights_file(src)
   config_json = neox.read_config(os.path.join(src, "config.json"))
   tokenizer = find_tokenizer(src, tokenizer)
@@ -133,10 +130,7 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
   """Write the run `src` (checkpoint `step`, default latest) in the authors' format to directory `dst`."""
   started = time.time()
   log = (lambda *_: None) if quiet else print
-  if os.path.exists(dst) and not os.path.isdir(dst):
-    raise ValueError(f"--dst={dst} is a file; give a directory")
-  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-    raise ValueError(f"--dst={dst} is not empty; choose a new directory or pass --overwrite")
+  fileio.check_destination(dst, overwrite=overwrite, source=src)
   source = RunCheckpoints(src, read_only=True)
   step = source.resolve_step(step)
   train_cfg = from_dict(TrainConfig, source.read_json(step))
