@@ -35,6 +35,30 @@ def trained_run(trained_run_console):
   return trained_run_console[0]
 
 
+@pytest.fixture
+def fast_compiles():
+  """Smoke runs are all compile time: XLA's optimisations off, as long as the test runs."""
+  import jax
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="session")
+def elastic_run(tmp_path_factory):
+  """(workdir, each job's result, the steps saved after each job) of helpers.JOB_RUN trained through the jobs of
+  helpers.ELASTIC_JOBS, each resuming what the one before saved: 4 processes → 2 → 1 → 2 (killed) → 2. Shared by
+  test_elastic.py (the same losses and windows as one uninterrupted job) and test_multiprocess.py (SIGTERM, a
+  killed process, growth on 2 processes)."""
+  from helpers import ELASTIC_JOBS, train_job
+  workdir = tmp_path_factory.mktemp("elastic_run") / "run"
+  results, saved = [], []
+  for processes, devices, flags, fault, fault_process in ELASTIC_JOBS:
+    results.append(train_job(workdir, processes, devices, *flags, fault=fault, fault_process=fault_process))
+    saved.append(sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()))
+  return workdir, results, saved
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: starts a subprocess, compiles for a TPU or trains a run; the inner loop "
                           "is `pytest -m 'not slow'`")

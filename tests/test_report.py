@@ -2,7 +2,6 @@
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from helpers import REPO, run_cli
@@ -65,14 +64,6 @@ def test_ladder_directory_chains_stages_and_the_cli_draws_it(trained_run, tmp_pa
   refused = run_cli("tokenformer_jax.cli.report", str(tmp_path / "nothing"))
   assert refused.returncode == 1 and refused.stderr.strip().startswith("error: ")
   assert len(refused.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture
-def fast_compiles():
-  """Smoke runs are all compile time: XLA's optimisations off, as long as the test runs."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 @pytest.mark.slow

@@ -161,13 +161,13 @@ def test_flipped_params_bytes_detected_named_and_training_ends_as_the_uninterrup
 
 @pytest.mark.slow
 def test_broken_latest_for_growth_names_it_and_the_good_steps(trained_run, tmp_path):
-  from tokenformer_jax.cli.grow import broken_source, placed
+  from tokenformer_jax.cli.grow import broken_source
   run = copy_run(trained_run, tmp_path)
   flip_bytes(data_file(run / "checkpoints/12", "params"))
   source = RunCheckpoints(run, read_only=True)
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   with pytest.raises(BrokenCheckpoint) as broken:
-    source.restore_params(placed(CFG.model, mesh, "dp")[0], 12)
+    source.restore_params(sharding.place(CFG.model, mesh, "dp")[0], 12)
   message = str(broken_source(source, broken.value, mesh, "dp"))
   assert f"{run}/checkpoints/12 is broken" in message and "good checkpoints" in message and "steps [8]" in message
   assert f"--checkpoint={run}/8" in message
