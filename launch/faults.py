@@ -110,6 +110,7 @@ class Budget:
   max_tpu_hours: float | None = None
   preemptions: int = 0
   tpu_hours: float = 0.0
+  slices: list = dataclasses.field(default_factory=list)   # size changes: {"accelerator", "instead_of", "why"}
 
   def check(self) -> None:
     if self.max_preemptions is not None and self.preemptions > self.max_preemptions:
@@ -177,6 +178,7 @@ class Watch:
     self.vm.say(f"{why}: deleting it to create it again ({self.recreates}/{self.limits.max_recreates})")
     self.vm.delete()
     self.started = False
+    self.back_to_original()
     return AGAIN
 
   def absent(self, status: Status, now: float) -> str:
@@ -192,7 +194,42 @@ class Watch:
       self.started = False
       if self.vm.create():
         return AGAIN
+    if self.fall_back(status, now - first):
+      return AGAIN
     return LATER
+
+  def fall_back(self, status: Status, waited: float) -> bool:
+    """No capacity for this size for --fallback_after_s (refused, or waiting in the queue): delete what waits, and
+    continue on the next size of --fallback_slices. The job is the same command: it resumes from the run's last
+    checkpoint with the same global batch on the new shape (the trainer adapts grad_accum)."""
+    vm, limits = self.vm, self.limits
+    sizes = [vm.original.accelerator, *[a for a in limits.fallback_slices if a != vm.original.accelerator]]
+    no_capacity = status.verdict is Verdict.ABSENT or status.detail in ("ACCEPTED", "WAITING_FOR_RESOURCES")
+    if (limits.fallback_after_s is None or waited < limits.fallback_after_s or not no_capacity
+        or vm.spec.accelerator not in sizes or sizes.index(vm.spec.accelerator) + 1 == len(sizes)):
+      return False
+    if vm.spec.queued:
+      vm.delete()   # the request still waiting for the size it could not have
+    old, new = vm.spec.accelerator, sizes[sizes.index(vm.spec.accelerator) + 1]
+    self.change_size(new, f"no {old} for {waited / 60:.0f} min ({status.detail}): continuing the run on a {new} from "
+                          "its last checkpoint, with the same global batch (--fallback_slices)")
+    self.since.pop("waiting", None)
+    return True
+
+  def change_size(self, accelerator: str, line: str) -> None:
+    """Ask for `accelerator` from now on; say `line` and record the change in the budgets' ledger."""
+    old = self.vm.spec.accelerator
+    self.vm.spec = dataclasses.replace(self.vm.spec, accelerator=accelerator)
+    self.vm.say(line)
+    for budget in self.budgets:
+      budget.slices.append({"accelerator": accelerator, "instead_of": old, "why": line.split(": ", 1)[0]})
+    self.vm.save_ledger()
+
+  def back_to_original(self) -> None:
+    """--prefer_original: at a restart after a fallback, ask for the stage's own size again."""
+    original = self.vm.original.accelerator
+    if self.limits.prefer_original and self.vm.spec.accelerator != original:
+      self.change_size(original, f"restart: asking for the original {original} again (--prefer_original)")
 
   def broken(self, status: Status, now: float) -> str:
     """Preempted (counts against the preemption budgets), lost, or a failed queued resource: recreate it."""
@@ -206,6 +243,7 @@ class Watch:
       self.vm.say(f"{status.detail}: preempted; deleting it to create it again")
       self.vm.delete()
       self.started = False
+      self.back_to_original()
       return AGAIN
     spec = self.vm.spec
     if status.verdict is Verdict.FAILED and (spec.valid_until or not is_transient(status.detail)):

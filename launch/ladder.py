@@ -18,6 +18,7 @@ share this logic; `local` runs the commands as subprocesses here, `tpu` on one T
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -36,7 +37,7 @@ from tokenformer_jax.ladder import LADDER_FILE, Stage, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
 from tokenformer_jax.sharding import MESH_AXES, mesh_shape
 from tokenformer_jax.train import logger
-from tokenformer_jax.train.setup import check_batch_layout
+from tokenformer_jax.train.setup import check_batch_layout, fit_to_job
 
 
 def load_stages(ladder: str, overrides: list[str]) -> tuple[str, tuple[Stage, ...]]:
@@ -75,6 +76,27 @@ def check_ladder(stages, backend: str, path: str = LADDER_FILE) -> None:
       except ValueError as error:
         raise ValueError(f"stage {stage.name} on {stage.accelerator} ({chips} chips): {error}") from None
       check_tpu_data(stage.config, f"stage {stage.name}")
+
+
+def fallback_stages(stages, fallback_slices) -> list[Stage]:
+  """Each TPU stage as it would continue on each --fallback_slices size: the same global batch, grad_accum adapted
+  as the trainer adapts it on resume (setup.fit_to_job), so that the fit check can compile them too. A ValueError
+  names a stage whose global batch a fallback size cannot split."""
+  out = []
+  for stage in (s for s in stages if s.accelerator != "cpu"):
+    chips = gcloud.check_accelerator(stage.accelerator) // 2
+    saved = {"config": {"global_batch": stage.config.global_batch, "grad_accum": stage.config.grad_accum,
+                        "mesh": dataclasses.asdict(stage.config.mesh)},
+             "job": {"processes": max(1, chips // 4), "devices": chips}}
+    for accelerator in (a for a in fallback_slices if a != stage.accelerator):
+      other = gcloud.check_accelerator(accelerator) // 2
+      try:
+        data, fsdp, _ = mesh_shape(stage.config.mesh, other)
+        config, _ = fit_to_job(stage.config, data * fsdp, max(1, other // 4), saved)
+      except ValueError as error:
+        raise ValueError(f"stage {stage.name} cannot fall back to {accelerator} ({other} chips): {error}") from None
+      out.append(dataclasses.replace(stage, accelerator=accelerator, config=config))
+  return out
 
 
 def train_argv(stage, workdir: str, overrides: list[str], grown: bool, path: str = LADDER_FILE) -> list[str]:
@@ -273,17 +295,18 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
 
 
 def launch_ladder(ladder: str, backend: str, workdir: str, overrides: list[str], runner: Runner, prefix: str,
-                  check_fit: bool = True) -> None:
+                  check_fit: bool = True, fallback_slices: tuple[str, ...] = ()) -> None:
   """Check everything that can be checked here (flags, stages, and with the tpu backend that each stage fits
-  its slice), then run the ladder. Nothing reaches gcloud before the checks pass."""
+  its slice and each of `fallback_slices`), then run the ladder. Nothing reaches gcloud before the checks pass."""
   path, stages = load_stages(ladder, overrides)
   check_ladder(stages, backend, path)
+  fallbacks = fallback_stages(stages, fallback_slices) if backend == "tpu" else []
   fit_check = None
   if backend == "tpu" and check_fit and runner.dry_run:
     runner.say(f"# fit check: not in a dry run (it compiles every stage); python -m tokenformer_jax.cli.plan "
                f"--ladder={ladder} does it")
   elif backend == "tpu" and check_fit:
-    fit_check = lambda: check_fits(stages, say=runner.say)   # noqa: E731
+    fit_check = lambda: check_fits([*stages, *fallbacks], say=runner.say)   # noqa: E731
   chosen = make_backend(backend, workdir, stages, runner, prefix, before_gcloud=fit_check)
   run_ladder(stages, chosen, chosen.workdir, overrides, say=runner.say, path=path)
 
@@ -301,7 +324,8 @@ def main(argv: list[str]) -> None:
       if not f.dry_run:   # a dry run writes nothing
         logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
-    launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit)
+    launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit,
+                  fallback_slices=tuple(f.fallback_slices))
   except KeyboardInterrupt:
     if f.backend == "tpu" and not f.dry_run:
       print("interrupted: the current stage's TPU and its job are left running; run the same command again to "

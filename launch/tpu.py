@@ -119,6 +119,9 @@ class Limits:
   max_restarts: int = 3                   # restarts of a job that died on a healthy TPU
   max_recreates: int = 5                  # recreations for faults other than preemption (lost, failed, unknown)
   log_sync_s: int = 60
+  fallback_after_s: float | None = None   # no capacity for the slice this long: continue on a fallback size
+  fallback_slices: tuple[str, ...] = ()   # the sizes to fall back to, in order
+  prefer_original: bool = False           # at a restart after a fallback, ask for the original size again
 
 
 class TpuVm:
@@ -127,6 +130,7 @@ class TpuVm:
   def __init__(self, spec: gcloud.TpuSpec, runner: Runner, *, setup: WorkerSetup | None = None,
                limits: Limits = Limits(), keep_on_failure: bool = False):
     self.spec, self.runner, self.setup_spec, self.limits = spec, runner, setup, limits
+    self.original = spec   # the size asked for; `spec` may change to a fallback size (faults.Watch.fall_back)
     self.keep_on_failure = keep_on_failure
     self.set_up = False
     self._script_path: pathlib.Path | None = None
@@ -313,15 +317,17 @@ def ledger_budgets(runner: Runner, workdir: str, stages: list[str], max_preempti
     except ValueError:
       raise LaunchError(f"{url} is not JSON; fix or delete it (it holds the budgets' spending so far)") from None
   budgets = {name: Budget(f"stage {name}", max_preemptions, max_tpu_hours, spent.get(name, {}).get("preemptions", 0),
-                          spent.get(name, {}).get("tpu_hours", 0.0)) for name in stages}
+                          spent.get(name, {}).get("tpu_hours", 0.0), list(spent.get(name, {}).get("slices", [])))
+             for name in stages}
   others = {k: v for k, v in spent.items() if k not in budgets}   # stages of an earlier ladder definition
   ladder = Budget("the ladder", max_ladder_preemptions, max_ladder_tpu_hours)
   ladder.preemptions = sum(v.get("preemptions", 0) for v in spent.values())
   ladder.tpu_hours = sum(v.get("tpu_hours", 0.0) for v in spent.values())
 
   def save() -> None:
-    usage = {**others, **{n: {"preemptions": b.preemptions, "tpu_hours": round(b.tpu_hours, 4)}
-                          for n, b in budgets.items() if b.preemptions or b.tpu_hours}}
+    usage = {**others, **{n: {"preemptions": b.preemptions, "tpu_hours": round(b.tpu_hours, 4),
+                              **({"slices": b.slices} if b.slices else {})}
+                          for n, b in budgets.items() if b.preemptions or b.tpu_hours or b.slices}}
     local = pathlib.Path(tempfile.mkdtemp(prefix="tokenformer-")) / "usage.json"
     local.write_text(json.dumps(usage, indent=1, sort_keys=True) + "\n")
     runner.run(gcloud.storage_cp(str(local), url), quiet=True)
@@ -396,6 +402,12 @@ def define_tpu_flags() -> None:
   flags.DEFINE_float("unhealthy_grace_s", 900, "Recreate a READY TPU that is unhealthy, or that ssh cannot reach, "
                      "for this long.")
   flags.DEFINE_integer("max_restarts", 3, "Restarts of a job that died on a healthy TPU (preemptions don't count).")
+  flags.DEFINE_float("fallback_after_s", None, "When a stage's slice cannot be had for this long (creation refused "
+                     "for lack of capacity, or waiting in the queue), continue its run on the next size of "
+                     "--fallback_slices, from its last checkpoint with the same global batch (default: never).")
+  flags.DEFINE_list("fallback_slices", [], "Slice sizes to fall back to, in order, e.g. v4-32,v4-128.")
+  flags.DEFINE_boolean("prefer_original", False, "After a fallback, ask for the stage's own slice size again at "
+                       "the next restart (a preemption or a recreation).")
   flags.DEFINE_integer("max_recreates", 5, "Recreations of a TPU for faults other than preemption (lost, failed, "
                        "unknown, unhealthy), per stage.")
   flags.DEFINE_integer("max_preemptions", None, "Stop a stage preempted more often than this (default: no limit).")
@@ -436,10 +448,16 @@ def make_spec(name: str, accelerator: str) -> gcloud.TpuSpec:
 
 
 def make_limits() -> Limits:
+  """The watch's limits from the flags; a ValueError (one line) for a fallback size that is not a TPU v4 slice."""
   f = flags.FLAGS
+  for accelerator in f.fallback_slices:
+    gcloud.check_accelerator(accelerator)
+  if f.fallback_slices and f.fallback_after_s is None:
+    raise ValueError("--fallback_slices needs --fallback_after_s (how long to wait for the stage's own size first)")
   return Limits(poll_s=f.poll_s, ready_timeout_s=f.ready_timeout_s, unknown_timeout_s=f.unknown_timeout_s,
                 unhealthy_grace_s=f.unhealthy_grace_s, max_restarts=f.max_restarts, max_recreates=f.max_recreates,
-                log_sync_s=f.log_sync_s)
+                log_sync_s=f.log_sync_s, fallback_after_s=f.fallback_after_s,
+                fallback_slices=tuple(f.fallback_slices), prefer_original=f.prefer_original)
 
 
 def make_vm(spec: gcloud.TpuSpec, runner: Runner, setup: WorkerSetup | None = None) -> TpuVm:

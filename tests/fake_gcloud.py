@@ -3,7 +3,8 @@
 It accepts only the commands and flags the launcher uses, with gcloud's documented names (anything else exits 2
 with gcloud's "unrecognized arguments" error), and plays a scenario on a fake clock that only the launcher's
 sleeps advance: nodes are CREATING for `create_s` then READY/HEALTHY; direct creation is refused for lack of
-capacity until `capacity_from`, while a queued resource waits (WAITING_FOR_RESOURCES) until then, or FAILS as
+capacity until `capacity_from` (and, for an accelerator type in `sold_out`, from that time on), while a queued
+resource waits (WAITING_FOR_RESOURCES) until then, or FAILS as
 `queued_outcomes` say; `events` preempt a node, change its health or state at given times; each started job
 follows the next entry of `jobs[name]` (run for runs_s, then finish, writing objects, or crash, or end with an
 `error: ...` line); `ssh_down` windows make ssh fail on the nodes that existed when they opened.
@@ -45,8 +46,8 @@ COMMANDS = {   # command words → ({flag: takes a value}, positionals, required
     ("storage", "rm"): ({}, 1, ()),
 }
 NODE_FORMAT = "json(state,health,healthDescription)"
-DEFAULTS = {"create_s": 120, "capacity_from": 0, "queued_outcomes": [], "events": [], "jobs": {}, "answers": [],
-            "project": "proj", "zones": {"us-central2-b": ["v4-8", "v4-16", "v4-32", "v4-64", "v4-128"]},
+DEFAULTS = {"create_s": 120, "capacity_from": 0, "sold_out": {}, "queued_outcomes": [], "events": [], "jobs": {},
+            "answers": [], "project": "proj", "zones": {"us-central2-b": ["v4-8", "v4-16", "v4-32", "v4-64", "v4-128"]},
             "ssh_down": []}
 
 
@@ -127,10 +128,11 @@ class FakeCloud:
             qr.update(state="FAILED", error=outcome["error"])
           else:
             qr["state"] = "WAITING_FOR_RESOURCES"
-        elif qr.get("valid_s") is not None and now >= qr["created"] + qr["valid_s"] and now < sc["capacity_from"]:
+        elif (qr.get("valid_s") is not None and now >= qr["created"] + qr["valid_s"]
+              and not self.has_capacity(qr["accelerator"])):
           qr.update(state="FAILED", error="Queued resource request expired: the requested capacity was not "
                                           "available before its valid-until time.")
-        elif now >= max(sc["capacity_from"], qr["created"]):
+        elif now >= qr["created"] and self.has_capacity(qr["accelerator"]):
           qr["state"] = "ACTIVE"
           for node in qr["nodes"]:
             self._new_node(node, qr["accelerator"], qr["script"], queued=name)
@@ -167,6 +169,10 @@ class FakeCloud:
           if job["then"] == "error":
             job["log"].append(f"error: {job['error']}")
 
+  def has_capacity(self, accelerator: str) -> bool:
+    now = self.now()
+    return self.scenario["capacity_from"] <= now < self.scenario["sold_out"].get(accelerator, float("inf"))
+
   def _new_node(self, name, accelerator, script, queued=None):
     self.state["nodes"][name] = {"state": "CREATING", "health": "", "healthDescription": "", "created": self.now(),
                                  "accelerator": accelerator, "startup_script": script, "queued": queued,
@@ -186,7 +192,7 @@ class FakeCloud:
     name = args[0]
     if name in self.state["nodes"]:
       return result(1, stderr=f"ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS: node {name}\n")
-    if self.now() < self.scenario["capacity_from"]:
+    if not self.has_capacity(flags["--accelerator-type"]):
       return result(1, stderr="ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: There is no more "
                               f"capacity in the zone \"{flags['--zone']}\"; you can try in another zone.\n")
     self._new_node(name, flags["--accelerator-type"], self._script(flags))

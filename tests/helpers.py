@@ -138,3 +138,53 @@ def assert_fails_with_one_line(result, *phrases):
   assert len(error_lines) == 1, result.stderr[-2000:]
   for phrase in phrases:
     assert phrase in error_lines[0], error_lines[0]
+
+
+def launch_local(processes: int, devices: int, *command: str, env: dict | None = None, timeout: int = 600):
+  """`python -m launch.local`: `command` (after "python") as one JAX job of `processes` processes with `devices`
+  fake CPU devices each, from the repository root; `env` adds to the environment."""
+  full = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  full.pop("XLA_FLAGS", None)
+  argv = [sys.executable, "-m", "launch.local", f"--processes={processes}", f"--devices_per_process={devices}",
+          "--heartbeat_seconds=15", "--grace_seconds=120", "--", "python", *command]
+  return subprocess.run(argv, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def exit_codes(result) -> dict[int, int]:
+  """process index → exit code, as launch.local reported them."""
+  codes = {}
+  for line in result.stdout.splitlines():
+    if line.startswith("launch.local: process ") and " exited with code " in line:
+      codes[int(line.split()[2])] = int(line.rsplit(" ", 1)[1])
+  return codes
+
+
+# The run of the multi-process tests (test_multiprocess.py, test_elastic.py): test_run for 8 steps, every loss
+# logged, one evaluation at the end, checkpoints only where SIGTERM asks for them.
+JOB_STEPS = 8
+JOB_RUN = (TEST_RUN, f"--set=steps={JOB_STEPS}", "--set=checkpoint_every=100", f"--set=eval_every={JOB_STEPS}",
+           "--set=eval_batches=1", "--set=log_every=1")
+
+
+FSDP = ("--set=mesh.preset=fsdp", "--set=mesh.data=1", "--set=mesh.fsdp=-1")
+# One run through jobs of other shapes (conftest's elastic_run): (processes, devices per process, flags, the fault
+# sent before the job's N-th step, the process it goes to: None = every one). The global batch is 8 throughout.
+ELASTIC_JOBS = (
+    (4, 1, (), ("SIGTERM", 2), 2),      # steps 1-2; SIGTERM to one of 4 processes stops them all
+    (2, 2, FSDP, ("SIGTERM", 2), 1),    # steps 3-4 under the fsdp preset; SIGTERM to one of 2
+    (1, 4, (), ("SIGTERM", 2), None),   # steps 5-6 under dp on one process: a checkpoint of 2 processes resumed by 1
+    (2, 1, (), ("SIGKILL", 1), 1),      # process 1 killed at its first step: the job fails, nothing is saved
+    (2, 1, (), ("none", 0), None),      # steps 7-8 with 2 rows per device as before: grad_accum 1 → 2
+)
+
+
+def train_job(workdir, processes: int, devices: int, *flags: str, fault: tuple[str, int] = ("none", 0),
+              fault_process: int | None = None):
+  """JOB_RUN in `workdir` as one launch.local job through tests/train_with_fault.py: `fault` = (signal, N) sent
+  before each process's N-th step (only to `fault_process` if given); every process appends the window ids it
+  trains on to WORKDIR-rows/rows.jsonl."""
+  rows = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}-rows"
+  rows.mkdir(parents=True, exist_ok=True)
+  env = {"ROWS_DIR": str(rows), **({"FAULT_PROCESS": str(fault_process)} if fault_process is not None else {})}
+  return launch_local(processes, devices, "tests/train_with_fault.py", fault[0], str(fault[1]), *JOB_RUN, *flags,
+                      f"--workdir={workdir}", env=env)

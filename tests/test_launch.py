@@ -20,7 +20,7 @@ import pytest
 
 from launch import faults, gcloud, lock, worker
 from launch.faults import Budget, Verdict
-from launch.ladder import TpuBackend, check_ladder, load_stages, run_ladder, slice_groups
+from launch.ladder import TpuBackend, check_ladder, fallback_stages, load_stages, run_ladder, slice_groups
 from launch.runner import LaunchError, Runner, display
 from launch.tpu import (Job, Limits, TpuVm, WorkerSetup, checkpoint_url, committed, ensure_lock, follow_logs,
                         preflight)
@@ -803,3 +803,42 @@ def test_the_local_ladder_runs_end_to_end_and_a_killed_run_finishes_the_same(tmp
     np.testing.assert_array_equal(a, b)
   losses = lambda run: {m["step"]: m["train/loss"] for m in metrics(run) if "train/loss" in m}
   assert losses(whole / "tiny_2") == losses(killed / "tiny_2")
+
+
+def test_no_v4_64_for_longer_than_the_fallback_wait_continues_the_run_on_a_v4_32_and_the_ledger_says_so():
+  from launch.tpu import ledger_budgets
+  v4_64 = gcloud.TpuSpec("tf-test", "us-central2-b", "proj", "v4-64", provisioning="spot", queued=True)
+  scenario = {"jobs": finishes(3000), "events": [{"at": 1000, "node": "tf-test", "preempt": True}],
+              "sold_out": {"v4-64": 1000}}   # preempted at 1000 s, and no v4-64 from then on
+  fake, lines = FakeCloud(scenario), []
+  runner = Runner(execute=fake.execute, sleep=fake.sleep, clock=fake.now, say=lines.append)
+  budgets, ladder, save = ledger_budgets(runner, "gs://b/w", ["s"], None, None)
+  limits = Limits(poll_s=60, fallback_after_s=1800, fallback_slices=("v4-32", "v4-128"), prefer_original=True)
+  vm = TpuVm(v4_64, runner, setup=SETUP, limits=limits)
+  vm.ledger = save
+  vm.run_job(Job("s.train", TRAIN, lambda: committed(runner, DONE_URL)), [budgets["s"], ladder])
+  assert kinds(fake) == ["create", "setup", "start", "delete", "create", "delete", "create", "setup", "start"]
+  creates = [next(a for a in c if a.startswith("--accelerator-type=")) for c in fake.calls("create")]
+  assert creates == ["--accelerator-type=v4-64"] * 2 + ["--accelerator-type=v4-32"]
+  fallback = next(line for line in lines if "continuing the run on a v4-32" in line)
+  assert fallback.startswith("[tf-test] no v4-64 for 30 min (WAITING_FOR_RESOURCES)") and "last checkpoint" in fallback
+  starts = [job["command"] for job in fake.state["nodes"]["tf-test"]["jobs"].values()]
+  assert len(starts) == 1 and " ".join(TRAIN) in starts[0]   # the same command (and global batch) on the v4-32
+  usage = json.loads(fake.state["objects"]["gs://b/w/launcher/usage.json"])
+  assert usage["s"]["preemptions"] == 1 and usage["s"]["slices"] == [
+      {"accelerator": "v4-32", "instead_of": "v4-64", "why": "no v4-64 for 30 min (WAITING_FOR_RESOURCES)"}]
+  assert lines[-1] == "[tf-test] s.train is done" and vm.spec.accelerator == "v4-32"
+  # --prefer_original: the next restart (a preemption of the v4-32) asks for the v4-64 again.
+  fake.scenario["sold_out"] = {}
+  fake.scenario["jobs"] = finishes(10**5)
+  fake.scenario["events"].append({"at": fake.now() + 600, "node": "tf-test", "preempt": True})
+  done_at = fake.now() + 3000
+  vm.run_job(Job("s.train", TRAIN, lambda: fake.now() > done_at), [budgets["s"], ladder])
+  assert vm.spec.accelerator == "v4-64" and any("asking for the original v4-64 again" in line for line in lines)
+  assert json.loads(fake.state["objects"]["gs://b/w/launcher/usage.json"])["s"]["slices"][-1]["accelerator"] == "v4-64"
+  # Before anything is created, the ladder checks (and plans) each stage on each fallback size as the trainer will
+  # run it there: the same global batch of 512, grad_accum 2 on a v4-32 where the v4-64 needed 1.
+  _, stages = load_stages("paper", ["data.tfds_data_dir=gs://b/t", "data.tokenizer=gs://b/t.model"])
+  fallen = {(s.name, s.accelerator): s.config for s in fallback_stages(stages, ("v4-32", "v4-128"))}
+  assert fallen["paper_124m", "v4-32"].grad_accum == 2 and fallen["paper_124m", "v4-32"].global_batch == 512
+  assert fallen["paper_124m", "v4-128"].grad_accum == 1 and ("paper_757m", "v4-128") not in fallen

@@ -1,14 +1,14 @@
 """Real multi-process jobs on this machine: launch.local starts N processes that join through JAX's distributed
 runtime (CPU collectives over gloo), each with its own fake devices, as the hosts of a TPU slice do.
 
-One 2-process workdir goes through a whole life (SIGTERM to one process, then SIGKILL of one, then a rerun)
-and must end where the uninterrupted 1-process run with the same devices and global batch ends; the grown
-checkpoint of that run, made on 2 processes over an existing destination, must equal growth done on one
-device here. A 4-process job repeats the SIGTERM agreement and saves the same step-2 state.
+One workdir goes through a whole life (conftest's elastic_run: jobs of 4, 2, 1 and 2 processes; SIGTERM to one
+process of 4 and of 2, a process killed outright, reruns): every process of a job stops at the same step, a killed
+one stops the others, and test_elastic.py checks that the run ends where the uninterrupted 2-process run ends. The
+grown checkpoint of that run, made on 2 processes over an existing destination, must equal growth done on one
+device here.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, TEST_RUN, losses, run_cli
+from helpers import JOB_STEPS, REPO, exit_codes, launch_local
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import load_config
 from tokenformer_jax.growth import grow, grown_config, read_provenance
@@ -26,29 +26,7 @@ from tokenformer_jax.model import abstract_params
 
 pytestmark = pytest.mark.slow   # every test here starts several processes
 
-STEPS = 4
-RUN = (TEST_RUN, f"--set=steps={STEPS}", "--set=checkpoint_every=100", f"--set=eval_every={STEPS}",
-       "--set=eval_batches=1", "--set=log_every=1")
-FAULT = ("tests/train_with_fault.py",)
-# 2 × 2 or 4 × 1 devices, the 1-process reference has 4: one mesh, one global batch. Not bitwise: the all-reduce
-# of the gradients sums the devices' parts in another order across processes (gloo) than within one.
-TOLERANCE = 1e-6
-
-
-def launch(processes: int, *command: str, fault: int | None = None) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **({"FAULT_PROCESS": str(fault)} if fault is not None else {})}
-  env.pop("XLA_FLAGS", None)
-  argv = [sys.executable, "-m", "launch.local", f"--processes={processes}", f"--devices_per_process={4 // processes}",
-          "--heartbeat_seconds=15", "--grace_seconds=120", "--", "python", *command]
-  return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def exit_codes(result) -> dict[int, int]:
-  codes = {}
-  for line in result.stdout.splitlines():
-    if line.startswith("launch.local: process ") and " exited with code " in line:
-      codes[int(line.split()[2])] = int(line.rsplit(" ", 1)[1])
-  return codes
+STEPS = JOB_STEPS
 
 
 def steps_saved(workdir) -> list[int]:
@@ -67,61 +45,29 @@ def params(workdir, step=None):
   return jax.device_get(RunCheckpoints(workdir, read_only=True).restore_params(on_one_device(model), step))
 
 
-def assert_close(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=0, atol=TOLERANCE)
+def test_sigterm_to_one_of_two_or_four_processes_stops_them_all_at_one_step(elastic_run):
+  _, results, saved = elastic_run
+  for result, processes, step in [(results[0], 4, 2), (results[1], 2, 4)]:   # SIGTERM to process 2, to process 1
+    assert result.returncode == 0 and exit_codes(result) == {i: 0 for i in range(processes)}, result.stdout[-3000:]
+    assert f"stopped by SIGTERM at step {step}" in result.stdout
+  assert saved[:2] == [[2], [2, 4]]   # one checkpoint each, at the step they stopped
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run: one process, 4 devices."""
-  workdir = tmp_path_factory.mktemp("one_process")
-  result = run_cli("tokenformer_jax.cli.train", *RUN, f"--workdir={workdir}", devices=4)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-  """2 processes: SIGTERM to process 1 before step 2, then SIGKILL of process 1 at its first step, then a rerun."""
-  workdir = tmp_path_factory.mktemp("two_processes")
-  stopped = launch(2, *FAULT, "SIGTERM", "2", *RUN, f"--workdir={workdir}", fault=1)
-  killed_rerun = launch(2, *FAULT, "SIGKILL", "1", *RUN, f"--workdir={workdir}", fault=1)
-  after_kill = steps_saved(workdir)
-  finished = launch(2, "-m", "tokenformer_jax.cli.train", *RUN, f"--workdir={workdir}")
-  return workdir, stopped, killed_rerun, after_kill, finished
-
-
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run):
-  _, stopped, _, after_kill, _ = two_process_run
-  assert stopped.returncode == 0 and exit_codes(stopped) == {0: 0, 1: 0}, stopped.stdout[-3000:]
-  assert "stopped by SIGTERM at step 2" in stopped.stdout
-  assert after_kill == [2]   # the SIGTERM checkpoint, and nothing from the killed run
-
-
-def test_a_killed_process_stops_the_others_without_a_launcher_kill(two_process_run):
-  _, _, killed, _, _ = two_process_run
+def test_a_killed_process_stops_the_others_without_a_launcher_kill(elastic_run):
+  _, results, saved = elastic_run
+  killed = results[3]
   codes = exit_codes(killed)
   assert codes[1] == 128 + 9 and codes[0] != 0 and killed.returncode != 0, killed.stdout[-3000:]
   assert "killing process" not in killed.stdout   # process 0 noticed on its own (heartbeats), well before 120 s
+  assert saved[3] == saved[2]                      # nothing saved by the killed job; the next one resumed (elastic)
 
 
-def test_two_processes_equal_one_through_sigterm_sigkill_and_rerun(reference, two_process_run):
-  workdir, _, _, _, finished = two_process_run
-  assert finished.returncode == 0 and exit_codes(finished) == {0: 0, 1: 0}, finished.stdout[-3000:]
-  assert "resumed" in finished.stdout and steps_saved(workdir) == [2, STEPS]
-  expected, got = losses(reference), losses(workdir)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=0, atol=TOLERANCE)
-  assert_close(params(workdir, STEPS), params(reference, STEPS))
-
-
-def test_grow_on_two_processes_overwrites_once_and_equals_growth_here(two_process_run, tmp_path):
-  workdir = two_process_run[0]
+def test_grow_on_two_processes_overwrites_once_and_equals_growth_here(elastic_run, tmp_path):
+  workdir = elastic_run[0]
   dst = tmp_path / "grown"
   (dst / "checkpoints" / "7").mkdir(parents=True)          # an older checkpoint there: --overwrite replaces it
   (dst / "checkpoints" / "7" / "stale").write_text("old")
-  result = launch(2, "-m", "tokenformer_jax.cli.grow", f"--src={workdir}", f"--step={STEPS}", "--init=random",
+  result = launch_local(2, 2, "-m", "tokenformer_jax.cli.grow", f"--src={workdir}", f"--step={STEPS}", "--init=random",
                   "--seed=3", "--config=experiments/demo.py:test_run_grown", f"--dst={dst}", "--overwrite")
   assert result.returncode == 0 and exit_codes(result) == {0: 0, 1: 0}, result.stdout[-3000:]
   assert result.stdout.count("grew test_run") == 1
@@ -134,16 +80,6 @@ def test_grow_on_two_processes_overwrites_once_and_equals_growth_here(two_proces
   assert provenance.new_model == new
   for x, y in zip(jax.tree.leaves(params(dst)), jax.tree.leaves(here), strict=True):
     np.testing.assert_array_equal(x, y)
-
-
-def test_sigterm_to_one_of_four_processes(reference, two_process_run, tmp_path):
-  # (no rerun here, to save a 4-process job: the 2-process run above shows that a rerun continues exactly)
-  stopped = launch(4, *FAULT, "SIGTERM", "2", *RUN, f"--workdir={tmp_path}", fault=2)
-  assert stopped.returncode == 0 and exit_codes(stopped) == {i: 0 for i in range(4)}, stopped.stdout[-3000:]
-  assert "stopped by SIGTERM at step 2" in stopped.stdout and steps_saved(tmp_path) == [2]
-  expected, got = losses(reference), losses(tmp_path)
-  np.testing.assert_allclose([got[1], got[2]], [expected[1], expected[2]], rtol=0, atol=TOLERANCE)
-  assert_close(params(tmp_path, 2), params(two_process_run[0], 2))   # the 2-process job's SIGTERM checkpoint
 
 
 # The launcher itself, with plain Python children (no JAX): fast --------------------------------------------------

@@ -1,11 +1,13 @@
 """Run cli.train, sending this very process a signal before training step N (a deterministic preemption).
 
-  python tests/train_with_fault.py SIGNAL N [cli.train flags...]
+  python tests/train_with_fault.py SIGNAL N [cli.train flags...]      (SIGNAL "none": no fault)
 
 For SIGKILL it first waits until checkpoint 4 is complete, so the kill lands after a save (and may land
 while a later one is still being written). With FAULT_PROCESS=i in the environment (a job of several processes,
-launch.local) only process i faults, at its N-th step call, without waiting.
+launch.local) only process i faults, at its N-th step call, without waiting. With ROWS_DIR=DIR every process
+appends the window ids of each batch it trains on to DIR/rows.jsonl (record_rows).
 """
+import json
 import os
 import pathlib
 import signal
@@ -39,5 +41,23 @@ def faulty_make_train_step(*args, **kwargs):
   return step
 
 
-steps.make_train_step = faulty_make_train_step
+def record_rows(directory: str) -> None:
+  """Append, for every batch the train iterator hands out, its job (the coordinator's address), position, process
+  and window ids to DIRECTORY/rows.jsonl."""
+  from tokenformer_jax.data import pipeline
+  take = pipeline.TrainIterator.__next__
+
+  def recording(self):
+    position, batch = self.position, take(self)
+    with open(os.path.join(directory, "rows.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"job": os.environ.get("JAX_COORDINATOR_ADDRESS", ""), "position": position,
+                          "process": self.process_index, "windows": self.last_windows.tolist()}) + "\n")
+    return batch
+  pipeline.TrainIterator.__next__ = recording
+
+
+if signal_name != "none":
+  steps.make_train_step = faulty_make_train_step
+if os.environ.get("ROWS_DIR"):
+  record_rows(os.environ["ROWS_DIR"])
 app.run(train_cli.main, argv=[sys.argv[0]] + sys.argv[3:])

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: parameters, optimizer state, data-iterator position and config, verified.
 
-A run directory holds `checkpoints/<step>/{params, opt_state, data_iterator, config, checksums}`. (A grown
+A run directory holds `checkpoints/<step>/{params, opt_state, data_position, job, config, checksums}`. (A grown
 checkpoint made by `cli.grow --optimizer=carry` holds `moments` instead of `opt_state`: AdamW's grown moments,
 {"count", "mu", "nu"}, mu and nu shaped like the parameters.) Orbax writes
 each step to a temporary directory and renames it when complete, so a killed job never leaves a half checkpoint
@@ -13,10 +13,19 @@ scalar per array reaches the host) and every restore recomputes and compares the
 uint32 sums of mixed (bits, position) pairs: exact integer arithmetic, so the same on any mesh. A resume that
 finds its newest checkpoint broken moves it aside to `<step>.corrupt` (never deleting it) and takes the newest
 good one (`restore_newest`).
+
+Nothing in a checkpoint depends on the shape of the job that wrote it, so it resumes on any number of hosts and
+devices: arrays restore onto the new mesh, and the data position (`data_position`) is the global position in the
+shuffled stream, from which every host derives its own rows (data/pipeline.py, TrainIterator). `job` records the
+shape that wrote it (processes, devices), for messages. Checkpoints written before this kept grain's iterator
+state per process (`data_iterator/process_<i>-of-<n>.json`); they are converted to the global position on
+resume, on any shape, and one whose state cannot be converted is refused with one line, never set aside: a
+checkpoint is set aside as broken only when it is damaged, never because the job's shape changed.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -34,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenformer_jax import fileio
 
 CHECKSUM_VERSION = 1
+LEGACY_DATA_ITEM = "data_iterator"   # grain's per-process iterator states, as checkpoints before data_position held
 
 
 class CheckpointError(ValueError):
@@ -46,6 +56,18 @@ class BrokenCheckpoint(CheckpointError):
   def __init__(self, directory, step: int, reason: str, advice: str = ""):
     self.step, self.reason = step, reason
     super().__init__(f"checkpoint {epath.Path(directory) / str(step)} is broken: {reason}{advice}")
+
+
+def job_shape() -> dict[str, int]:
+  """The shape of this job (what a checkpoint records of the job that wrote it)."""
+  return {"processes": jax.process_count(), "devices": jax.device_count()}
+
+
+def describe_shape(shape: dict) -> str:
+  """`2 processes × 4 devices` (devices per process; left out when unknown)."""
+  plural = lambda n, word: f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"   # noqa: E731
+  devices = f" × {plural(shape['devices'] // shape['processes'], 'device')}" if shape.get("devices") else ""
+  return plural(shape["processes"], "process") + devices
 
 
 def say_once_per_job(line: str) -> None:
@@ -171,7 +193,8 @@ class RunCheckpoints:
     handlers = {"params": params_handler, "opt_state": ocp.StandardCheckpointHandler(),
                 "moments": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                "checksums": ocp.JsonCheckpointHandler(), "data_iterator": grain.checkpoint.CheckpointHandler()}
+                "checksums": ocp.JsonCheckpointHandler(), "data_position": ocp.JsonCheckpointHandler(),
+                "job": ocp.JsonCheckpointHandler(), LEGACY_DATA_ITEM: grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
@@ -195,7 +218,8 @@ class RunCheckpoints:
   def save(self, step: int, *, params, config: dict, opt_state=None, data_iterator=None,
            extra: dict | None = None, moments=None) -> None:
     """Start an asynchronous save; params-only when opt_state and data_iterator are left out (`moments`: a grown
-    checkpoint's carried AdamW moments).
+    checkpoint's carried AdamW moments). `data_iterator`: anything with `get_state()` → the JSON of its global
+    position (pipeline.TrainIterator), saved once for the whole job.
 
     The checksums of the arrays are computed first, on their devices (one short pass over the state)."""
     sums = {"version": CHECKSUM_VERSION, "params": checksums(params)}
@@ -205,8 +229,9 @@ class RunCheckpoints:
         items[name] = ocp.args.StandardSave(tree)
         sums[name] = checksums(tree)
     items["checksums"] = ocp.args.JsonSave(sums)
+    items["job"] = ocp.args.JsonSave(job_shape())
     if data_iterator is not None:
-      items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data_position"] = ocp.args.JsonSave(data_iterator.get_state())
     if extra is not None:
       items["extra"] = ocp.args.JsonSave(extra)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -227,11 +252,39 @@ class RunCheckpoints:
       if "RESOURCE_EXHAUSTED" in str(failure):   # out of device memory: the checkpoint is not to blame
         raise
       lines = str(failure).strip().splitlines() or [""]
-      error = BrokenCheckpoint(self.directory, step, f"cannot be read ({type(failure).__name__}: {lines[0][:240]})",
-                               self._other_steps(step))
+      detail = f"{type(failure).__name__}: {lines[0][:240]}"
+      written = self.written_by(step)
+      if "Topology mismatch" in lines[0]:   # Orbax: a target without shardings, on another number of devices
+        error = CheckpointError(f"checkpoint {self.directory / str(step)} was saved on another number of devices "
+                                f"and is restored here into arrays without shardings ({detail}); give the restore "
+                                "target's ShapeDtypeStructs shardings on this job's devices")
+      elif written is not None and written["processes"] != jax.process_count():
+        # Not set aside: what a job of another shape cannot read may be whole (only checksums prove damage).
+        error = CheckpointError(f"checkpoint {self.directory / str(step)} was written by a job of "
+                                f"{describe_shape(written)} and cannot be read by this one of "
+                                f"{describe_shape(job_shape())} ({detail}); it is left in place: resume it with "
+                                f"{written['processes']} processes")
+      else:
+        error = BrokenCheckpoint(self.directory, step, f"cannot be read ({detail})", self._other_steps(step))
     if not _everywhere(error is None):
       raise error or BrokenCheckpoint(self.directory, step, "another host could not read it")
     return result
+
+  def written_by(self, step: int) -> dict | None:
+    """{"processes", "devices"} of the job that wrote `step` (a checkpoint before `job` was recorded: the process
+    count its per-process data files name, devices unknown); None if that cannot be told."""
+    folder = self.directory / str(step)
+    try:
+      if (folder / "job").exists():
+        return self.manager.restore(step, args=ocp.args.Composite(job=ocp.args.JsonRestore()))["job"]
+      counts = {name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in self._legacy_files(step)}
+      return {"processes": int(counts.pop()), "devices": None} if len(counts) == 1 else None
+    except Exception:  # noqa: BLE001 (only for messages: an unreadable record tells nothing)
+      return None
+
+  def _legacy_files(self, step: int) -> list[str]:
+    folder = self.directory / str(step) / LEGACY_DATA_ITEM
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("process_")) if folder.exists() else []
 
   def _verify(self, step: int, restored: dict[str, Any]) -> None:
     """Recompute the checksums of the restored items and compare them with those saved with them."""
@@ -311,12 +364,39 @@ class RunCheckpoints:
                              f"optimizer state of {self.directory / str(step)}", kind="optimizer")
       items = {"params": ocp.args.StandardRestore(abstract_params),
                "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
-      if data_iterator is not None:
-        items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
       return self.manager.restore(step, args=ocp.args.Composite(**items))
+    position = None if data_iterator is None else self.data_position(step, data_iterator)
     restored = self._read(step, read)
     self._verify(step, {"params": restored["params"], "opt_state": restored["opt_state"]})
+    if position is not None:
+      data_iterator.set_state(position)   # a position in another stream: its own one-line error, nothing set aside
     return restored["params"], restored["opt_state"]
+
+  def data_position(self, step: int, data_iterator) -> dict:
+    """The data position saved at `step`, as `data_iterator.set_state` takes it. An older checkpoint's per-process
+    grain states ({"next_index": k}: k batches of global_batch / n rows taken by each of its n hosts) become the
+    global position k · global_batch, the same for any shape; a state of another form (grain's worker processes,
+    data.worker_count > 0) is a CheckpointError, and the checkpoint stays where it is."""
+    where = self.directory / str(step)
+    if self.has_item(step, "data_position"):
+      return self.read_json(step, "data_position")
+    files = self._legacy_files(step)
+    if not files and self.has_item(step, "job"):   # saved with a data position that is gone: damaged
+      raise BrokenCheckpoint(self.directory, step, "its data_position item is missing", self._other_steps(step))
+    if not files:
+      raise CheckpointError(f"{where} has no data position (a parameters-only checkpoint: grown or imported); "
+                            "start a run from it with --init_from instead of resuming it")
+    state = self._read(step, lambda: json.loads((where / LEGACY_DATA_ITEM / files[0]).read_text()))
+    if not (isinstance(state, dict) and set(state) == {"next_index"}):
+      raise CheckpointError(f"{where} holds its data position as grain's per-process state of worker processes "
+                            f"({files[0]}: {str(state)[:80]}), which cannot be carried over; resume it with the "
+                            "tokenformer_jax that wrote it")
+    saved_batch = self.read_json(step)["global_batch"]
+    if saved_batch != data_iterator.global_batch:
+      raise CheckpointError(f"{where} was saved with global_batch={saved_batch}, this run has "
+                            f"global_batch={data_iterator.global_batch}; its per-process data position counts in "
+                            f"batches of {saved_batch}: resume with --set global_batch={saved_batch}")
+    return {**data_iterator.get_state(), "position": int(state["next_index"]) * saved_batch}
 
   # Falling back past broken checkpoints --------------------------------------------------------------------
   def restore_newest(self, abstract_params, abstract_opt_state, data_iterator=None,

@@ -27,8 +27,8 @@ Every corpus is read through a token store (store.py): `data.store` names one ma
 `python -m tokenformer_jax.data.prepare`; otherwise the files or TFDS dataset are prepared once into a store in
 a cache directory keyed by their fingerprint (prepare.cached_store). Windows are read by random access from the
 store's shards (os.pread, or ranged reads for gs://), each host only its own rows, so start-up and memory
-do not grow with the corpus. Iterator state is grain's `{"next_index": ...}`: `get_state()`/`set_state()` (or
-grain.checkpoint.CheckpointSave/Restore inside an Orbax Composite) resume at exactly the next batch.
+do not grow with the corpus. The iterator's state is the global position in the shuffled stream (TrainIterator):
+`get_state()`/`set_state()` resume at exactly the next batch, on any number of hosts.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def train_windows(data: DataConfig, tokenizer: Tokenizer, global_batch: int, *, 
 
 
 def make_train_iterator(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int, process_index: int = 0,
-                        process_count: int = 1, seed: int | None = None) -> grain.DatasetIterator:
+                        process_count: int = 1, seed: int | None = None) -> TrainIterator:
   """An endless iterator of this host's share of each global batch (see the module docstring).
 
   Yields {"tokens": int32 [global_batch // process_count, seq_len + 1],
@@ -179,21 +179,97 @@ def make_train_iterator(data: DataConfig, tokenizer: Tokenizer, *, global_batch:
                           process_count=process_count, worker_count=data.worker_count)
 
 
+POSITION_FORMAT = "tokenformer_jax.data_position/1"
+
+
+class _ReadWindow:
+  """Window id → its window, with the id kept (the iterator reports which rows each batch was made of)."""
+
+  def __init__(self, windows: Windows):
+    self.windows = windows
+
+  def __call__(self, index) -> dict[str, np.ndarray]:
+    return {**self.windows[int(index)], "window": np.int64(index)}
+
+
+class TrainIterator:
+  """This host's rows of each global batch, read from a global position of the shuffled stream.
+
+  The position is the one thing a checkpoint needs to resume the data exactly: the number of windows of the
+  shuffled, endlessly repeated sequence that the whole job has consumed (step b starts at b·global_batch). It
+  does not depend on the number of hosts or devices, so a run saved by 4 hosts resumes on 1 or 2 with the same
+  next windows: host p of P reads positions start + p, start + p + P, ... (`get_state`/`set_state` carry it as
+  plain JSON; `stream` names the sequence it counts in, so that a position is never applied to another one).
+  Image sources and mixtures (not built yet) are meant to use the same state: a position in their own shuffled
+  sequence, with their own `stream` record.
+  """
+
+  def __init__(self, windows: Windows, *, seed: int, global_batch: int, process_index: int = 0,
+               process_count: int = 1, worker_count: int = 0):
+    self.windows, self.seed, self.global_batch = windows, seed, global_batch
+    self.process_index, self.process_count, self.worker_count = process_index, process_count, worker_count
+    self.local_batch = global_batch // process_count
+    self.stream = {"windows": len(windows), "seed": seed}
+    self.last_windows: np.ndarray | None = None   # the window ids of the batch last returned
+    self.position = 0   # windows of the stream the whole job has consumed
+    self._it = None     # the grain pipeline from `position`, built on the first next() after a (re)start
+
+  def _pipeline(self):
+    """The grain pipeline whose first batch is this host's share of positions [position, position + global_batch)."""
+    order = grain.MapDataset.range(len(self.windows)).shuffle(seed=self.seed).repeat()   # reseeded per epoch
+    ds = order[self.position + self.process_index::self.process_count].map(_ReadWindow(self.windows))
+    ds = ds.batch(self.local_batch, drop_remainder=True)
+    # A local window is one pread (microseconds). A remote one is a ranged read (tens of ms on GCS), and a batch's
+    # windows are read in turn by one thread: many threads, each on its own batch, hide that latency.
+    if store.is_remote(self.windows.source_path):
+      options = grain.ReadOptions(num_threads=REMOTE_THREADS, prefetch_buffer_size=REMOTE_THREADS)
+    else:
+      options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    it = ds.to_iter_dataset(options)
+    if self.worker_count > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+    return iter(it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = self._pipeline()
+    batch = next(self._it)
+    self.position += self.global_batch
+    self.last_windows = batch.pop("window")
+    return batch
+
+  def get_state(self) -> dict:
+    return {"format": POSITION_FORMAT, "position": self.position, "stream": dict(self.stream)}
+
+  def set_state(self, state: dict) -> None:
+    """Continue at `state`'s position (get_state's JSON, from a job of any number of hosts); a DataError if it
+    counts in another stream (other data, seed, or a global batch that pads the epoch differently)."""
+    if not isinstance(state, dict) or state.get("format") != POSITION_FORMAT:
+      raise DataError(f"not a data position of format {POSITION_FORMAT!r}: {str(state)[:120]}")
+    if state["stream"] != self.stream:
+      raise DataError(f"the saved data position counts in a stream of {state['stream']} (windows per epoch, "
+                      f"shuffle seed), but this run's is {self.stream}: the training data, data.seq_len, "
+                      "data.shuffle_seed or global_batch differ from the run that saved it; resume with those")
+    position = state["position"]
+    if not isinstance(position, int) or position < 0:
+      raise DataError(f"the saved data position {position!r} is not a window count (an integer ≥ 0)")
+    self.close()
+    self.position = position
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
 def windows_iterator(windows: Windows, *, seed: int, local_batch: int, process_index: int = 0, process_count: int = 1,
-                     worker_count: int = 0) -> grain.DatasetIterator:
+                     worker_count: int = 0) -> TrainIterator:
   """Shuffled epochs of `windows`, host `process_index`'s positions, batched (make_train_iterator's grain part)."""
-  ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()   # repeat() reseeds the shuffle per epoch
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
-  # A local window is one pread (microseconds). A remote one is a ranged read (tens of ms on GCS), and a batch's
-  # windows are read in turn by one thread: many threads, each on its own batch, hide that latency.
-  if store.is_remote(windows.source_path):
-    options = grain.ReadOptions(num_threads=REMOTE_THREADS, prefetch_buffer_size=REMOTE_THREADS)
-  else:
-    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-  it = ds.to_iter_dataset(options)
-  if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(it)
+  return TrainIterator(windows, seed=seed, global_batch=local_batch * process_count, process_index=process_index,
+                       process_count=process_count, worker_count=worker_count)
 
 
 def steps_per_epoch(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int) -> int:

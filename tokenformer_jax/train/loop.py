@@ -2,7 +2,9 @@
 → jitted step → loop with logging, evaluation, checkpoints and preemption.
 
 Resuming is exact: parameters, optimizer state, step and the data iterator's position are all restored
-(the step has no randomness of its own: there is no dropout), so a resumed run computes the same losses.
+(the step has no randomness of its own: there is no dropout), so a resumed run computes the same losses, also
+on a job of another shape (more or fewer hosts and devices, another mesh preset): the global batch and the next
+windows stay, the state is re-sharded as it is read, and grad_accum adapts (setup.fit_to_job).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from etils import epath
 
 from tokenformer_jax import fileio, sharding
-from tokenformer_jax.checkpoint import RunCheckpoints
+from tokenformer_jax.checkpoint import (CheckpointError, RunCheckpoints, checkpoints_dir, describe_shape,
+                                       job_shape)
 from tokenformer_jax.config import TrainConfig, flops_per_token, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
@@ -24,7 +27,7 @@ from tokenformer_jax.train import steps
 from tokenformer_jax.train.guard import SpikeGuard
 from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
 from tokenformer_jax.train.optimizer import adam_moments
-from tokenformer_jax.train.setup import Run, build_run
+from tokenformer_jax.train.setup import Run, build_run, fit_to_job
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +73,21 @@ def evaluate(run: Run, params, batches) -> dict[str, float]:
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
+def saved_job(workdir) -> dict | None:
+  """{"config", "job"} of the newest checkpoint in `workdir`, the shape a resume adapts from; None without one
+  (or when it cannot be read: resuming then falls back past it and says so)."""
+  if not checkpoints_dir(workdir).exists():
+    return None
+  checkpoints = RunCheckpoints(workdir, read_only=True)
+  try:
+    step = checkpoints.latest_step()
+    return None if step is None else {"config": checkpoints.read_json(step), "job": checkpoints.written_by(step) or {}}
+  except CheckpointError:
+    return None
+  finally:
+    checkpoints.close()
+
+
 def starting_state(run: Run, checkpoints: RunCheckpoints, train_batches,
                    init_from: str | None) -> tuple[steps.TrainState, str]:
   """Resume the workdir's newest good checkpoint (past broken ones), else take --init_from's parameters, else
@@ -79,7 +97,10 @@ def starting_state(run: Run, checkpoints: RunCheckpoints, train_batches,
       check_config=lambda saved: check_same_model(saved, run.config, checkpoints.directory.parent))
   if latest is not None:
     state = steps.TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
-    return state, f"resumed {checkpoints.directory.parent} at step {latest}"
+    written, here = checkpoints.written_by(latest), job_shape()
+    other = f" (saved by a job of {describe_shape(written)}; this one: {describe_shape(here)})" if (
+        written and written != here) else ""
+    return state, f"resumed {checkpoints.directory.parent} at step {latest}{other}"
   if init_from:
     return initialised_from(run, init_from)
   return run.init_state(), f"new run in {checkpoints.directory.parent}"
@@ -126,6 +147,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
   cfg, trainable_rows, notes = start_from_grown(cfg, init_from)   # a grown checkpoint's norm scale and new rows
+  data_parallel = math.prod(sharding.mesh_shape(cfg.mesh, jax.device_count())[:2])
+  cfg, fitted = fit_to_job(cfg, data_parallel, jax.process_count(), saved_job(workdir))   # another job shape
+  notes = [*notes, fitted] if fitted else notes
   run = build_run(cfg, trainable_rows=trainable_rows)              # mesh → optimizer → shardings → jitted steps
   mesh = run.mesh
 

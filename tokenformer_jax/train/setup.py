@@ -2,7 +2,8 @@
 
 The trainer, the TPU plan, the benchmarks and the tests all call `build_run`, so the plan compiles the very
 step that training runs. `check_batch_layout` is the one check that a batch splits over the hosts and the
-data-parallel devices (the launcher calls it too, with the mesh shape of a slice it has not created yet).
+data-parallel devices (the launcher calls it too, with the mesh shape of a slice it has not created yet);
+`fit_to_job` adapts grad_accum when a run resumes on a job of another shape (the global batch stays).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from tokenformer_jax import sharding
-from tokenformer_jax.config import TrainConfig
+from tokenformer_jax.config import MeshConfig, TrainConfig
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -37,6 +38,43 @@ def check_batch_layout(cfg: TrainConfig, mesh_shape: Mapping[str, int], processe
                       "multiple of that")
   if cfg.global_batch % processes:
     raise LayoutError(f"global_batch={cfg.global_batch} does not split over {processes} hosts")
+
+
+def fit_to_job(cfg: TrainConfig, data_parallel: int, processes: int, saved: dict | None) -> tuple[TrainConfig, str]:
+  """`cfg` for a job with `data_parallel` batch-splitting devices over `processes` hosts, resuming a checkpoint
+  whose config and job shape are `saved` ({"config": ..., "job": {"processes", "devices"}}; None: a new run).
+
+  The global batch is the run's optimisation and stays. Only grad_accum adapts, and only on resume: each
+  micro-batch must split over the data-parallel devices, and no device may hold more rows of a micro-batch than
+  it did in the job that saved the checkpoint (that many are known to fit). The configured grad_accum is kept
+  when it satisfies both, else the smallest that does. (cfg, a note for the log, "" if nothing changed.) A
+  global batch this job cannot split at all is a LayoutError saying which device and host counts would take it.
+  """
+  if saved is None:   # a new run: check_batch_layout says what does not split
+    return cfg, ""
+  batch = cfg.global_batch
+  if batch % data_parallel or batch % processes:
+    divisors = [n for n in range(1, batch + 1) if batch % n == 0]
+    raise LayoutError(f"global_batch={batch} cannot be split over this job's {data_parallel} data-parallel devices "
+                      f"on {processes} host(s); keep the run's global batch on a job whose data-parallel devices "
+                      f"and hosts each divide {batch} ({', '.join(map(str, divisors))}), or change global_batch "
+                      "(a different optimisation)")
+  if not saved.get("job", {}).get("devices"):   # saved before jobs were recorded: the configured grad_accum
+    return cfg, ""
+  before = saved["config"]
+  saved_shape = sharding.mesh_shape(MeshConfig(**before["mesh"]), saved["job"]["devices"])
+  per_device = max(before["global_batch"] // (before["grad_accum"] * saved_shape[0] * saved_shape[1]), 1)
+
+  def fits(accum: int) -> bool:
+    return batch % (accum * data_parallel) == 0 and batch // (accum * data_parallel) <= per_device
+
+  if fits(cfg.grad_accum):
+    return cfg, ""
+  accum = next(a for a in range(1, batch // data_parallel + 1) if fits(a))   # batch // data_parallel always fits
+  return cfg.replace(grad_accum=accum), (
+      f"grad_accum {cfg.grad_accum} → {accum} on this job's {data_parallel} data-parallel devices (the checkpoint's "
+      f"job: {saved['job']['devices']} devices, {per_device} rows per device per micro-batch); global_batch "
+      f"{batch} kept")
 
 
 @dataclasses.dataclass(frozen=True)
