@@ -1,7 +1,7 @@
 """One Pattention fwd+bwd compiled for one TPU v4 chip: the TPU compiler's FLOPs, bytes, cost-model time and
-temporary memory per kernel (plain, lean). Nothing runs; it needs libtpu (`pip install -e '.[plan]'`).
+temporary memory per kernel (plain, lean, pallas). Nothing runs; it needs libtpu (`pip install -e '.[plan]'`).
 
-    python benchmarks/plan_pattention.py [--tokens 32768] [--n 576 2304 8620 34480] [--kernels plain lean]
+    python benchmarks/plan_pattention.py [--tokens 32768] [--n 576 2304 8620 34480] [--kernels plain lean pallas]
                                          [--gelu erf tanh]
 
 x [tokens, 768] in bfloat16 (the ladder's compute dtype), K_P and V_P [n, 768] float32 (cast in the kernel), the
@@ -26,8 +26,12 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 from tokenformer_jax import plan  # noqa: E402
 from tokenformer_jax.model.pattention import pattention  # noqa: E402
 from tokenformer_jax.model.pattention_lean import lean_pattention  # noqa: E402
+from tokenformer_jax.model.pattention_pallas import pallas_pattention  # noqa: E402
 
-KERNELS = {"plain": pattention, "lean": functools.partial(lean_pattention, unroll=True)}
+# pallas: the Mosaic kernels with the model's default blocks (2048 parameter tokens, 512 tokens, fitted to VMEM); the
+# cost model's time for them is the kernels' own estimate (their cost_estimate), not the compiler's.
+KERNELS = {"plain": pattention, "lean": functools.partial(lean_pattention, unroll=True),
+           "pallas": functools.partial(pallas_pattention, block=2048, token_block=512)}
 
 
 def compile_one(kernel, tokens: int, n: int, d: int, device, approximate_gelu: bool):

@@ -141,7 +141,6 @@ def test_every_command_in_the_readme_and_the_guides_passes_the_doc_check(report)
   assert len(ours) >= 100 and {"README.md", "docs/ladder.md"} <= {r["place"].split(":")[0] for r in ours}
   hows = {r["how"] for r in ours}
   assert {"--help, run", "flags parsed, --dry_run", "flags parsed"} <= hows, hows   # each way of checking is used
-  assert data["seconds"] < 90, f"the doc-check took {data['seconds']} s; its budget is ~90 s"
 
 
 @pytest.mark.slow

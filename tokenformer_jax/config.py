@@ -18,7 +18,7 @@ PROJECTIONS = ("query", "key", "value", "output", "ffn")
 NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax", "gelu")
 MLPS = ("gelu", "swiglu")
 REMAT = ("none", "full", "dots", "dots_no_batch", "projections", "lean")
-PATTENTION_KERNELS = ("plain", "lean")
+PATTENTION_KERNELS = ("plain", "lean", "pallas")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -131,9 +131,14 @@ class ModelConfig:
   pattention_impl: str = "auto"
   # How a Pattention computes Eq. 4: "plain" (scores [..., n] in one piece, kept for the backward pass) or
   # "lean" (a custom_vjp over blocks of `pattention_block` parameter tokens that keeps only per-row statistics;
-  # pattention_lean.py). Under tensor parallelism pair "lean" with pattention_impl="shard_map".
+  # pattention_lean.py). Under tensor parallelism pair "lean" with pattention_impl="shard_map". "pallas": fused
+  # Pallas kernels that keep each [token block, parameter block] tile of scores in VMEM (pattention_pallas.py;
+  # interpreted off TPU; always in the shard_map form, the partitioner cannot split a Pallas call).
   pattention_kernel: str = "plain"
   pattention_block: int = 2048
+  # "pallas": tokens per block (0: the kernel's default, 512). On TPU both blocks are rounded up to the 128 tile and
+  # halved until each pass fits v4's VMEM (pattention_pallas.fitted_blocks); elsewhere they are used as given.
+  pattention_token_block: int = 0
   # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer
   # (it counts a loop body once); the TPU plan sets it.
   unroll_layers: bool = False
@@ -163,6 +168,9 @@ class ModelConfig:
     need(self.pattention_kernel in PATTENTION_KERNELS,
          f"pattention_kernel must be one of {'|'.join(PATTENTION_KERNELS)}, got {self.pattention_kernel!r}")
     need(self.pattention_block > 0, f"pattention_block must be positive, got {self.pattention_block}")
+    need(isinstance(self.pattention_token_block, int) and self.pattention_token_block >= 0,
+         "pattention_token_block must be an integer >= 0 (0: the kernel's default), got "
+         f"{self.pattention_token_block!r}")
     need(self.vocab_size > 0 and self.vocab_multiple > 0, "vocab_size and vocab_multiple must be positive")
     need(self.mlp in MLPS, f"mlp must be one of {'|'.join(MLPS)}, got {self.mlp!r}")
     if self.positions == "rotary":

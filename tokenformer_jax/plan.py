@@ -131,6 +131,12 @@ class Plan:
   kernel: str = "plain"                 # model.pattention_kernel
 
   @property
+  def kernel_estimate(self) -> bool:
+    """Whether the step time rests on a Pallas kernel's own `cost_estimate` (XLA's cost model cannot look inside
+    a Pallas call and takes the kernel's word for it): a figure to read, not one to rank kernels by."""
+    return self.kernel == "pallas"
+
+  @property
   def mfu(self) -> float | None:
     if not self.step_seconds:
       return None
@@ -323,6 +329,9 @@ def table_row(result: Plan, tokens: float, name: str | None = None) -> str:
   step = "?" if result.step_seconds is None else f"{result.step_seconds:.3f} s"
   if result.step_seconds is not None and result.cost_micro_steps > 1:
     step += f" (in {result.cost_micro_steps} parts)"
+  if result.step_seconds is not None and result.kernel_estimate:
+    step += " (kernel's estimate)"
+    mfu += " (kernel's estimate)"
   return (f"| {name or result.config} | {result.topology} ({result.chips}) | {mesh}, {result.preset} | "
           f"{result.kernel}, {result.remat} | {memory} | {result.model_flops_per_step:.3g}{compiler} | {step} | "
           f"{mfu} | {tokens:.3g} | "
@@ -346,7 +355,8 @@ def describe(result: Plan, tokens: float) -> str:
                    "micro-steps, a slight over-estimate)")
     lines.append(f"  cost-model step time {_number(result.step_seconds, '.4f')} s, MFU "
                  f"{'?' if result.mfu is None else f'{result.mfu:.1%}'} of {PEAK_FLOPS_PER_CHIP / 1e12:.0f} TFLOP/s "
-                 f"per chip")
+                 f"per chip" + (" (the Pallas calls in it: the kernel's own estimate, not the compiler's)"
+                                if result.kernel_estimate else ""))
     lines.append(f"  {tokens:.3g} tokens: {_number(result.days(tokens), '.2f')} days, "
                  f"{_number(result.chip_hours(tokens), ',.0f')} chip-hours")
   return "\n".join(lines)

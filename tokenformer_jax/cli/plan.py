@@ -8,6 +8,7 @@
   python -m tokenformer_jax.cli.plan --ladder=paper --dry_run       # the stages' settings; compiles nothing
   python -m tokenformer_jax.cli.plan --ladder=paper --stages=paper_1_4b --search --kernels=plain,lean
   python -m tokenformer_jax.cli.plan --ladder=paper --compare --kernels=plain,lean --remats=projections,lean
+  python -m tokenformer_jax.cli.plan --ladder=paper --compare --kernels=plain,lean,pallas --remats=projections
 
 A model config (experiments/paper.py) is planned with a default recipe: 512 × 1024 tokens per step, bf16
 compute, FSDP over all chips. A TrainConfig is planned as it is. --set applies to the TrainConfig (to every
@@ -39,8 +40,9 @@ COMPARE = flags.DEFINE_bool("compare", False, "--ladder: plan every --kernels ×
 SLICES = flags.DEFINE_list("slices", list(plan.LADDER_SLICES), "--search: the slices to try, smallest first.")
 REMATS = flags.DEFINE_list("remats", list(plan.REMAT_ORDER), "--search, --compare: remat policies to try, in "
                            "this order.")
-KERNELS = flags.DEFINE_list("kernels", [], "--search, --compare: Pattention kernels to compare (plain, lean): one row "
-                            "per stage and kernel. Empty: each stage's own kernel.")
+KERNELS = flags.DEFINE_list("kernels", [], "--search, --compare: Pattention kernels to compare (plain, lean, pallas): "
+                            "one row per stage and kernel. Empty: each stage's own kernel. --compare never names "
+                            "pallas fastest: its step time is the kernel's own estimate.")
 
 
 def train_config(spec: str, overrides) -> TrainConfig:
@@ -96,10 +98,11 @@ def failed_row(stage, failure: str, kernel: str) -> str:
 
 
 def compare(stages, kernels, remats) -> None:
-  """Each stage on its own slice with every kernel × remat: one row each, then the fastest that fits."""
-  rows, best = [], []
+  """Each stage on its own slice with every kernel × remat: one row each, then the fastest that fits. A pallas row's
+  step time is its kernel's own estimate (plan.Plan.kernel_estimate): shown, never ranked."""
+  rows, best, unranked = [], [], False
   for stage in stages:
-    fastest = None
+    fastest, stage_unranked_fit = None, False
     for kernel in kernels or [stage.config.model.pattention_kernel]:
       for remat in remats:
         cfg = stage.config.replace(model=stage.config.model.replace(pattention_kernel=kernel, remat=remat))
@@ -109,12 +112,18 @@ def compare(stages, kernels, remats) -> None:
           rows.append(failed_row(stage, first_line(error), f"{kernel}, {remat}"))
         else:
           rows.append(plan.table_row(result, stage.tokens, stage.name))
-          if result.fits and result.step_seconds and (fastest is None or result.step_seconds < fastest.step_seconds):
+          unranked |= result.kernel_estimate
+          stage_unranked_fit |= result.kernel_estimate and result.fits
+          if (result.fits and result.step_seconds and not result.kernel_estimate
+              and (fastest is None or result.step_seconds < fastest.step_seconds)):
             fastest = result
         print(rows[-1], flush=True)
     best.append(f"{stage.name} on {stage.accelerator}: " + (
-        f"kernel {fastest.kernel}, remat {fastest.remat} (MFU {fastest.mfu:.1%})" if fastest else "nothing fits"))
-  print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows) + "\n\nfastest that fits:\n  " + "\n  ".join(best))
+        f"kernel {fastest.kernel}, remat {fastest.remat} (MFU {fastest.mfu:.1%})" if fastest else
+        "only pallas fits (not ranked)" if stage_unranked_fit else "nothing fits"))
+  note = ("\n(pallas rows are not ranked: their step time is the kernel's own estimate; time them on a TPU with "
+          "benchmarks/pattention_kernels.py)" if unranked else "")
+  print("\n" + plan.TABLE_HEADER + "\n" + "\n".join(rows) + "\n\nfastest that fits:\n  " + "\n  ".join(best) + note)
 
 
 @one_line_errors(ValueError, plan.PlanError)

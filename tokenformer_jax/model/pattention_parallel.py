@@ -29,14 +29,18 @@ BATCH_AXES = ("data", "fsdp")
 
 def tensor_parallel_pattention(x: jax.Array, key_param_tokens: jax.Array, value_param_tokens: jax.Array, *,
                                mesh=None, reduce: str = "psum", n_scale: float | None = None,
-                               kernel: Callable = pattention, **pattention_kwargs) -> jax.Array:
+                               kernel: Callable = pattention, check_vma: bool = True,
+                               **pattention_kwargs) -> jax.Array:
   """Eq. 4 with the parameter tokens split over the "tensor" axis of `mesh`.
 
   `mesh`: a Mesh or AbstractMesh; default the one in context (`jax.sharding.use_abstract_mesh`, which
   `sharding.activation_sharding` enters inside the train step). Without a mesh, or one with no "tensor"
   axis, this is plain `pattention`. x's leading (batch) axis is split over whichever of "data" and "fsdp"
   the mesh has, when it divides. `kernel` computes each shard's part: `pattention` or `lean_pattention`
-  (pattention_lean.py), or a partial of either; the other keyword arguments are theirs.
+  (pattention_lean.py) or `pallas_pattention` (pattention_pallas.py), or a partial of one; the other keyword
+  arguments are theirs. `check_vma=False` for a kernel JAX cannot type per mesh axis (a Pallas kernel in interpret
+  mode replays its constants without those types): shard_map's transpose then sums the cotangents of the inputs
+  each shard holds whole (x over "tensor", K_P and V_P over the batch axes) itself.
   """
   if n_scale is None:
     n_scale = key_param_tokens.shape[0]   # the global row count, not the shard's
@@ -67,4 +71,4 @@ def tensor_parallel_pattention(x: jax.Array, key_param_tokens: jax.Array, value_
     return jax.lax.psum_scatter(partial_out, TENSOR_AXIS, scatter_dimension=x.ndim - 1, tiled=True)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, P(TENSOR_AXIS), P(TENSOR_AXIS)),
-                       out_specs=out_spec)(x, key_param_tokens, value_param_tokens)
+                       out_specs=out_spec, check_vma=check_vma)(x, key_param_tokens, value_param_tokens)

@@ -18,6 +18,7 @@ from tokenformer_jax.config import ModelConfig
 from tokenformer_jax.model.layers import ACTIVATION_AXES, cached_self_attention, causal_self_attention, layer_norm
 from tokenformer_jax.model.pattention import Pattention, pattention
 from tokenformer_jax.model.pattention_lean import lean_pattention
+from tokenformer_jax.model.pattention_pallas import DEFAULT_TOKEN_BLOCK, pallas_pattention
 from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention
 
 
@@ -29,13 +30,20 @@ def init_stds(cfg: ModelConfig, projection: str) -> tuple[float, float]:
 
 
 def pattention_function(cfg: ModelConfig) -> Callable:
-  """The Eq. 4 function a model's Pattentions call: cfg.pattention_kernel ("plain" | "lean", with
-  cfg.pattention_block rows per block) in cfg.pattention_impl's form ("auto" | "shard_map")."""
-  return _kernel(cfg.pattention_kernel, cfg.pattention_impl, cfg.pattention_block, cfg.unroll_layers)
+  """The Eq. 4 function a model's Pattentions call: cfg.pattention_kernel ("plain" | "lean" | "pallas", with
+  cfg.pattention_block rows per block and, for "pallas", cfg.pattention_token_block tokens) in
+  cfg.pattention_impl's form ("auto" | "shard_map"; "pallas" is always in the shard_map form)."""
+  return _kernel(cfg.pattention_kernel, cfg.pattention_impl, cfg.pattention_block, cfg.pattention_token_block,
+                 cfg.unroll_layers)
 
 
 @functools.cache   # one object per choice, so that modules built from equal configs compare equal
-def _kernel(kernel: str, impl: str, block: int, unroll: bool) -> Callable:
+def _kernel(kernel: str, impl: str, block: int, token_block: int, unroll: bool) -> Callable:
+  if kernel == "pallas":
+    # A Pallas call is opaque to the partitioner: under any mesh it runs per device inside the shard_map (the batch
+    # split as the mesh says, K_P / V_P all-gathered unless split over "tensor"); without one, directly.
+    function = functools.partial(pallas_pattention, block=block, token_block=token_block or DEFAULT_TOKEN_BLOCK)
+    return functools.partial(tensor_parallel_pattention, kernel=function, check_vma=False)
   # unroll_layers asks for loop-free code (the plan's cost compile): unroll the blocks too.
   function = pattention if kernel == "plain" else functools.partial(lean_pattention, block=block, unroll=unroll)
   if impl == "shard_map":
