@@ -7,9 +7,10 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import NOT_RUN, REPO
 
 from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
 from tokenformer_jax.growth import grow, grown_config
@@ -72,6 +73,31 @@ def test_cache_decoding_equals_full_recomputation(case):
   decode.generate(cfg, params, [prompts[1][:5], prompts[0] + prompts[2], [7]], max_new_tokens=6,
                   temperature=0.8, top_k=5, top_p=0.9, seed=3)
   assert (prefill._cache_size(), step._cache_size()) == compiled == (1, 1)
+
+
+def decode_step_memory(cfg: ModelConfig, batch: int, slots: int):
+  """memory_analysis() of the jitted decode step for a cache of `slots` slots (compiled, never run)."""
+  _, step = decode.decode_functions(cfg, None)
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, slots))
+  rows, key = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))
+  sampling = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.float32, jnp.int32, jnp.float32)]
+  return step.lower(params, cache, rows, rows, key, *sampling).compile(NOT_RUN).memory_analysis()
+
+
+# The step must write its new rows into the donated cache in place and read the cache where it lies. What may grow
+# with the slots is the attention's logits and weights, [batch, heads, slots] float32 per layer: 1/head_dim of one
+# layer's keys each. The scan over layers that this replaced needed 8.4 layers' keys more at 2048 slots here (a
+# second cache and more). Three layers, so that "does not scale with layers × slots" is no one-layer accident;
+# batch 1 (where a write on the 4-d cache once made XLA copy it) and batch 2.
+@pytest.mark.parametrize("case, batch", [("tokenformer-rotary", 1), ("transformer-none", 2)])
+def test_decode_step_temp_memory_does_not_grow_with_the_cache(case, batch):
+  layers = 3
+  cfg = tiny_config(*case.split("-")).replace(n_layers=layers, max_seq_len=2048)
+  one_layer_keys = batch * cfg.n_heads * 2048 * cfg.head_dim * 4   # bytes, float32
+  small, large = (decode_step_memory(cfg, batch, slots) for slots in (128, 2048))
+  assert large.temp_size_in_bytes - small.temp_size_in_bytes <= one_layer_keys / 4, (small, large)
+  assert large.alias_size_in_bytes == 2 * layers * one_layer_keys   # every layer's k and v updated in place
 
 
 def test_sampling_respects_top_k_top_p_and_seed():

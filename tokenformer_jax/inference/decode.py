@@ -10,9 +10,10 @@ Compilation: the prefill compiles once per (batch, bucket, cache length) and the
 length); the cache length is a power-of-two bucket of bucket + max_new_tokens, capped at max_seq_len.
 Temperature, top-k, top-p and the seed are traced values: changing them recompiles nothing.
 
-The cache {"k", "v"}: [layers, batch, cache_length, heads, head_dim] carries the logical axes
-("layers", "batch", "length", "heads", None) and is laid out by the sharding table's activation rules: the batch
-over the data-parallel mesh axes, the heads over "tensor".
+The cache is one {"k", "v"}: [batch, heads, cache_length, head_dim] per layer, separate buffers that the step
+(which donates them) updates and reads in place, so a step's cost grows with the cache only by reading it once
+(`LanguageModel.decode_layers`). Each carries the logical axes ("batch", "heads", "length", None) and is laid out
+by the sharding table's activation rules: the batch over the data-parallel mesh axes, the heads over "tensor".
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tokenformer_jax.model import LanguageModel
 from tokenformer_jax.model.layers import CACHE_AXES
 
 MIN_BUCKET = 16
-CACHE_SPEC = P("layers", *CACHE_AXES)
+CACHE_SPEC = P(*CACHE_AXES)   # each layer's buffer
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET, maximum: int | None = None) -> int:
@@ -43,17 +44,19 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET, maximum: int | None = None)
 
 
 def cache_sharding(mesh: Mesh):
+  """The sharding of each layer's cache buffer on `mesh`."""
   return nn.logical_to_mesh_sharding(CACHE_SPEC, mesh, sharding.ACTIVATION_RULES)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, mesh: Mesh | None = None) -> dict:
-  """An empty KV cache for `batch` rows of up to `length` positions, placed by the sharding table on `mesh`."""
-  shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
-  make = lambda: {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+def init_cache(cfg: ModelConfig, batch: int, length: int, mesh: Mesh | None = None) -> list[dict]:
+  """An empty KV cache for `batch` rows of up to `length` positions: a list of one {"k", "v"} per layer, placed by
+  the sharding table on `mesh`."""
+  shape = (batch, cfg.n_heads, length, cfg.head_dim)
+  make = lambda: [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.n_layers)]
   if mesh is None:
     return make()
   placed = cache_sharding(mesh)
-  return jax.jit(make, out_shardings={"k": placed, "v": placed})()
+  return jax.jit(make, out_shardings=[{"k": placed, "v": placed}] * cfg.n_layers)()
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:

@@ -77,8 +77,26 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
 
 
 # Decoding with a KV cache -------------------------------------------------------------------------------
-# One layer's cache: {"k", "v"}: [batch, cache_length, heads, head_dim], keys stored after the rotary.
-CACHE_AXES = ("batch", "length", "heads", None)
+# One layer's cache: {"k", "v"}: [batch, heads, cache_length, head_dim], keys stored after the rotary. Heads before
+# slots, so that each (row, head) block of slots is one contiguous [cache_length, head_dim] matrix: the attention's
+# two products read it where it lies (a [batch, slots, heads, ...] layout makes XLA transpose every layer's cache
+# into a copy on every step first).
+CACHE_AXES = ("batch", "heads", "length", None)
+
+
+def _write(cache: jax.Array, new_rows: jax.Array, positions: jax.Array) -> jax.Array:
+  """cache [batch, heads, slots, head_dim] with new_rows [batch, new, heads, head_dim] stored at slots positions
+  [batch, new] (a position past the end writes nothing: a finished row's, see `decode.generate`).
+
+  The scatter goes through the [batch·heads, slots, head_dim] view of the same buffer, the shape XLA gives the
+  attention's products: the updated view is then the products' operand itself. Written on the 4-d array, the
+  view the products take of the result makes XLA's CPU fusion duplicate the write into a fresh buffer for them,
+  and then copy the whole cache to keep the donated one (two copies of every layer's cache per token)."""
+  batch, heads, slots, head_dim = cache.shape
+  rows = jnp.arange(batch)[:, None, None] * heads + jnp.arange(heads)[None, :, None]   # [batch, heads, 1]
+  flat = cache.reshape(batch * heads, slots, head_dim)
+  flat = flat.at[rows, positions[:, None, :]].set(new_rows.transpose(0, 2, 1, 3).astype(cache.dtype), mode="drop")
+  return nn.with_logical_constraint(flat.reshape(cache.shape), CACHE_AXES)
 
 
 def cached_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig, cache: dict,
@@ -86,9 +104,10 @@ def cached_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
   """Attention of new tokens at absolute positions start[b], start[b] + 1, ... over the cache and themselves.
 
   q, k, v: [batch, new, d] (new = the bucketed prompt length when prefilling, 1 per decode step); start: [batch]
-  int32. The new keys and values are written into the cache at their positions, and a query at position p sees
-  the cache slots 0..p: with right-padded prompts every slot a query sees holds a real token, since a decode step
-  writes slot p before it reads it. Returns (out [batch, new, d], the updated cache).
+  int32. The new keys and values are written into the cache at their positions (`_write`: in place when the
+  cache is donated), and a query at position p sees the cache slots 0..p: with right-padded prompts every slot
+  a query sees holds a real token, since a decode step writes slot p before it reads it. Returns (out [batch,
+  new, d], the updated cache).
   """
   batch, new, d = q.shape
   split = lambda t: nn.with_logical_constraint(t.reshape(batch, new, cfg.n_heads, cfg.head_dim), HEADS_AXES)
@@ -97,14 +116,15 @@ def cached_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
   if cfg.positions == "rotary":
     q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base, positions)
     k = apply_rotary(k, cfg.rotary_dims, cfg.rotary_base, positions)
-  write = jax.vmap(lambda slots, rows, at: jax.lax.dynamic_update_slice(slots, rows, (at, 0, 0)))
-  cache = {name: nn.with_logical_constraint(write(cache[name], new_rows.astype(cache[name].dtype), start),
-                                            CACHE_AXES)
-           for name, new_rows in (("k", k), ("v", v))}
+  cache = {name: _write(cache[name], new_rows, positions) for name, new_rows in (("k", k), ("v", v))}
   keys, values = cache["k"].astype(q.dtype), cache["v"].astype(v.dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-  visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]   # [batch, new, slots]
+  # Keys as the first product's left operand, weights as the second's: the orientations in which XLA's CPU dots
+  # read the cache where it lies (others transpose it, or take the softmax along a non-minor axis: the step's
+  # attention ran 2-4x slower on a CPU).
+  logits = jnp.einsum("bhkd,bqhd->bhkq", keys, q, preferred_element_type=jnp.float32).transpose(0, 1, 3, 2)
+  logits = logits / jnp.sqrt(cfg.head_dim)
+  visible = jnp.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]   # [batch, new, slots]
   logits = jnp.where(visible[:, None], logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, values, preferred_element_type=jnp.float32).astype(v.dtype)
+  out = jnp.einsum("bhqk,bhkd->bqhd", weights, values, preferred_element_type=jnp.float32).astype(v.dtype)
   return out.reshape(batch, new, d), cache

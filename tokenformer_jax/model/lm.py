@@ -36,11 +36,12 @@ class LanguageModel(nn.Module):
   """tokens [batch, length] int → logits [batch, length, padded_vocab] float32.
 
   The layers are one `nn.scan` over a block, so parameters carry a leading "layers" axis and a 40-layer
-  model compiles as fast as a 1-layer one.
+  model compiles for training as fast as a 1-layer one (decoding unrolls the layers: `decode_layers`).
 
   Decoding: `apply(variables, tokens, cache, start)` runs `tokens` at positions start[b], start[b] + 1, ...
-  against a KV cache {"k", "v"}: [layers, batch, cache_length, heads, head_dim] (`inference.decode.init_cache`)
-  and returns (logits, updated cache); see `layers.cached_self_attention`.
+  against a KV cache, one {"k", "v"}: [batch, heads, cache_length, head_dim] per layer
+  (`inference.decode.init_cache`), and returns (logits, updated cache); see `decode_layers` and
+  `layers.cached_self_attention`.
   """
   cfg: ModelConfig
 
@@ -53,15 +54,18 @@ class LanguageModel(nn.Module):
         (cfg.padded_vocab, cfg.d_model), jnp.float32)
     x = nn.with_logical_constraint(jnp.take(embedding, tokens, axis=0).astype(cfg.dtype), ACTIVATION_AXES)
 
-    block = BLOCKS[cfg.architecture]
-    if cfg.remat != "none":
-      # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
-      # prevent_cse must.
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                     unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, cache = layers(cfg, name="layers")(x, cache, start)   # the cache (None when training) is scanned too
+    if cache is None:
+      block = BLOCKS[cfg.architecture]
+      if cfg.remat != "none":
+        # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
+        # prevent_cse must.
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
+                       unroll=cfg.n_layers if cfg.unroll_layers else 1,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = layers(cfg, name="layers")(x)
+    else:
+      x, cache = self.decode_layers(x, cache, start)
 
     if cfg.final_norm_params:
       x = LayerNorm(cfg.layer_norm_eps, name="final_norm")(x)
@@ -74,6 +78,21 @@ class LanguageModel(nn.Module):
       logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, jnp.finfo(jnp.float32).min)
     logits = nn.with_logical_constraint(logits, LOGITS_AXES)
     return logits if cache is None else (logits, cache)
+
+  def decode_layers(self, x: jax.Array, cache: list[dict], start: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """The same block as training's scan, applied layer by layer (unrolled) to layer i's slice of the scanned
+    parameters and to cache[i], that layer's own buffers. Why not the scan: a scanned cache comes back as a new
+    stacked array (the whole cache written again on every token), and a cache carried through the scan must be
+    sliced to a layer, which XLA copies before attending over it. Separate buffers are updated in place (the
+    step donates them) and read in place; each step reads every layer's cache once. Needs the parameters of an
+    initialised model (`init` never decodes)."""
+    block = BLOCKS[self.cfg.architecture](self.cfg, parent=None)
+    stacked = nn.meta.unbox(self.variables["params"]["layers"])
+    updated = []
+    for i, layer_cache in enumerate(cache):
+      x, layer_cache = block.apply({"params": jax.tree.map(lambda p: p[i], stacked)}, x, layer_cache, start)
+      updated.append(layer_cache)
+    return x, updated
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
