@@ -135,9 +135,10 @@ def roll_back(run: Run, checkpoints: RunCheckpoints, train_batches, guard: Spike
   if latest is None:
     raise TrainingError(f"the loss spiked {guard.patience} times in a row at step {step}, before the first "
                         "checkpoint: lower optim.learning_rate or save earlier (checkpoint_every)")
-  state, _ = starting_state(run, checkpoints, train_batches, None)
-  log.say(guard.rolled_back(step, checkpoints.latest_step()))
-  return state, int(jax.device_get(state.step))
+  state, _ = starting_state(run, checkpoints, train_batches, None)   # (past a broken newest one, if need be)
+  restored = int(jax.device_get(state.step))
+  log.say(guard.rolled_back(step, restored))
+  return state, restored
 
 
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
