@@ -23,10 +23,10 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
 from tokenformer_jax import fileio, report, sharding  # noqa: E402
-from tokenformer_jax.checkpoint import RunCheckpoints, write_new_run  # noqa: E402
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
                                     count_params, to_dict)
 from tokenformer_jax.growth import Provenance, grow, grown_config, net2net_widen  # noqa: E402
+from tokenformer_jax.run import RunDir, load_tokenizer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
@@ -91,7 +91,8 @@ def run_dir(root, cfg: TrainConfig, origin: str = "") -> epath.Path:
 
 
 def finished(cfg: TrainConfig, workdir: epath.Path) -> bool:
-  return (workdir / "checkpoints" / str(cfg.steps)).is_dir() and report.is_run(workdir)
+  run = RunDir(workdir)
+  return run.finished(cfg.steps) and run.is_training_run()
 
 
 def train_run(cfg: TrainConfig, root, *, init_from=None, name: str | None = None) -> report.Curve:
@@ -101,10 +102,11 @@ def train_run(cfg: TrainConfig, root, *, init_from=None, name: str | None = None
   workdir = run_dir(root, cfg, epath.Path(init_from).name if init_from else "")
   if not finished(cfg, workdir):
     started = time.time()
-    if init_from is not None and not (workdir / "metrics.jsonl").exists():
+    metrics = RunDir(workdir).metrics_file
+    if init_from is not None and not metrics.exists():
       loss = eval_loss(cfg, init_from)
       workdir.mkdir(parents=True, exist_ok=True)
-      fileio.write_text(workdir / "metrics.jsonl", json.dumps({"step": 0, "eval/loss": loss}) + "\n")
+      fileio.write_text(metrics, json.dumps({"step": 0, "eval/loss": loss}) + "\n")
     final = train(cfg, str(workdir), init_from=None if init_from is None else str(init_from))
     if not finished(cfg, workdir):   # SIGTERM: the trainer saved and returned; so do we
       raise SystemExit(f"stopped in {workdir}; run the same command again to continue")
@@ -117,26 +119,24 @@ def eval_loss(cfg: TrainConfig, params_dir) -> float:
   """Validation loss of the parameters in `params_dir` (latest checkpoint) under `cfg`, on the batches the
   trainer evaluates on."""
   from tokenformer_jax.data.pipeline import make_eval_batches
-  from tokenformer_jax.data.tokenizer import Tokenizer
   from tokenformer_jax.growth import start_from_grown
-  from tokenformer_jax.train.steps import loss_sums
+  from tokenformer_jax.train.steps import loss_sums, mean_loss
   cfg, _, _ = start_from_grown(cfg, str(params_dir))
   params = restore(params_dir, cfg.model)
-  batches = make_eval_batches(cfg.data, Tokenizer.load(cfg.data.tokenizer), global_batch=cfg.global_batch,
+  batches = make_eval_batches(cfg.data, load_tokenizer(cfg, trained=False), global_batch=cfg.global_batch,
                               max_batches=cfg.eval_batches)
   sums = jax.jit(lambda p, b: loss_sums(cfg.model, p, b["tokens"], b["mask"]))
-  totals = np.array([jax.device_get(sums(params, b)) for b in batches], float)
-  return float(totals[:, 0].sum() / totals[:, 1].sum())
+  return mean_loss(sums(params, b) for b in batches)
 
 
 def restore(run_dir, model: ModelConfig):
   mesh_cfg = TrainConfig(model=model).mesh
-  abstract, _ = sharding.place(model, sharding.make_mesh(mesh_cfg), mesh_cfg.preset)
-  return RunCheckpoints(run_dir, read_only=True).restore_params(abstract)
+  with RunDir(run_dir) as run:
+    return run.params(model, sharding.make_mesh(mesh_cfg), mesh_cfg.preset)
 
 
 def save_params(dst: epath.Path, params, cfg: TrainConfig, provenance: Provenance) -> None:
-  write_new_run(dst, params=params, config=to_dict(cfg), extra=provenance.to_json())
+  RunDir(dst).write_checkpoint(params=params, config=cfg, record=provenance)
 
 
 def grow_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, init: str, seed: int,
@@ -148,7 +148,7 @@ def grow_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, ini
   model = grown_config(old.model, new.model, keep_scale=keep_scale)
   dst = run_dir(root, new.replace(model=model), f"{src.name}/{init}/{seed}/{keep_scale}")
   dst = dst.parent / f"{dst.name}-grown"
-  if not (dst / "checkpoints" / "0").is_dir():
+  if not RunDir(dst).finished(0):
     params = grow(restore(src, old.model), old.model, model, init=init, rng=jax.random.key(seed))
     save_params(dst, params, new.replace(model=model),
                 Provenance(source=str(src), source_step=old.steps, init=init, scale="keep" if keep_scale else "follow",
@@ -162,7 +162,7 @@ def widen_run(src: report.Curve, old: TrainConfig, new: TrainConfig, root, *, no
   src = epath.Path(src.path)
   dst = run_dir(root, new, f"{src.name}/net2net/{noise}/{seed}")
   dst = dst.parent / f"{dst.name}-grown"
-  if not (dst / "checkpoints" / "0").is_dir():
+  if not RunDir(dst).finished(0):
     params = net2net_widen(restore(src, old.model), old.model, new.model, noise=noise, rng=jax.random.key(seed))
     save_params(dst, params, new, Provenance(source=str(src), source_step=old.steps, init="net2net", scale="keep",
                                              old_noise=noise, seed=seed, old_model=old.model, new_model=new.model))

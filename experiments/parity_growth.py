@@ -29,6 +29,7 @@ from experiments import _harness as h
 from experiments import parity
 from tokenformer_jax import report
 from tokenformer_jax.config import ModelConfig, ParamTokens, TrainConfig, flops_per_token
+from tokenformer_jax.run import RunDir
 
 STAGES = 3
 GROWN_FRACTION = 2   # a grown stage trains on B / 2
@@ -95,7 +96,7 @@ def trained(g: Growth, s: parity.Scale, args) -> report.Curve:
   from tokenformer_jax.cli.grow import grow_checkpoint
   source = pathlib.Path(trained(g.parent, s, args).path)
   grown = source.parent / f"{g.name(s)}-grown"
-  if not (grown / "checkpoints").is_dir():
+  if not RunDir(grown).finished(0):   # (cli.grow puts a grown checkpoint in place whole)
     init, optimizer = ("zero_keys", "reset") if g.recipe == "net2net" else g.recipe.split("+")
     grow_checkpoint(str(source), None, cfg, str(grown), init=init, optimizer=optimizer, seed=g.seed)
   return h.train_run(cfg, args.workdir, init_from=grown, name=g.name(s))

@@ -19,6 +19,7 @@ from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, array_checksum, checksums
 from tokenformer_jax.config import MeshConfig, apply_overrides, load_config
 from tokenformer_jax.model import abstract_params
+from tokenformer_jax.run import RunDir
 from tokenformer_jax.train import steps
 from tokenformer_jax.train.loop import train
 from tokenformer_jax.train.optimizer import make_optimizer
@@ -168,7 +169,7 @@ def test_broken_latest_for_growth_names_it_and_the_good_steps(trained_run, tmp_p
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   with pytest.raises(BrokenCheckpoint) as broken:
     source.restore_params(sharding.place(CFG.model, mesh, "dp")[0], 12)
-  message = str(broken_source(source, broken.value, mesh, "dp"))
+  message = str(broken_source(RunDir(run), broken.value, mesh, "dp"))
   assert f"{run}/checkpoints/12 is broken" in message and "good checkpoints" in message and "steps [8]" in message
   assert f"--checkpoint={run}/8" in message
 

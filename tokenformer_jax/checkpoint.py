@@ -41,6 +41,7 @@ from jax.experimental.multihost_utils import sync_global_devices
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenformer_jax import fileio
+from tokenformer_jax.run import CHECKPOINTS
 
 CHECKSUM_VERSION = 1
 LEGACY_DATA_ITEM = "data_iterator"   # grain's per-process iterator states, as checkpoints before data_position held
@@ -148,7 +149,7 @@ def checkpoints_dir(path: str | epath.Path) -> epath.Path:
   path = epath.Path(path)
   if "://" not in str(path):
     path = epath.Path(os.path.abspath(path))
-  return path if path.name == "checkpoints" else path / "checkpoints"
+  return path if path.name == CHECKPOINTS else path / CHECKPOINTS
 
 
 def _dotted(path) -> str:

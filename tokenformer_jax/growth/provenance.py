@@ -34,10 +34,14 @@ class Provenance:
     return record
 
   @classmethod
-  def from_checkpoint(cls, extra: dict, config: dict) -> Provenance:
+  def from_checkpoint(cls, extra: dict, config: TrainConfig | dict) -> Provenance:
+    """The record in a grown checkpoint's "extra" item; `config`: its config (or the config item as saved)."""
+    if isinstance(config, dict):
+      from tokenformer_jax.run import train_config  # pylint: disable=g-import-not-at-top (run.py imports this)
+      config = train_config(config, "the grown checkpoint's config")
     fields = {k: extra[k] for k in ("source", "source_step", "init", "scale", "old_noise", "seed")}
-    return cls(**fields, old_model=from_dict(ModelConfig, extra["old_model"]),
-               new_model=from_dict(TrainConfig, config).model, optimizer=extra.get("optimizer", "reset"))
+    return cls(**fields, old_model=from_dict(ModelConfig, extra["old_model"]), new_model=config.model,
+               optimizer=extra.get("optimizer", "reset"))
 
   def adopt(self, cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """`cfg` with the norm scale the grown function depends on: a config that leaves the scale unset takes the
@@ -62,12 +66,9 @@ class Provenance:
 
 def read_provenance(path) -> Provenance | None:
   """The record of the checkpoint at `path` (a run directory), or None if cli.grow did not make it."""
-  from tokenformer_jax.checkpoint import RunCheckpoints
-  checkpoints = RunCheckpoints(path, read_only=True)
-  extra = checkpoints.read_json(item="extra", default={})
-  if "old_model" not in extra:
-    return None
-  return Provenance.from_checkpoint(extra, checkpoints.read_json())
+  from tokenformer_jax.run import RunDir  # pylint: disable=g-import-not-at-top (run.py imports this module)
+  with RunDir(path) as run:
+    return run.provenance()
 
 
 def start_from_grown(cfg: TrainConfig, init_from: str | None) -> tuple[TrainConfig, dict | None, list[str]]:

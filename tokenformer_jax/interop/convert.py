@@ -20,11 +20,12 @@ import jax
 from etils import epath
 
 from tokenformer_jax import fileio, sharding
-from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, write_new_run
-from tokenformer_jax.config import DataConfig, MeshConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.checkpoint import CheckpointError
+from tokenformer_jax.config import DataConfig, MeshConfig, TrainConfig, count_params
 from tokenformer_jax.data.tokenizer import JsonTokenizer, Tokenizer
 from tokenformer_jax.interop import neox
 from tokenformer_jax.interop.torch_format import read_tensors, save_state_dict
+from tokenformer_jax.run import Imported, RunDir
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 # A tokenizer's file name by kind, and NeoX's tokenizer_type of that kind.
@@ -82,7 +83,7 @@ def import_checkpoint(src: str, dst: str, *, tokenizer: str | None = None, vocab
   log = (lambda *_: None) if quiet else print
   if not os.path.isdir(src):
     raise ValueError(f"--src={src} is not a directory")
-  fileio.check_destination(dst, overwrite=overwrite, source=src)
+  run = RunDir.create(dst, overwrite=overwrite, source=src)
   dst_path = epath.Path(os.path.abspath(dst))
   path = weights_file(src)
   config_json = neox.read_config(os.path.join(src, "config.json"))
@@ -109,7 +110,7 @@ def import_checkpoint(src: str, dst: str, *, tokenizer: str | None = None, vocab
   files = tokenizer_files(tokenizer, tok)
   data = DataConfig(tokenizer=str(dst_path / tokenizer_name(tok)), seq_len=min(cfg.max_seq_len, 2048))
   train_cfg = TrainConfig(model=cfg, data=data)
-  extra = {"imported_from": os.path.abspath(path), "neox_config": config_json}
+  record = Imported(imported_from=os.path.abspath(path), neox_config=config_json)
 
   dst_path.parent.mkdir(parents=True, exist_ok=True)
   # Write about one device piece at a time: without the cap Orbax has a copy of the whole model in flight.
@@ -117,9 +118,9 @@ def import_checkpoint(src: str, dst: str, *, tokenizer: str | None = None, vocab
   with tempfile.TemporaryDirectory() as staging:   # the tokenizer files under their names in the run
     for file_name, file in files.items():
       shutil.copyfile(file, os.path.join(staging, file_name))
-    write_new_run(dst_path, params=params, config=to_dict(train_cfg), extra=extra,
-                  files=[os.path.join(staging, file_name) for file_name in files],
-                  save_concurrent_gb=largest * 1.01 / 1e9)
+    run.write_checkpoint(params=params, config=train_cfg, record=record,
+                         files=[os.path.join(staging, file_name) for file_name in files],
+                         save_concurrent_gb=largest * 1.01 / 1e9)
   log(f"imported {cfg.name} ({count_params(cfg)['total'] / 1e6:.1f}M parameters) in {time.time() - started:.1f}s"
       f"\nrun: {dst_path}")
   return train_cfg
@@ -131,26 +132,25 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
   started = time.time()
   log = (lambda *_: None) if quiet else print
   fileio.check_destination(dst, overwrite=overwrite, source=src)
-  source = RunCheckpoints(src, read_only=True)
-  step = source.resolve_step(step)
-  train_cfg = from_dict(TrainConfig, source.read_json(step))
+  source = RunDir(src)
+  step = source.step(step)
+  train_cfg = source.config(step)
   cfg = train_cfg.model
   neox.check_exportable(cfg, live_scale=live_scale)
   tokenizer = train_cfg.data.tokenizer
   if not tokenizer.startswith("gs://") and not os.path.isfile(tokenizer):
     raise ValueError(f"the run's tokenizer {tokenizer} is missing; put it back there (export writes it beside the "
                      "weights)")
-  tok = Tokenizer.load(tokenizer)
+  tok = source.tokenizer(train_cfg)
   files = tokenizer_files(tokenizer, tok)
-  one_device = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  abstract, _ = sharding.place(cfg, one_device, "dp")
-  params = source.restore_params(abstract, step)
+  params = source.params(cfg, sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1]), "dp", step)
   if bad := neox.padding_is_zero(params, cfg):
     raise CheckpointError(f"{bad[0]} has nonzero rows past its token count; they have no place in the "
                           "authors' format (was the checkpoint edited outside tokenformer_jax?)")
-  extra = source.read_json(step, item="extra", default={})
-  config_json = neox.neox_config(cfg, base=extra.get("neox_config"),
+  record = source.record(step)
+  config_json = neox.neox_config(cfg, base=record.neox_config if isinstance(record, Imported) else None,
                                  tokenizer_type=TOKENIZER_TYPES[tokenizer_name(tok)])
+  source.close()
 
   dst = os.path.abspath(dst)
   temporary = fileio.temporary_directory(dst)
