@@ -22,6 +22,9 @@ def pattention(x, keys, values, normalization="l2_norm_gelu", n=None, approximat
   elif normalization == "gelu_l2_norm":
     g = gelu(a, approximate)
     theta = g / np.linalg.norm(g, axis=-1, keepdims=True) * math.sqrt(n)
+  elif normalization == "gelu_l1_norm":
+    g = gelu(a, approximate)
+    theta = g / np.abs(g).sum(axis=-1, keepdims=True) * n
   elif normalization == "softmax":
     e = np.exp(a - a.max(axis=-1, keepdims=True))
     theta = e / e.sum(axis=-1, keepdims=True) * n

@@ -7,7 +7,7 @@ import pytest
 import numpy_reference as ref
 from tokenformer_jax.model.pattention import Pattention, pattention
 
-NORMALIZATIONS = ["l2_norm_gelu", "gelu_l2_norm", "softmax"]
+NORMALIZATIONS = ["l2_norm_gelu", "gelu_l2_norm", "softmax", "gelu_l1_norm"]
 
 
 def random_problem(seed=0, batch=3, length=5, d_in=24, d_out=16, n=40):
@@ -38,7 +38,7 @@ def test_fixed_scale_vs_live_scale(normalization):
   assert np.max(np.abs(np.asarray(fixed) - np.asarray(live))) > 0.1
 
 
-@pytest.mark.parametrize("normalization", ["l2_norm_gelu", "gelu_l2_norm"])
+@pytest.mark.parametrize("normalization", ["l2_norm_gelu", "gelu_l2_norm", "gelu_l1_norm"])
 def test_zero_keys_preserve_output_with_fixed_scale_only(normalization):
   x, keys, values = random_problem(seed=2)
   rng = np.random.default_rng(3)

@@ -15,7 +15,13 @@ from typing import Any
 PROJECTIONS = ("query", "key", "value", "output", "ffn")
 # Θ of Eq. 4. "gelu" (no normalisation) is the "is Pattention just an FFN?" control: every projection a
 # two-layer MLP without biases, gelu(X·K_Pᵀ)·V_P, with TokenFormer's shapes (the plain kernel only).
-NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax", "gelu")
+# "gelu_l1_norm" (g = gelu(A); g / Σ|g| · n_scale) is the middle row of the paper's Table 4 (the plain kernel only).
+NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax", "gelu", "gelu_l1_norm")
+PLAIN_ONLY_NORMALIZATIONS = ("gelu", "gelu_l1_norm")
+# The LayerNorms inside a block (paper Table 5): "auto" is each architecture's own (TokenFormer: none; the dense
+# baseline: scale and bias); "none" (non-parametric), "bias" (β only) or "scale_bias" (γ and β) for either.
+BLOCK_NORMS = ("auto", "none", "bias", "scale_bias")
+POOLINGS = ("cls", "gap")
 MLPS = ("gelu", "swiglu")
 REMAT = ("none", "full", "dots", "dots_no_batch", "projections", "lean")
 PATTENTION_KERNELS = ("plain", "lean", "pallas")
@@ -85,6 +91,40 @@ class ParamTokens:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """What makes a model an image classifier (model/vision.py): square images cut into patch_size² patches, each
+  embedded by one dense layer, learned position embeddings, the blocks with bidirectional attention, a final
+  norm, then the class token (pooling="cls") or the mean of the patch tokens ("gap"), and a dense head."""
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  num_classes: int = 1000
+  pooling: str = "cls"
+
+  def __post_init__(self):
+    for name in ("image_size", "patch_size", "channels", "num_classes"):
+      check_int(f"model.vision.{name}", getattr(self, name), 1)
+    check_choice("model.vision.pooling", self.pooling, POOLINGS)
+    if self.image_size % self.patch_size:
+      raise ValueError(f"model.vision.patch_size={self.patch_size} does not divide "
+                       f"model.vision.image_size={self.image_size}: the image must cut into whole patches; choose a "
+                       f"patch size among {[p for p in range(1, self.image_size + 1) if self.image_size % p == 0]}")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def sequence_length(self) -> int:
+    """Tokens the blocks see per image: the patches, and the class token with pooling="cls"."""
+    return self.num_patches + (self.pooling == "cls")
+
+  @property
+  def patch_features(self) -> int:
+    return self.patch_size ** 2 * self.channels
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A TokenFormer (architecture="tokenformer") or its dense baseline ("transformer")."""
   name: str = "model"
@@ -142,6 +182,11 @@ class ModelConfig:
   # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer
   # (it counts a loop body once); the TPU plan sets it.
   unroll_layers: bool = False
+  # The LayerNorms inside each block: auto | none | bias | scale_bias (BLOCK_NORMS; paper Table 5).
+  block_norm: str = "auto"
+  # An image classifier (model/vision.py) instead of a language model: patches in, class logits out, attention
+  # bidirectional. vocab_size, max_seq_len and logits_divide_by_sqrt_d then play no part.
+  vision: VisionConfig | None = None
 
   def __post_init__(self):
     def need(ok: bool, message: str):
@@ -183,8 +228,12 @@ class ModelConfig:
            f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
       need(self.norm_scale in ("fixed", "live"), f"norm_scale must be 'fixed' or 'live', got {self.norm_scale!r}")
       need(self.init in ("fan_in", "neox"), f"init must be 'fan_in' or 'neox', got {self.init!r}")
-      need(self.normalization != "gelu" or self.pattention_kernel == "plain",
-           "normalization='gelu' (no normalisation) runs on pattention_kernel='plain' only")
+      need(self.normalization not in PLAIN_ONLY_NORMALIZATIONS or self.pattention_kernel == "plain",
+           f"normalization={self.normalization!r} runs on pattention_kernel='plain' only")
+    need(self.block_norm in BLOCK_NORMS, f"block_norm must be one of {'|'.join(BLOCK_NORMS)}, got {self.block_norm!r}")
+    if self.vision is not None:
+      need(isinstance(self.vision, VisionConfig), f"model.vision must be a VisionConfig, got {self.vision!r}")
+      need(self.positions == "none", "an image classifier has learned position embeddings: set positions='none'")
 
   # Derived sizes -------------------------------------------------------------------------------------
   @property
@@ -196,6 +245,18 @@ class ModelConfig:
     """The dense MLP's hidden units (see `mlp`)."""
     hidden = self.mlp_ratio * self.d_model
     return hidden if self.mlp == "gelu" else round(2 * hidden / 3)
+
+  @property
+  def causal(self) -> bool:
+    """Token-token attention masks the future in a language model; an image classifier's sees every patch."""
+    return self.vision is None
+
+  @property
+  def norm_params(self) -> str:
+    """The block norms' parameters: none | bias | scale_bias (block_norm with "auto" resolved)."""
+    if self.block_norm != "auto":
+      return self.block_norm
+    return "none" if self.architecture == "tokenformer" else "scale_bias"
 
   @property
   def head_dim(self) -> int:
@@ -248,6 +309,11 @@ class DataConfig:
   seq_len: int = 1024
   shuffle_seed: int = 0
   worker_count: int = 0                                    # grain worker processes per host (0: in-process)
+  # Images instead of text (data/images.py; an image classifier's data): a source name ("digits": scikit-learn's
+  # 8×8 digits, `pip install -e '.[vision]'`), with its fixed split; the text fields above then play no part.
+  image_source: str = ""
+  image_crop_padding: int = 0                              # random crops: pad by this many pixels, crop back
+  image_flip: bool = False                                 # random horizontal flips
 
   def replace(self, **changes: Any) -> DataConfig:
     return dataclasses.replace(self, **changes)
@@ -256,6 +322,9 @@ class DataConfig:
     check_int("data.seq_len", self.seq_len, 1)
     check_int("data.shuffle_seed", self.shuffle_seed, 0)
     check_int("data.worker_count", self.worker_count, 0)
+    check_int("data.image_crop_padding", self.image_crop_padding, 0)
+    if self.image_source:
+      return   # images: the text fields below play no part
     if self.validation_files or self.tfds_name or self.store:
       check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
     else:   # the validation set is held out of the training files
@@ -328,12 +397,47 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+  """Profiles and hang dumps (train/events.py; docs/reliability.md). The event log (RUN/events.jsonl) is always
+  written; these are off unless set."""
+  # "A:B": a jax.profiler trace of steps A to B-1 (as the log numbers them) into RUN/profile/process_<i>.
+  profile_steps: str = ""
+  profile_hosts: str = "0"        # the processes that trace: "all", or their indices ("0", "0,3")
+  # A step longer than hang_factor × the median of the recent steps (and than hang_min_s) is a hang: every
+  # thread's stack goes to the run's log (each process to its own) and a hang event to the event log; hang_exit_s
+  # after that, if the step is still stuck, the process exits with code 75 so the launcher restarts the job.
+  hang_factor: float = 0.0        # 0: no hang watch
+  hang_min_s: float = 60.0
+  hang_exit_s: float = 0.0        # 0: dump only, never exit
+
+  def replace(self, **changes: Any) -> DiagnosticsConfig:
+    return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    if self.profile_steps:
+      first, sep, stop = self.profile_steps.partition(":")
+      if not (sep and first.isdigit() and stop.isdigit() and 1 <= int(first) < int(stop)):
+        raise ValueError(f"diagnostics.profile_steps must look like A:B with 1 <= A < B (steps A to B-1 are "
+                         f"traced), got {self.profile_steps!r}")
+    hosts = self.profile_hosts.split(",")
+    if self.profile_hosts != "all" and not all(h.strip().isdigit() for h in hosts):
+      raise ValueError(f"diagnostics.profile_hosts must be 'all' or process indices such as 0 or 0,3; got "
+                       f"{self.profile_hosts!r}")
+    check_float("diagnostics.hang_factor", self.hang_factor, 0.0)
+    if self.hang_factor and self.hang_factor <= 1:
+      raise ValueError(f"diagnostics.hang_factor must be 0 (off) or > 1 (× the median step), got {self.hang_factor!r}")
+    check_float("diagnostics.hang_min_s", self.hang_min_s, 0.0)
+    check_float("diagnostics.hang_exit_s", self.hang_exit_s, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run: model, data, optimiser, mesh, and the loop's cadence."""
   model: ModelConfig
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
+  diagnostics: DiagnosticsConfig = DiagnosticsConfig()
   steps: int = 1000
   global_batch: int = 512          # sequences per optimizer step, over all hosts
   grad_accum: int = 1              # micro-batches per step (global_batch must divide by it)
@@ -358,6 +462,19 @@ class TrainConfig:
     self.data.validate()
     self.optim.validate()
     self.mesh.validate()
+    self.diagnostics.validate()
+    if self.model.vision is not None and not self.data.image_source:
+      raise ValueError(f"model {self.model.name!r} is an image classifier (model.vision is set) but the data is text "
+                       "(data.image_source is empty): set data.image_source (e.g. digits), or train a language model")
+    if self.model.vision is None and self.data.image_source:
+      raise ValueError(f"data.image_source={self.data.image_source!r} gives images, but model {self.model.name!r} is a "
+                       "language model (model.vision is unset): use an image classifier (experiments/vision.py) or "
+                       "leave data.image_source empty for text")
+
+  @property
+  def example_tokens(self) -> int:
+    """Tokens each example puts through the blocks: data.seq_len for text, the patches (+ class token) of an image."""
+    return self.data.seq_len if self.model.vision is None else self.model.vision.sequence_length
 
 
 def count_params(cfg: ModelConfig, *, storage: bool = True) -> dict[str, int]:
@@ -369,17 +486,21 @@ def count_params(cfg: ModelConfig, *, storage: bool = True) -> dict[str, int]:
   d, layers = cfg.d_model, cfg.n_layers
   embedding = cfg.padded_vocab * d
   final_norm = 2 * d if cfg.final_norm_params else 0
+  norms = 2 * d * {"none": 0, "bias": 1, "scale_bias": 2}[cfg.norm_params]   # the block's two LayerNorms
   if cfg.architecture == "tokenformer":
     rows = cfg.storage_tokens if storage else cfg.tokens
-    per_layer = sum(2 * rows(p) * d for p in PROJECTIONS)
+    per_layer = sum(2 * rows(p) * d for p in PROJECTIONS) + norms
   else:
     hidden = cfg.mlp_hidden
     attention = 4 * (d * d + d)
     matrices = 2 if cfg.mlp == "gelu" else 3   # each with its bias
     mlp = (matrices - 1) * (d * hidden + hidden) + hidden * d + d
-    norms = 2 * 2 * d
     per_layer = attention + mlp + norms
   non_embedding = layers * per_layer + final_norm
+  if cfg.vision is not None:   # dense patch embedding, class token, position embeddings in; a dense head out
+    v = cfg.vision
+    embedding = v.patch_features * d + d + (v.pooling == "cls") * d + v.sequence_length * d
+    non_embedding += d * v.num_classes + v.num_classes
   return {"embedding": embedding, "non_embedding": non_embedding, "total": embedding + non_embedding}
 
 
@@ -393,6 +514,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
   params = count_params(cfg)
   matmul_params = params["non_embedding"] - (2 * cfg.d_model if cfg.final_norm_params else 0) + params["embedding"]
   attention = cfg.n_layers * 2 * 2 * seq_len * cfg.d_model
+  if cfg.vision is not None:   # per token: the blocks and the patch embedding; the head once per image
+    v = cfg.vision
+    head = cfg.d_model * v.num_classes
+    matmul_params = (params["non_embedding"] - (2 * cfg.d_model if cfg.final_norm_params else 0) - head
+                     - v.num_classes + v.patch_features * cfg.d_model + head / seq_len)
   return 3 * (2 * matmul_params + attention)
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 
 import numpy as np
 from etils import epath
 
 from tokenformer_jax import fileio
-from tokenformer_jax.config import TrainConfig, count_params, flops_per_token, from_dict
-from tokenformer_jax.growth.provenance import read_provenance
+from tokenformer_jax.config import TrainConfig, count_params, flops_per_token
+from tokenformer_jax.run import RunDir, read_metrics  # noqa: F401  (read_metrics: this module's, before run.py)
 
 
 @dataclasses.dataclass
@@ -42,12 +41,12 @@ class Curve:
 
   @property
   def flops_per_step(self) -> float:
-    seq_len = self.config.data.seq_len
+    seq_len = self.config.example_tokens   # data.seq_len; an image's patches (and class token)
     return float(flops_per_token(self.config.model, seq_len)) * self.config.global_batch * seq_len
 
   @property
   def tokens_per_step(self) -> int:
-    return self.config.global_batch * self.config.data.seq_len
+    return self.config.global_batch * self.config.example_tokens
 
   @property
   def last_step(self) -> int:
@@ -96,35 +95,18 @@ class Curve:
     return None
 
 
-def read_metrics(path: str | epath.Path) -> dict[str, dict[int, float]]:
-  """metrics.jsonl → {key: {step: value}}; the last occurrence of a step wins (a resumed run repeats steps)."""
-  out: dict[str, dict[int, float]] = {}
-  for line in epath.Path(path).read_text().splitlines():
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:   # a line cut short by a kill: the rest is still good
-      continue
-    step = int(record.pop("step"))
-    for key, value in record.items():
-      out.setdefault(key, {})[step] = float(value)
-  return out
-
-
 def is_run(path: str | epath.Path) -> bool:
-  path = epath.Path(path)
-  return (path / "metrics.jsonl").exists() and (path / "config.json").exists()
+  return RunDir(path).is_training_run()
 
 
 def load_run(workdir: str | epath.Path, name: str | None = None) -> Curve:
   """One run directory (written by `train.loop.train`) → its curve, starting at 0."""
-  workdir = epath.Path(workdir)
-  if not is_run(workdir):
+  workdir, run = epath.Path(workdir), RunDir(workdir)
+  if not run.is_training_run():
     raise FileNotFoundError(f"{workdir} is not a training run: it needs metrics.jsonl and config.json "
                             "(a directory written by tokenformer_jax.cli.train)")
-  config = from_dict(TrainConfig, json.loads((workdir / "config.json").read_text()))
-  metrics = read_metrics(workdir / "metrics.jsonl")
+  config = run.written_config()
+  metrics = run.metrics()
 
   def series(key):
     points = sorted(metrics.get(key, {}).items())
@@ -135,13 +117,14 @@ def load_run(workdir: str | epath.Path, name: str | None = None) -> Curve:
   return Curve(name or workdir.name, config, train_steps, train_loss, eval_steps, eval_loss, path=str(workdir))
 
 
-def grown_source(grown_dir: epath.Path) -> str | None:
+def grown_source(grown: RunDir) -> str | None:
   """The run a `cli.grow` checkpoint was grown from (its provenance's source), else None."""
   try:
-    grown = read_provenance(grown_dir)
+    with grown:
+      record = grown.provenance()
   except (OSError, ValueError):
     return None
-  return None if grown is None else grown.source
+  return None if record is None else record.source
 
 
 def load_ladder(directory: str | epath.Path) -> list[Curve]:
@@ -153,8 +136,8 @@ def load_ladder(directory: str | epath.Path) -> list[Curve]:
                             "config.json)")
   parents: dict[str, str | None] = {}
   for name in runs:
-    grown = directory / f"{name}_grown"
-    source = grown_source(grown) if grown.exists() else None
+    grown = RunDir.grown(directory, name)
+    source = grown_source(grown) if grown.path.exists() else None
     parent = epath.Path(source).name if source else None
     parents[name] = parent if parent in runs and parent != name else None
   curves: dict[str, Curve] = {}

@@ -1,4 +1,5 @@
-"""Evaluate a trained run on a corpus: loss, perplexity and bits per byte.
+"""Evaluate a trained run on a corpus: loss, perplexity and bits per byte; an image classifier's run on its
+images' test split (or --split=train): loss, top-1 and top-5.
 
   python -m tokenformer_jax.cli.eval --checkpoint=runs/demo                     # its validation split
   python -m tokenformer_jax.cli.eval --checkpoint=runs/demo/400 --files='my/*.jsonl.gz' --json_out=eval.json
@@ -22,7 +23,7 @@ from tokenformer_jax.cli import checkpoint_flags
 from tokenformer_jax.cli.common import OVERRIDES, command
 from tokenformer_jax.cli.inference_flags import JSON_OUT, TOKENIZER
 from tokenformer_jax.data import DataError
-from tokenformer_jax.inference import eval_stream, evaluate, load_model
+from tokenformer_jax.inference import eval_stream, evaluate, evaluate_images, load_model
 
 SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split of --store, or of the run's "
                           "own data config when none of --files, --tfds_name, --store is given.")
@@ -49,6 +50,8 @@ def main(argv):
     raise ValueError("give one of --files, --tfds_name and --store")
   run, step = checkpoint_flags.checkpoint()
   model = load_model(run, step=step, overrides=OVERRIDES.value, tokenizer=TOKENIZER.value)
+  if model.model.vision is not None:
+    return evaluate_classifier(model)
   stream = eval_stream(model, split=SPLIT.value, files=FILES.value, tfds_name=TFDS_NAME.value,
                        tfds_split=TFDS_SPLIT.value, tfds_data_dir=TFDS_DATA_DIR.value, store=STORE.value)
   result = evaluate(model, stream, batch_size=BATCH_SIZE.value, max_tokens=MAX_TOKENS.value, progress=show_progress)
@@ -61,6 +64,23 @@ def main(argv):
   print(f"{model.model.name} step {model.step} on {source}: loss {result['loss']:.4f} | perplexity "
         f"{result['perplexity']:.3f} | bits per byte {result['bits_per_byte']:.4f} | {result['tokens']} tokens, "
         f"{result['bytes']} bytes | {result['tokens_per_second'] / 1e3:.1f}k tok/s")
+  if JSON_OUT.value:
+    fileio.write_json(JSON_OUT.value, result)
+
+
+def evaluate_classifier(model) -> None:
+  """An image classifier's run: loss, top-1 and top-5 on its images' test split (--split=validation, the one its
+  training evaluated) or its train split, unaugmented."""
+  if FILES.value or TFDS_NAME.value or STORE.value or MAX_TOKENS.value is not None:
+    raise ValueError(f"{model.model.name} is an image classifier, evaluated on its own images "
+                     f"(data.image_source={model.config.data.image_source!r}); --files, --tfds_name, --store and "
+                     "--max_tokens are for language runs")
+  split = "test" if SPLIT.value == "validation" else SPLIT.value
+  result = evaluate_images(model, split=split, batch_size=BATCH_SIZE.value)
+  source = f"{model.config.data.image_source} {split} split"
+  result.update(checkpoint=model.path, step=model.step, model=model.model.name, data=source)
+  print(f"{model.model.name} step {model.step} on the {source}: loss {result['loss']:.4f} | top-1 "
+        f"{result['top1']:.2%} | top-5 {result['top5']:.2%} | {result['examples']} images")
   if JSON_OUT.value:
     fileio.write_json(JSON_OUT.value, result)
 

@@ -25,14 +25,15 @@ import jax
 from absl import app, flags
 from etils import epath
 
-from tokenformer_jax import fileio, sharding
-from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints, write_new_run
+from tokenformer_jax import sharding
+from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError
 from tokenformer_jax.cli import checkpoint_flags
 from tokenformer_jax.cli.common import OVERRIDES, SEED, command, load_experiment, quiet_console
-from tokenformer_jax.config import ModelConfig, TrainConfig, count_params, from_dict, to_dict
+from tokenformer_jax.config import ModelConfig, TrainConfig, count_params
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, OPTIMIZERS, Provenance, check_growable, grow, grow_moments, grown_config,
                                     net2net_widen, nonzero_padding, widening_factor)
+from tokenformer_jax.run import RunDir, load_tokenizer
 from tokenformer_jax.train.optimizer import adam_moments, make_optimizer
 from tokenformer_jax.train.steps import state_shardings
 
@@ -61,23 +62,43 @@ def print_once(text: str) -> None:
 
 
 def verify(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, target: TrainConfig) -> float:
+  if old_cfg.vision is not None:
+    return verify_classifier(old_cfg, old_params, new_cfg, new_params, target)
   from tokenformer_jax.data.pipeline import make_eval_batches
-  from tokenformer_jax.data.tokenizer import Tokenizer
-  from tokenformer_jax.train.steps import loss_sums
-  batch = make_eval_batches(target.data, Tokenizer.load(target.data.tokenizer), global_batch=target.global_batch,
+  from tokenformer_jax.train.steps import loss_sums, mean_loss
+  batch = make_eval_batches(target.data, load_tokenizer(target, trained=False), global_batch=target.global_batch,
                             max_batches=1)[0]
   losses = []
   for cfg, params in ((old_cfg, old_params), (new_cfg, new_params)):
-    total, count = jax.jit(lambda p, b, cfg=cfg: loss_sums(cfg, p, b["tokens"], b["mask"]))(params, batch)
-    losses.append(float(total) / float(count))
+    sums = jax.jit(lambda p, b, cfg=cfg: loss_sums(cfg, p, b["tokens"], b["mask"]))
+    losses.append(mean_loss([sums(params, batch)]))
   print_once(f"verify: loss {losses[0]:.6f} before, {losses[1]:.6f} after, difference {losses[1] - losses[0]:+.2e}")
   return losses[1] - losses[0]
 
 
 
-def broken_source(source: RunCheckpoints, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
+def verify_classifier(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, new_params, target: TrainConfig) -> float:
+  """An image classifier's --verify: the largest logit difference over a batch of its test images (and the loss)."""
+  from tokenformer_jax.data import images
+  from tokenformer_jax.model import VisionModel
+  from tokenformer_jax.train.steps import classification_sums
+  batch = images.eval_batches(target.data, new_cfg.vision, global_batch=target.global_batch, max_batches=1,
+                              model_name=new_cfg.name)[0]
+  logits, losses = [], []
+  for cfg, params in ((old_cfg, old_params), (new_cfg, new_params)):
+    logits.append(jax.jit(lambda p, x, cfg=cfg: VisionModel(cfg).apply({"params": p}, x))(params, batch["images"]))
+    loss_sum, sums = jax.jit(lambda p, b, cfg=cfg: classification_sums(cfg, p, b))(params, batch)
+    losses.append(float(loss_sum) / max(float(sums["targets"]), 1.0))
+  difference = float(jax.numpy.max(jax.numpy.abs(logits[1] - logits[0])))
+  print_once(f"verify: largest logit difference {difference:.2e} over {int(batch['mask'].sum())} test images; loss "
+             f"{losses[0]:.6f} before, {losses[1]:.6f} after")
+  return difference
+
+
+def broken_source(run: RunDir, broken: BrokenCheckpoint, mesh, preset: str) -> CheckpointError:
   """The error for a broken source checkpoint: it, and which of the source's steps are good instead."""
-  good = source.good_steps(lambda s: sharding.place(from_dict(TrainConfig, source.read_json(s)).model, mesh, preset)[0])
+  source = run.checkpoints
+  good = source.good_steps(lambda s: sharding.place(run.config(s).model, mesh, preset)[0])
   what = f"checkpoint {source.directory / str(broken.step)} is broken ({broken.reason})"
   if not good:
     return CheckpointError(f"{what}; none of the checkpoints in {source.directory} is good")
@@ -109,10 +130,11 @@ def growth_plan(old_cfg: ModelConfig, target: ModelConfig, *, init: str, scale: 
   return new_cfg, init, lambda p, rng: grow(p, old_cfg, new_cfg, init=init, rng=rng, old_noise=old_noise)
 
 
-def restore_source(source: RunCheckpoints, step: int, cfg: TrainConfig, mesh, preset: str, carry: bool):
+def restore_source(run: RunDir, step: int, cfg: TrainConfig, mesh, preset: str, carry: bool):
   """(the source's parameters, its AdamW moments with carry else None), placed on `mesh`."""
   if not carry:
-    return source.restore_params(sharding.place(cfg.model, mesh, preset)[0], step), None
+    return run.params(cfg.model, mesh, preset, step), None
+  source = run.checkpoints
   if not source.has_item(step, "opt_state"):
     raise CheckpointError(f"--optimizer=carry needs the source's optimizer state, and {source.directory / str(step)} "
                           "has none (a params-only checkpoint: imported or grown); use --optimizer=reset")
@@ -143,17 +165,17 @@ def grow_checkpoint(run: str, step: int | None, target: TrainConfig, dst: str, *
   `devices` (default: all of them)."""
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown --optimizer={optimizer}; choose one of {OPTIMIZERS}")
-  source = RunCheckpoints(run, read_only=True)
-  step = source.resolve_step(step)
+  source = RunDir(run)
+  step = source.step(step)
   mesh = sharding.make_mesh(target.mesh, devices)
   try:
-    source_cfg = from_dict(TrainConfig, source.read_json(step))
+    source_cfg = source.config(step)
   except BrokenCheckpoint as broken:
     raise broken_source(source, broken, mesh, target.mesh.preset) from None
   old_cfg = source_cfg.model
   new_cfg, scheme, grow_params = growth_plan(old_cfg, target.model, init=init, scale=scale, old_noise=old_noise,
                                              optimizer=optimizer)
-  fileio.check_destination(dst, overwrite=overwrite, source=source.directory.parent)
+  destination = RunDir.create(dst, overwrite=overwrite, source=source.checkpoints.directory.parent)
 
   _, new_shardings = sharding.place(new_cfg, mesh, target.mesh.preset)
   try:
@@ -167,10 +189,11 @@ def grow_checkpoint(run: str, step: int | None, target: TrainConfig, dst: str, *
   if moments is not None:
     moments = grown_moments(moments, old_cfg, new_cfg, new_shardings, mesh)
 
-  provenance = Provenance(source=str(source.directory.parent), source_step=step, init=scheme, scale=scale,
-                          old_noise=old_noise, seed=seed, old_model=old_cfg, new_model=new_cfg, optimizer=optimizer)
-  write_new_run(dst, params=new_params, config=to_dict(target.replace(model=new_cfg)), extra=provenance.to_json(),
-                moments=moments)
+  provenance = Provenance(source=str(source.checkpoints.directory.parent), source_step=step, init=scheme,
+                          scale=scale, old_noise=old_noise, seed=seed, old_model=old_cfg, new_model=new_cfg,
+                          optimizer=optimizer)
+  destination.write_checkpoint(params=new_params, config=target.replace(model=new_cfg), record=provenance,
+                               moments=moments)
   return Grown(old_cfg, old_params, new_cfg, new_params, provenance)
 
 
@@ -185,7 +208,7 @@ def main(argv):
                           old_noise=OLD_NOISE.value, seed=SEED.value, optimizer=OPTIMIZER.value,
                           overwrite=OVERWRITE.value)
   dst, record = epath.Path(DST.value), grown.provenance
-  quiet_console(dst / "logs", "grow")
+  quiet_console(RunDir(dst).logs_dir, "grow")
 
   old_n, new_n = count_params(grown.old_cfg)["total"], count_params(grown.new_cfg)["total"]
   print_once(f"grew {grown.old_cfg.name} ({old_n / 1e6:.2f}M) at step {record.source_step} into {grown.new_cfg.name} "

@@ -182,14 +182,23 @@ def make_train_iterator(data: DataConfig, tokenizer: Tokenizer, *, global_batch:
 POSITION_FORMAT = "tokenformer_jax.data_position/1"
 
 
+def _with_position(position: int, index) -> tuple[int, int]:
+  return position, index
+
+
 class _ReadWindow:
-  """Window id → its window, with the id kept (the iterator reports which rows each batch was made of)."""
+  """(global position, window id) → its window, with the id kept (the iterator reports which rows each batch was
+  made of). A source with `at_position(index, position)` (images.ImageExamples: augmentation drawn from the
+  position) is read through it, so that a resumed iterator draws the same."""
 
   def __init__(self, windows: Windows):
     self.windows = windows
+    self.at_position = getattr(windows, "at_position", None)
 
-  def __call__(self, index) -> dict[str, np.ndarray]:
-    return {**self.windows[int(index)], "window": np.int64(index)}
+  def __call__(self, item) -> dict[str, np.ndarray]:
+    position, index = item
+    example = self.windows[int(index)] if self.at_position is None else self.at_position(int(index), int(position))
+    return {**example, "window": np.int64(index)}
 
 
 class TrainIterator:
@@ -200,8 +209,8 @@ class TrainIterator:
   does not depend on the number of hosts or devices, so a run saved by 4 hosts resumes on 1 or 2 with the same
   next windows: host p of P reads positions start + p, start + p + P, ... (`get_state`/`set_state` carry it as
   plain JSON; `stream` names the sequence it counts in, so that a position is never applied to another one).
-  Image sources and mixtures (not built yet) are meant to use the same state: a position in their own shuffled
-  sequence, with their own `stream` record.
+  Image sources (images.ImageExamples) use the same state, with their `stream_record` in `stream`; mixtures (not
+  built yet) are meant to as well.
   """
 
   def __init__(self, windows: Windows, *, seed: int, global_batch: int, process_index: int = 0,
@@ -209,7 +218,7 @@ class TrainIterator:
     self.windows, self.seed, self.global_batch = windows, seed, global_batch
     self.process_index, self.process_count, self.worker_count = process_index, process_count, worker_count
     self.local_batch = global_batch // process_count
-    self.stream = {"windows": len(windows), "seed": seed}
+    self.stream = {"windows": len(windows), "seed": seed, **getattr(windows, "stream_record", {})}
     self.last_windows: np.ndarray | None = None   # the window ids of the batch last returned
     self.position = 0   # windows of the stream the whole job has consumed
     self._it = None     # the grain pipeline from `position`, built on the first next() after a (re)start
@@ -217,6 +226,7 @@ class TrainIterator:
   def _pipeline(self):
     """The grain pipeline whose first batch is this host's share of positions [position, position + global_batch)."""
     order = grain.MapDataset.range(len(self.windows)).shuffle(seed=self.seed).repeat()   # reseeded per epoch
+    order = order.map_with_index(_with_position)                                         # its global position
     ds = order[self.position + self.process_index::self.process_count].map(_ReadWindow(self.windows))
     ds = ds.batch(self.local_batch, drop_remainder=True)
     # A local window is one pread (microseconds). A remote one is a ranged read (tens of ms on GCS), and a batch's

@@ -31,6 +31,9 @@ def widening_factor(old: ModelConfig, new: ModelConfig) -> int:
   for cfg in (old, new):
     if cfg.architecture != "transformer":
       raise ValueError(f"Net2Net widens dense Transformers; {cfg.name} is a {cfg.architecture}")
+    if cfg.vision is not None or cfg.norm_params != "scale_bias":
+      raise ValueError(f"Net2Net here widens the dense language model with its parametric norms; {cfg.name} is "
+                       f"{'an image classifier' if cfg.vision is not None else 'one with other block norms'}")
   for field in _SAME_FIELDS:
     if getattr(old, field) != getattr(new, field):
       raise ValueError(f"cannot widen {old.name} into {new.name}: {field} is {getattr(old, field)!r} in the old "

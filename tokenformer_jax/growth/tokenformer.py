@@ -24,7 +24,7 @@ INITS = ("zero_keys", "random")
 # Fields that must be equal for the old parameters to mean the same thing in the new model.
 _SAME_FIELDS = ("architecture", "vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads",
                 "normalization", "positions", "rotary_fraction", "rotary_base", "final_norm_params",
-                "logits_divide_by_sqrt_d", "layer_norm_eps", "approximate_gelu")
+                "logits_divide_by_sqrt_d", "layer_norm_eps", "approximate_gelu", "block_norm", "vision")
 
 
 def check_growable(old: ModelConfig, new: ModelConfig) -> None:
@@ -72,12 +72,13 @@ def _grow_rows(old: jax.Array, n_old: int, n_new: int, storage: int, new_rows: j
 def grow(params: dict, old: ModelConfig, new: ModelConfig, *, init: str = "zero_keys", rng: jax.Array,
          old_noise: float = 0.0) -> dict:
   """The grown parameters. `old_noise`: std of Gaussian noise added to the old tokens, as a fraction of the
-  init std of that tensor (0: copied exactly). Every other leaf (embedding, final norm) is copied."""
+  init std of that tensor (0: copied exactly). Every other leaf (embedding, norms, a classifier's patch embedding,
+  positions and head) is copied."""
   check_growable(old, new)
   if init not in INITS:
     raise ValueError(f"unknown growth init {init!r}; choose one of {INITS}")
   grown = {k: v for k, v in params.items() if k != "layers"}
-  grown["layers"] = {}
+  grown["layers"] = {k: v for k, v in params["layers"].items() if k not in PROJECTIONS}   # block norms, if any
   for index, p in enumerate(PROJECTIONS):
     leaves = params["layers"][p]
     n_old, n_new, storage = old.tokens(p), new.tokens(p), new.storage_tokens(p)
@@ -110,6 +111,7 @@ def grow_moments(moments: dict, old: ModelConfig, new: ModelConfig) -> dict:
   the old rows and every other leaf copied exactly."""
   check_growable(old, new)
   grown = {k: v for k, v in moments.items() if k != "layers"}
-  grown["layers"] = {p: {name: _grow_rows(leaf, old.tokens(p), new.tokens(p), new.storage_tokens(p), None, None)
+  grown["layers"] = {k: v for k, v in moments["layers"].items() if k not in PROJECTIONS}
+  grown["layers"] |= {p: {name: _grow_rows(leaf, old.tokens(p), new.tokens(p), new.storage_tokens(p), None, None)
                          for name, leaf in moments["layers"][p].items()} for p in PROJECTIONS}
   return grown

@@ -8,8 +8,8 @@
 The lm-evaluation-harness adapter is `tokenformer_jax.inference.lm_eval_adapter` (needs `lm_eval`).
 """
 from tokenformer_jax.inference.decode import Generation, generate, generate_text, init_cache
-from tokenformer_jax.inference.evaluate import eval_stream, evaluate
+from tokenformer_jax.inference.evaluate import eval_stream, evaluate, evaluate_images
 from tokenformer_jax.inference.loading import LoadedModel, load_model, parse_checkpoint
 
-__all__ = ["Generation", "LoadedModel", "eval_stream", "evaluate", "generate", "generate_text", "init_cache",
-           "load_model", "parse_checkpoint"]
+__all__ = ["Generation", "LoadedModel", "eval_stream", "evaluate", "evaluate_images", "generate", "generate_text",
+           "init_cache", "load_model", "parse_checkpoint"]

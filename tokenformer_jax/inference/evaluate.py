@@ -135,27 +135,46 @@ def evaluate(model, stream: pipeline.TokenStream, *, batch_size: int | None = No
                                                                  opt_state=None), mesh)
   num_batches = -(-count // batch)
   padding = {"tokens": np.full(seq_len + 1, tokenizer.pad_id, np.int32), "mask": np.zeros(seq_len, np.float32)}
-  total, targets, started = 0.0, 0.0, time.perf_counter()
+  sums, started = steps.LossSums(), time.perf_counter()
   result = {}
   for b in range(num_batches):
     indices = [b * batch + r * hosts + host for r in range(batch // hosts)]
     rows = [windows[i] if i < count else padding for i in indices]
     host_batch = {k: np.stack([row[k] for row in rows]) for k in ("tokens", "mask")}
-    loss_sum, batch_targets = jax.device_get(eval_step(model.params, sharding.to_global(host_batch, mesh)))
-    total, targets = total + float(loss_sum), targets + float(batch_targets)
-    result = _metrics(total, targets, None, time.perf_counter() - started, b + 1, num_batches)
+    sums.add(eval_step(model.params, sharding.to_global(host_batch, mesh)))
+    result = _metrics(sums, None, time.perf_counter() - started, b + 1, num_batches)
     if progress is not None:
       progress(result)
-  evaluated = int(round(targets))
-  num_bytes = count_bytes(stream, evaluated, tokenizer)
-  result = _metrics(total, targets, num_bytes, time.perf_counter() - started, num_batches, num_batches)
+  num_bytes = count_bytes(stream, int(round(sums.targets)), tokenizer)
+  result = _metrics(sums, num_bytes, time.perf_counter() - started, num_batches, num_batches)
   result.update(windows=count, split_tokens=stream.num_targets, documents=stream.num_documents)
   return result
 
 
-def _metrics(total: float, targets: float, num_bytes: int | None, seconds: float, batches: int,
-             num_batches: int) -> dict:
-  loss = total / max(targets, 1.0)
+def evaluate_images(model, *, split: str = "test", batch_size: int | None = None) -> dict:
+  """An image classifier on one split of its images ("test": the held-out 20%, or "train"), unaugmented, with the
+  trainer's eval step: {"loss", "top1", "top5", "examples", "split", "seconds"}."""
+  import jax
+  from tokenformer_jax.data import images   # pylint: disable=g-import-not-at-top (the optional vision extra)
+  cfg, mesh = model.config, model.mesh
+  multiple = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+  batch = -(-(batch_size or cfg.global_batch) // multiple) * multiple
+  batches = images.eval_batches(cfg.data, cfg.model.vision, global_batch=batch, split=split,
+                                model_name=cfg.model.name, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  eval_step = steps.make_eval_step(cfg.model, steps.TrainState(step=None, params=model.param_shardings,
+                                                                 opt_state=None), mesh)
+  started = time.perf_counter()
+  sums = np.zeros(4)
+  for host_batch in batches:
+    sums += np.asarray(jax.device_get(eval_step(model.params, sharding.to_global(host_batch, mesh))), np.float64)
+  count = max(sums[1], 1.0)
+  return {"loss": sums[0] / count, "top1": sums[2] / count, "top5": sums[3] / count, "examples": int(round(sums[1])),
+          "split": split, "seconds": time.perf_counter() - started}
+
+
+def _metrics(sums: steps.LossSums, num_bytes: int | None, seconds: float, batches: int, num_batches: int) -> dict:
+  total, targets, loss = sums.total, sums.targets, sums.mean
   out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "nats": total, "tokens": int(round(targets)),
          "seconds": seconds, "tokens_per_second": targets / max(seconds, 1e-9), "batches": batches,
          "num_batches": num_batches}

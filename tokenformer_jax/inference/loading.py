@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from etils import epath
+import jax
 from jax.sharding import Mesh
 
 from tokenformer_jax import sharding
-from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints
-from tokenformer_jax.config import MeshConfig, TrainConfig, apply_overrides, from_dict
-from tokenformer_jax.data.errors import DataError
+from tokenformer_jax.config import MeshConfig, TrainConfig, apply_overrides
 from tokenformer_jax.data.tokenizer import Tokenizer
+from tokenformer_jax.run import RunDir, load_tokenizer, split_checkpoint
 
 
 @dataclasses.dataclass
@@ -36,17 +35,7 @@ class LoadedModel:
 
 def parse_checkpoint(spec: str) -> tuple[str, int | None]:
   """"RUN", "RUN/checkpoints", "RUN/STEP" or "RUN/checkpoints/STEP" → (run or checkpoints dir, step or None)."""
-  path = epath.Path(spec.rstrip("/"))
-  if path.name.isdigit() and not (path / "checkpoints").exists():
-    return str(path.parent), int(path.name)
-  return str(path), None
-
-
-def check_tokenizer(tokenizer: Tokenizer, cfg: TrainConfig) -> None:
-  if tokenizer.vocab_size != cfg.model.vocab_size:
-    raise DataError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model "
-                    f"{cfg.model.name} was trained with vocab_size={cfg.model.vocab_size}; use the tokenizer it "
-                    f"was trained with (its config's data.tokenizer is {cfg.data.tokenizer})")
+  return split_checkpoint(spec)
 
 
 def load_model(checkpoint: str, *, step: int | None = None, overrides=(), mesh: MeshConfig | None = None,
@@ -54,21 +43,16 @@ def load_model(checkpoint: str, *, step: int | None = None, overrides=(), mesh: 
   """Load RUN[/STEP] (latest step by default). `overrides`: "field=value" strings applied to the run's config
   (e.g. "mesh.data=-1", "data.seq_len=256"); `mesh` replaces its mesh; `tokenizer` its tokenizer path."""
   sharding.initialize_distributed()   # a multi-host slice: join the other hosts before touching devices
-  path, parsed_step = parse_checkpoint(checkpoint)
-  checkpoints = RunCheckpoints(path, read_only=True)
-  step = checkpoints.resolve_step(step if step is not None else parsed_step)
-  saved = checkpoints.read_json(step)
-  if "model" not in saved:
-    raise CheckpointError(f"{checkpoints.directory / str(step)} has no run config; was it written by tokenformer_jax?")
-  cfg = apply_overrides(from_dict(TrainConfig, saved), overrides)
-  if mesh is not None:
-    cfg = cfg.replace(mesh=mesh)
-  if tokenizer:
-    cfg = cfg.replace(data=cfg.data.replace(tokenizer=tokenizer))
-  tok = Tokenizer.load(cfg.data.tokenizer)
-  check_tokenizer(tok, cfg)
-  device_mesh = sharding.make_mesh(cfg.mesh)
-  abstract, shardings = sharding.place(cfg.model, device_mesh, cfg.mesh.preset)
-  params = checkpoints.restore_params(abstract, step)
-  checkpoints.close()
-  return LoadedModel(cfg, params, shardings, device_mesh, tok, step, str(checkpoints.directory))
+  run, parsed_step = RunDir.parse(checkpoint)
+  with run:
+    step = run.step(step if step is not None else parsed_step)
+    cfg = apply_overrides(run.config(step), overrides)
+    if mesh is not None:
+      cfg = cfg.replace(mesh=mesh)
+    if tokenizer:
+      cfg = cfg.replace(data=cfg.data.replace(tokenizer=tokenizer))
+    tok = None if cfg.model.vision is not None else load_tokenizer(cfg)   # an image classifier has none
+    device_mesh = sharding.make_mesh(cfg.mesh)
+    params = run.params(cfg.model, device_mesh, cfg.mesh.preset, step)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return LoadedModel(cfg, params, shardings, device_mesh, tok, step, str(run.checkpoints_dir))

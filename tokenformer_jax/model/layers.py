@@ -1,5 +1,8 @@
-"""Pieces both architectures share: LayerNorm, rotary positions, causal multi-head attention."""
+"""Pieces both architectures share: LayerNorm, rotary positions, multi-head attention (causal for language,
+bidirectional for vision)."""
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -14,11 +17,12 @@ HEADS_AXES = ("batch", "length", "heads", None)
 ATTENTION_NAME = "attention_out"   # the token-token attention's output, which remat="lean" keeps
 
 
-@jax.checkpoint   # keep only q, k, v for the backward pass, never the [batch, heads, T, T] probabilities
-def _fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q·kᵀ/√head_dim, causal)·v over [batch, length, heads, head_dim]: the platform's fused kernel where
+# Keep only q, k, v for the backward pass, never the [batch, heads, T, T] probabilities.
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+  """softmax(q·kᵀ/√head_dim [, causal])·v over [batch, length, heads, head_dim]: the platform's fused kernel where
   JAX has one (cuDNN on GPU), else XLA's (float32 logits and softmax); the backward recomputes the scores."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
 def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: jax.Array | None = None):
@@ -34,15 +38,24 @@ def layer_norm(x: jax.Array, eps: float, scale: jax.Array | None = None, bias: j
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm with a learned scale and bias (the final norm; the dense baseline's block norms)."""
+  """LayerNorm with a learned scale and bias (the final norm; the dense baseline's block norms), or a bias only."""
   eps: float = 1e-5
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,),
+                       jnp.float32) if self.use_scale else None
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
     return layer_norm(x, self.eps, scale, bias)
+
+
+def block_norm(cfg: ModelConfig, name: str):
+  """One of a block's LayerNorms, as cfg.norm_params says (paper Table 5): non-parametric, β only, or γ and β."""
+  if cfg.norm_params == "none":
+    return lambda x: layer_norm(x, cfg.layer_norm_eps)
+  return LayerNorm(cfg.layer_norm_eps, use_scale=cfg.norm_params == "scale_bias", name=name)
 
 
 def apply_rotary(x: jax.Array, rotary_dims: int, base: float, positions: jax.Array | None = None) -> jax.Array:
@@ -64,7 +77,8 @@ def apply_rotary(x: jax.Array, rotary_dims: int, base: float, positions: jax.Arr
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Token-token attention (Eq. 8) with heads and a causal mask.  q, k, v, result: [batch, length, d]."""
+  """Token-token attention (Eq. 8) with heads, and a causal mask unless the model is an image classifier
+  (cfg.causal).  q, k, v, result: [batch, length, d]."""
   batch, length, d = q.shape
   # Heads are independent: under a sharding context they split over "tensor" like the parameter tokens.
   split = lambda t: nn.with_logical_constraint(t.reshape(batch, length, cfg.n_heads, cfg.head_dim), HEADS_AXES)
@@ -72,7 +86,7 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelCo
   if cfg.positions == "rotary":
     q = apply_rotary(q, cfg.rotary_dims, cfg.rotary_base)
     k = apply_rotary(k, cfg.rotary_dims, cfg.rotary_base)
-  out = _fused_causal_attention(q, k, v)
+  out = _fused_attention(q, k, v, cfg.causal)
   return checkpoint_name(out.reshape(batch, length, d), ATTENTION_NAME)
 
 

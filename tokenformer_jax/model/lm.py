@@ -1,4 +1,6 @@
-"""The language model around a block: embedding → scanned blocks → final norm → logits tied to the embedding."""
+"""The language model around a block: embedding → scanned blocks → final norm → logits tied to the embedding.
+
+`block_stack` and `final_norm` are the parts the image classifier (vision.py) shares with it."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -28,6 +30,26 @@ REMAT_POLICIES = {
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
+def block_stack(cfg: ModelConfig) -> nn.Module:
+  """The cfg.n_layers blocks as one `nn.scan` over the architecture's block (with cfg.remat), named "layers": the
+  one block implementation of every model here. Call it inside a compact module: x [batch, length, d] → (x, None)."""
+  block = BLOCKS[cfg.architecture]
+  if cfg.remat != "none":
+    # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
+    # prevent_cse must.
+    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
+  layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
+                   unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
+  return layers(cfg, name="layers")
+
+
+def final_norm(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  """The LayerNorm after the last block (with scale and bias when cfg.final_norm_params)."""
+  if cfg.final_norm_params:
+    return LayerNorm(cfg.layer_norm_eps, name="final_norm")(x)
+  return layer_norm(x, cfg.layer_norm_eps)
+
+
 def embedding_std(cfg: ModelConfig) -> float:
   return 1.0 if cfg.architecture == "tokenformer" and cfg.init == "fan_in" else 0.02
 
@@ -55,22 +77,11 @@ class LanguageModel(nn.Module):
     x = nn.with_logical_constraint(jnp.take(embedding, tokens, axis=0).astype(cfg.dtype), ACTIVATION_AXES)
 
     if cache is None:
-      block = BLOCKS[cfg.architecture]
-      if cfg.remat != "none":
-        # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
-        # prevent_cse must.
-        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
-                       unroll=cfg.n_layers if cfg.unroll_layers else 1,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = layers(cfg, name="layers")(x)
+      x, _ = block_stack(cfg)(x)
     else:
       x, cache = self.decode_layers(x, cache, start)
 
-    if cfg.final_norm_params:
-      x = LayerNorm(cfg.layer_norm_eps, name="final_norm")(x)
-    else:
-      x = layer_norm(x, cfg.layer_norm_eps)
+    x = final_norm(cfg, x)
     logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
     if cfg.logits_divide_by_sqrt_d:
       logits = logits / jnp.sqrt(cfg.d_model)
@@ -95,18 +106,6 @@ class LanguageModel(nn.Module):
     return x, updated
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
-  """Fresh float32 parameters (a plain nested dict; logical-axis metadata stripped)."""
-  variables = LanguageModel(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))
-  return nn.meta.unbox(variables["params"])
-
-
-def abstract_params(cfg: ModelConfig) -> dict:
-  """Shapes and dtypes of the parameters, computed without allocating them (works for any size)."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-
-
-def logical_axes(cfg: ModelConfig) -> dict:
-  """The logical axis names of every parameter, as a tree of PartitionSpecs."""
-  variables = jax.eval_shape(lambda: LanguageModel(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
-  return nn.get_partition_spec(variables)["params"]
+def example_input(cfg: ModelConfig) -> jax.Array:
+  """The smallest input `init` takes: two tokens."""
+  return jnp.zeros((1, 2), jnp.int32)

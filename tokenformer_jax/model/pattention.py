@@ -6,6 +6,7 @@
 Θ normalises over the n parameter tokens:
     l2_norm_gelu   gelu(A / ‖A‖₂ · sqrt(n_scale))       the default, used by every released model
     gelu_l2_norm   g = gelu(A);  g / ‖g‖₂ · sqrt(n_scale)
+    gelu_l1_norm   g = gelu(A);  g / Σ|g| · n_scale      (paper Table 4's middle row: softmax's L1, GeLU's shape)
     softmax        softmax(A) · n_scale                  (stable: the max is subtracted)
     gelu           gelu(A), no normalisation: a two-layer MLP without biases (the "just an FFN?" control)
 
@@ -13,7 +14,8 @@
 (paper App. B). The authors' code uses the live row count instead, which breaks that (REFERENCE.md).
 
 Rows past `n_valid` are storage padding. With zero keys and zero values they add nothing to ‖A‖₂ or O
-and get zero gradient under both L2 variants; softmax, where exp(0) ≠ 0, masks them explicitly.
+and get zero gradient under the L2 and L1 variants (gelu(0) = 0); softmax, where exp(0) ≠ 0, masks them
+explicitly.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from tokenformer_jax.config import NORMALIZATIONS
 # A floor on ‖A‖₂² (not an added epsilon): any non-degenerate score vector is normalised exactly, and an
 # all-zero one maps to zero instead of NaN.
 MIN_SUM_OF_SQUARES = 1e-12
+MIN_SUM_OF_ABS = 1e-6   # the same floor on Σ|g| (gelu_l1_norm)
 
 PARAM_TOKENS_AXIS = "param_tokens"
 EMBED_AXIS = "embed"
@@ -62,6 +65,10 @@ def normalize_scores(scores: jax.Array, *, normalization: str = "l2_norm_gelu", 
     return gelu(_l2_normalize(scores, n_scale, axis_name))
   if normalization == "gelu_l2_norm":
     return _l2_normalize(gelu(scores), n_scale, axis_name)
+  if normalization == "gelu_l1_norm":
+    g = gelu(scores)
+    # |g| as g·sign(g): its derivative is sign(g), 0 at g = 0, so zero-key rows get no gradient (jnp.abs's is 1).
+    return g * (n_scale / jnp.maximum(_global_sum(g * jnp.sign(g), axis_name), MIN_SUM_OF_ABS))
   if normalization == "gelu":
     return gelu(scores)
   if normalization == "softmax":

@@ -3,7 +3,8 @@
     X_inter = X + Pattention_O(Attention(Pattention_Q(LN X), Pattention_K(LN X), Pattention_V(LN X)))
     X_out   = X_inter + Pattention_FFN(LN X_inter)
 
-LayerNorms inside the block have no scale or bias (paper Table 5).
+LayerNorms inside the block have no scale or bias (paper Table 5), unless model.block_norm gives them a bias, or
+a scale and a bias (layers.block_norm).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, cached_self_attention, causal_self_attention, layer_norm
+from tokenformer_jax.model.layers import ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention
 from tokenformer_jax.model.pattention import Pattention, pattention
 from tokenformer_jax.model.pattention_lean import lean_pattention
 from tokenformer_jax.model.pattention_pallas import DEFAULT_TOKEN_BLOCK, pallas_pattention
@@ -67,12 +68,12 @@ class TokenFormerBlock(nn.Module):
   def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
     """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
     cfg = self.cfg
-    h = layer_norm(x, cfg.layer_norm_eps)
+    h = block_norm(cfg, "attention_norm")(x)
     q, k, v = (make_pattention(cfg, p)(h) for p in ("query", "key", "value"))
     if cache is None:
       attended = causal_self_attention(q, k, v, cfg)
     else:
       attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
     x = x + make_pattention(cfg, "output")(attended)
-    x = x + make_pattention(cfg, "ffn")(layer_norm(x, cfg.layer_norm_eps))
+    x = x + make_pattention(cfg, "ffn")(block_norm(cfg, "ffn_norm")(x))
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, LayerNorm, cached_self_attention, causal_self_attention
+from tokenformer_jax.model.layers import ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float = 0.02) -> nn.Dense:
@@ -26,14 +26,14 @@ class TransformerBlock(nn.Module):
     cfg = self.cfg
     d, hidden = cfg.d_model, cfg.mlp_hidden
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)   # GPT-2's scaled init of residual projections
-    h = LayerNorm(cfg.layer_norm_eps, name="attention_norm")(x)
+    h = block_norm(cfg, "attention_norm")(x)
     q, k, v = (dense(cfg, d, ("embed", "heads"), p)(h) for p in ("query", "key", "value"))
     if cache is None:
       attended = causal_self_attention(q, k, v, cfg)
     else:
       attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
     x = x + dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended)
-    h = LayerNorm(cfg.layer_norm_eps, name="mlp_norm")(x)
+    h = block_norm(cfg, "mlp_norm")(x)
     up = dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h)
     if cfg.mlp == "swiglu":
       h = jax.nn.silu(dense(cfg, hidden, ("embed", "mlp"), "mlp_gate")(h)) * up

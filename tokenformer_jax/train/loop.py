@@ -16,14 +16,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from tokenformer_jax import fileio, sharding
-from tokenformer_jax.checkpoint import (CheckpointError, RunCheckpoints, checkpoints_dir, describe_shape,
-                                       job_shape)
-from tokenformer_jax.config import TrainConfig, flops_per_token, to_dict
+from tokenformer_jax import sharding
+from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, describe_shape, job_shape
+from tokenformer_jax.config import ModelConfig, TrainConfig, flops_per_token, from_dict, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
-from tokenformer_jax.growth import read_provenance, start_from_grown
+from tokenformer_jax.growth import start_from_grown
+from tokenformer_jax.run import RunDir, vocabulary_mismatch
 from tokenformer_jax.train import steps
+from tokenformer_jax.train.events import RunEvents
 from tokenformer_jax.train.guard import SpikeGuard
 from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
 from tokenformer_jax.train.optimizer import adam_moments
@@ -57,6 +58,8 @@ class StopSignal:
 
 def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
   saved_model, model = saved.get("model", {}), to_dict(cfg.model)
+  if saved_model:   # fields added since it was saved count at their defaults
+    saved_model = to_dict(from_dict(ModelConfig, saved_model))
   differing = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
   if differing:
     details = ", ".join(f"{k}: {saved_model.get(k)!r} there, {model.get(k)!r} here" for k in differing[:4])
@@ -65,18 +68,25 @@ def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
 
 
 def evaluate(run: Run, params, batches) -> dict[str, float]:
-  total, count = 0.0, 0.0
-  for batch in batches:
-    loss_sum, targets = jax.device_get(run.eval_step(params, run.to_global(batch)))
-    total, count = total + float(loss_sum), count + float(targets)
-  loss = total / max(count, 1.0)
+  if run.config.model.vision is not None:   # an image classifier: loss, top-1 and top-5 over the test images
+    sums = np.sum([np.asarray(jax.device_get(run.eval_step(params, run.to_global(b))), np.float64) for b in batches], 0)
+    count = max(sums[1], 1.0)
+    return {"eval/loss": sums[0] / count, "eval/top1": sums[2] / count, "eval/top5": sums[3] / count}
+  loss = steps.mean_loss(run.eval_step(params, run.to_global(batch)) for batch in batches)
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def describe_eval(metrics: dict[str, float]) -> str:
+  if "eval/top1" in metrics:
+    return (f"test loss {metrics['eval/loss']:.4f} | top-1 {metrics['eval/top1']:.2%} | "
+            f"top-5 {metrics['eval/top5']:.2%}")
+  return f"validation loss {metrics['eval/loss']:.4f} | perplexity {metrics['eval/perplexity']:.2f}"
 
 
 def saved_job(workdir) -> dict | None:
   """{"config", "job"} of the newest checkpoint in `workdir`, the shape a resume adapts from; None without one
   (or when it cannot be read: resuming then falls back past it and says so)."""
-  if not checkpoints_dir(workdir).exists():
+  if not RunDir(workdir).has_checkpoints():
     return None
   checkpoints = RunCheckpoints(workdir, read_only=True)
   try:
@@ -113,12 +123,12 @@ def initialised_from(run: Run, init_from: str) -> tuple[steps.TrainState, str]:
   already warmed up, so it is kept (reset to 0, the first updates would be up to 1 / (1 - b1) = 10× too
   large). The learning-rate schedule, whose count is separate, and the run's step start at 0 either way: the
   grown run's own warmup, peak and decay."""
-  source = RunCheckpoints(init_from, read_only=True)
-  params = source.restore_params(run.abstract.params)
-  grown = read_provenance(init_from)
+  source = RunDir(init_from)
+  params = source.checkpoints.restore_params(run.abstract.params)
+  grown = source.provenance()
   if grown is None or grown.optimizer != "carry":
     return run.init_state(params), f"initialised parameters from {init_from}; fresh optimizer and schedule"
-  moments = source.restore_moments(adam_moments(run.abstract.opt_state))
+  moments = source.checkpoints.restore_moments(adam_moments(run.abstract.opt_state))
   count = int(jax.device_get(moments["count"]))
   return run.init_state(params, moments), (
       f"initialised parameters from {init_from} and carried its AdamW moments (mu and nu of the source at step "
@@ -154,19 +164,25 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   run = build_run(cfg, trainable_rows=trainable_rows)              # mesh → optimizer → shardings → jitted steps
   mesh = run.mesh
 
-  tokenizer = Tokenizer.load(cfg.data.tokenizer)
-  if tokenizer.vocab_size != cfg.model.vocab_size:
-    raise TrainingError(f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} pieces but "
-                        f"model.vocab_size is {cfg.model.vocab_size}; make them equal "
-                        f"(--set model.vocab_size={tokenizer.vocab_size}, or another tokenizer)")
   host = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch, seed=cfg.data.shuffle_seed,
-                                      **host)
-  eval_batches = make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch,
-                                   max_batches=cfg.eval_batches, **host)
+  if cfg.model.vision is not None:   # an image classifier: its images' fixed train and test splits
+    from tokenformer_jax.data import images   # pylint: disable=g-import-not-at-top (the optional vision extra)
+    where = dict(global_batch=cfg.global_batch, model_name=cfg.model.name, **host)
+    train_batches = images.make_train_iterator(cfg.data, cfg.model.vision, seed=cfg.data.shuffle_seed, **where)
+    eval_batches = images.eval_batches(cfg.data, cfg.model.vision, max_batches=cfg.eval_batches, **where)
+  else:
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if (mismatch := vocabulary_mismatch(tokenizer, cfg, trained=False)) is not None:
+      raise TrainingError(mismatch)
+    train_batches = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch,
+                                        seed=cfg.data.shuffle_seed, **host)
+    eval_batches = make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch,
+                                     max_batches=cfg.eval_batches, **host)
 
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
+  restore_started = time.time()
   state, how = starting_state(run, checkpoints, train_batches, init_from)
+  restore = (restore_started, time.time())   # for the event log
   latest = checkpoints.latest_step()   # the newest good one: broken newer ones were moved aside
   log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
   for line in [how, *notes]:
@@ -174,11 +190,11 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   if log.library_log:
     log.say(f"library log lines go to {log.library_log} (--verbosity=0 shows them here instead)")
   if writer:
-    fileio.write_json(workdir / "config.json", to_dict(cfg))
+    RunDir(workdir).write_config(cfg)
 
   config_json = to_dict(cfg)
-  tokens_per_step = cfg.global_batch * cfg.data.seq_len
-  flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+  tokens_per_step = cfg.global_batch * cfg.example_tokens   # an image's tokens: its patches (and class token)
+  flops_per_step = flops_per_token(cfg.model, cfg.example_tokens) * tokens_per_step
   peak = peak_flops_per_device()
   stop = StopSignal()
 
@@ -199,9 +215,13 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   window_start, window_steps, last_saved = time.time(), 0, latest
   started = time.time()
   final: dict[str, float] = {}
+  events = RunEvents(workdir, cfg.diagnostics, writer=writer, library_log=log.library_log)   # RUN/events.jsonl
+  events.started(restore, latest, loop_start=time.time())
   try:
     while step < cfg.steps:
+      events.begin("step", step + 1, wait=state)
       batch = run.to_global(next(train_batches))
+      events.data_ready()
       if guard is None:
         state, metrics = run.train_step(state, batch)
       else:
@@ -211,6 +231,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
       if guard is not None:
         verdict = guard.observe(step, float(metrics["loss"]), bool(metrics["skipped"]), threshold)
         if verdict == "rollback":
+          events.begin("checkpoint_restore", step)
           state, step = roll_back(run, checkpoints, train_batches, guard, step, log)
           continue
         if verdict:
@@ -241,11 +262,12 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
                      f"{tokens_per_second / 1e3:.1f}k tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
                      f"eta {format_duration(eta)}")
       if evaluating:
+        events.begin("eval", step)
         final = evaluate(run, state.params, eval_batches)
         log.write(step, final)
-        log.say(f"step {step:>7}/{cfg.steps} | validation loss {final['eval/loss']:.4f} | "
-                f"perplexity {final['eval/perplexity']:.2f}")
+        log.say(f"step {step:>7}/{cfg.steps} | {describe_eval(final)}")
       if saving:
+        events.begin("checkpoint_save", step)
         save(step)
         last_saved = step
         log.say(f"step {step:>7}/{cfg.steps} | checkpoint {checkpoints.directory / str(step)} (written in the "
@@ -253,19 +275,21 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
       if logging_now:   # the next throughput window starts after this step's evaluation and save
         window_start, window_steps = time.time(), 0
       if stopping:
+        events.begin("preemption", step)
         checkpoints.wait()
         log.say(f"stopped by SIGTERM at step {step}; checkpoint saved in {checkpoints.directory}; "
                 "run the same command again to continue")
         return final
+    events.begin("checkpoint_save", step)   # the final evaluation (if not done yet) and waiting for the save
     if not final:   # resumed a run that had already finished
       final = evaluate(run, state.params, eval_batches)
     checkpoints.wait()
-    log.say(f"done: {cfg.steps} steps | validation loss {final['eval/loss']:.4f} | perplexity "
-            f"{final['eval/perplexity']:.2f}\ncheckpoint:  {checkpoints.directory / str(cfg.steps)}\n"
+    log.say(f"done: {cfg.steps} steps | {describe_eval(final)}\ncheckpoint:  {checkpoints.directory / str(cfg.steps)}\n"
             f"tensorboard: tensorboard --logdir {log.tensorboard_dir}")
     return final
   finally:
     checkpoints.wait()
     checkpoints.close()
     stop.restore()
+    events.close(wait=state)
     log.close()

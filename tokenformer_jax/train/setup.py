@@ -98,6 +98,12 @@ class Run:
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """A global batch's shapes and shardings, for compiling the step ahead of time."""
     cfg, rows = self.config, sharding.batch_sharding(self.mesh)
+    if cfg.model.vision is not None:
+      v = cfg.model.vision
+      return {"images": jax.ShapeDtypeStruct((cfg.global_batch, v.image_size, v.image_size, v.channels), jnp.float32,
+                                             sharding=rows),
+              "labels": jax.ShapeDtypeStruct((cfg.global_batch,), jnp.int32, sharding=rows),
+              "mask": jax.ShapeDtypeStruct((cfg.global_batch,), jnp.float32, sharding=rows)}
     return {"tokens": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len + 1), jnp.int32, sharding=rows),
             "mask": jax.ShapeDtypeStruct((cfg.global_batch, cfg.data.seq_len), jnp.float32, sharding=rows)}
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from tokenformer_jax import sharding
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model import LanguageModel, init_params, logical_axes
+from tokenformer_jax.model import LanguageModel, VisionModel, init_params, logical_axes
 from tokenformer_jax.train.optimizer import with_moments
 
 
@@ -58,6 +58,27 @@ def loss_sums(cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array):
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def classification_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Array, dict]:
+  """An image classifier on {"images" [b, H, W, C], "labels" [b], "mask" [b]}: (Σ cross-entropy over the real
+  examples, {"targets": their number, "top1", "top5": how many have their label first, among the first five})."""
+  logits = VisionModel(cfg).apply({"params": params}, batch["images"])
+  labels, mask = batch["labels"], batch["mask"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top = jax.lax.top_k(logits, min(5, cfg.vision.num_classes))[1]   # ties: the lower class first, as argmax
+  hits = top == labels[:, None]
+  return jnp.sum(losses * mask), {"targets": jnp.sum(mask), "top1": jnp.sum(hits[:, 0] * mask),
+                                  "top5": jnp.sum(jnp.any(hits, axis=1) * mask)}
+
+
+def batch_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Array, dict]:
+  """(Σ loss, {"targets": how many terms, and for an image classifier "top1", "top5": correct counts}) of one
+  batch: next-token prediction for a language model, classification for an image classifier."""
+  if cfg.vision is not None:
+    return classification_sums(cfg, params, batch)
+  loss_sum, targets = loss_sums(cfg, params, batch["tokens"], batch["mask"])
+  return loss_sum, {"targets": targets}
+
+
 def _micro_batches(x: jax.Array, count: int) -> jax.Array:
   """[b, ...] → [count, b / count, ...], micro-batch i taking rows i, i + count, ... so that each one is
   spread over every data-parallel shard instead of living on a few devices."""
@@ -77,25 +98,29 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
   were, only the step counter moves on (metrics["skipped"] = 1); every update is multiplied by `lr_scale`, which
   for AdamW with decoupled weight decay is exactly a learning rate × lr_scale.
   """
-  value_and_grad = jax.value_and_grad(functools.partial(loss_sums, cfg), has_aux=True)
+  value_and_grad = jax.value_and_grad(functools.partial(batch_sums, cfg), has_aux=True)
 
   def step(state: TrainState, batch: dict, threshold=None, lr_scale=None):
     def accumulate(carry, micro):
-      grads, loss_sum, count = carry
-      (micro_loss, micro_count), micro_grads = value_and_grad(state.params, micro["tokens"], micro["mask"])
-      return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+      grads, loss_sum, sums = carry
+      (micro_loss, micro_sums), micro_grads = value_and_grad(state.params, micro)
+      return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss,
+              jax.tree.map(jnp.add, sums, micro_sums)), None
 
     if grad_accum == 1:   # no loop: the compiler's cost analysis counts a loop body once
-      (loss_sum, count), grads = value_and_grad(state.params, batch["tokens"], batch["mask"])
+      (loss_sum, sums), grads = value_and_grad(state.params, batch)
     else:
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
       micro = jax.tree.map(functools.partial(_micro_batches, count=grad_accum), batch)
-      (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
-    count = jnp.maximum(count, 1.0)
+      zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: value_and_grad(state.params, batch)[0][1]))
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), zero_sums)
+      (grads, loss_sum, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    count = jnp.maximum(sums["targets"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "targets": count}
+    if "top1" in sums:   # an image classifier: the batch's top-1 and top-5 accuracy
+      metrics.update(top1=sums["top1"] / count, top5=sums["top5"] / count)
     if guarded:
       updates = jax.tree.map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
@@ -117,10 +142,41 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
 
 
 def make_eval_step(cfg: ModelConfig, shardings: TrainState, mesh: Mesh):
-  """jit(params, batch) → (Σ loss, number of targets)."""
+  """jit(params, batch) → (Σ loss, number of targets); an image classifier's → (Σ loss, number of images, top-1
+  hits, top-5 hits)."""
   def eval_step(params, batch):
     with sharding.activation_sharding(mesh):
+      if cfg.vision is not None:
+        loss_sum, sums = classification_sums(cfg, params, batch)
+        return loss_sum, sums["targets"], sums["top1"], sums["top5"]
       return loss_sums(cfg, params, batch["tokens"], batch["mask"])
 
   return jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
+
+
+class LossSums:
+  """Σ cross-entropy and Σ real targets over batches, added up on the host in float64; `mean` is the loss per
+  target (token-weighted; 0 without targets). The one mean loss: the loop's evaluation, cli.eval, cli.grow
+  --verify and the experiments all report it."""
+
+  def __init__(self):
+    self.total, self.targets = 0.0, 0.0
+
+  def add(self, sums) -> LossSums:
+    """Add one batch's (Σ loss, number of targets), as `loss_sums` or an eval step returns them."""
+    loss_sum, targets = jax.device_get(sums)
+    self.total, self.targets = self.total + float(loss_sum), self.targets + float(targets)
+    return self
+
+  @property
+  def mean(self) -> float:
+    return self.total / max(self.targets, 1.0)
+
+
+def mean_loss(batch_sums) -> float:
+  """The loss per target over batches, from each batch's (Σ loss, number of targets)."""
+  sums = LossSums()
+  for each in batch_sums:
+    sums.add(each)
+  return sums.mean

@@ -1,0 +1,72 @@
+"""Image classifiers: the paper's visual models (Table 9) and the CPU main job on scikit-learn's digits.
+
+  python -m tokenformer_jax.cli.train --config=experiments/vision.py:digits --workdir=runs/digits
+
+Table 9's visual rows on ImageNet-1K shapes (224², patch 16, 1000 classes, class token), with the ViT baselines they
+are matched to. Patch embedding and head are dense (model/vision.py says why). Parameter counts (count_params,
+logical tokens; tests/test_vision.py checks them against the initialised models):
+
+  tokenformer_base_matched   Base†  576 / 2304 tokens   86.5M   (paper: 86M)
+  tokenformer_base           Base   768 / 3072 tokens  114.8M   (paper: 109M; the blocks alone are 113.2M)
+  tokenformer_large_matched  Large† 768 / 3072 tokens  304.0M   (paper: 307M; Table 9's 768 FFN tokens give 190.8M)
+  tokenformer_large          Large 1024 / 4096 tokens  404.7M   (paper: 407M)
+  vit_b16                    ViT-B/16                    86.6M   (paper: 86M)
+  vit_l16                    ViT-L/16                   304.3M   (paper: 307M)
+
+docs/vision.md has the arithmetic. The CPU configs: `digits` (the main job: a TokenFormer whose attention and FFN
+token counts are Base†'s ratios to d, 0.75·d and 3·d, so its blocks hold exactly the 12·L·d² weights of a ViT),
+`digits_vit` (its dense twin, the same recipe), `digits_grown` (`digits` with Base's ratios, d and 4·d: the
+Base† → Base step), and `digits_test` (seconds: what the tests train).
+"""
+from tokenformer_jax.config import DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig, VisionConfig
+
+IMAGENET = VisionConfig(image_size=224, patch_size=16, channels=3, num_classes=1000, pooling="cls")
+TOKEN_MULTIPLE = 64
+
+
+def _tokenformer(name, layers, d, attention_tokens, ffn_tokens, heads):
+  return ModelConfig(name=name, d_model=d, n_layers=layers, n_heads=heads, vision=IMAGENET,
+                     param_tokens=ParamTokens.uniform(attention_tokens, ffn_tokens), token_multiple=TOKEN_MULTIPLE)
+
+
+def _vit(name, layers, d, heads):
+  return ModelConfig(name=name, architecture="transformer", d_model=d, n_layers=layers, n_heads=heads, vision=IMAGENET)
+
+
+# Paper Table 9, "Visual Modeling" (Large† with 3072 FFN tokens, not the table's 768: see docs/vision.md).
+tokenformer_base_matched = _tokenformer("tokenformer_base_matched", 12, 768, 576, 2304, 12)
+tokenformer_base = _tokenformer("tokenformer_base", 12, 768, 768, 3072, 12)
+tokenformer_large_matched = _tokenformer("tokenformer_large_matched", 24, 1024, 768, 3072, 16)
+tokenformer_large = _tokenformer("tokenformer_large", 24, 1024, 1024, 4096, 16)
+vit_b16 = _vit("vit_b16", 12, 768, 12)
+vit_l16 = _vit("vit_l16", 24, 1024, 16)
+TABLE_9 = (tokenformer_base_matched, tokenformer_base, tokenformer_large_matched, tokenformer_large)
+VITS = (vit_b16, vit_l16)
+
+# The CPU main job: scikit-learn's 1,797 8×8 digits (stratified 80/20 split, seed 0), 4×4 patches (4 + a class token).
+DIGITS = VisionConfig(image_size=8, patch_size=4, channels=1, num_classes=10, pooling="cls")
+_D = 64
+digits = TrainConfig(
+    model=ModelConfig(name="digits", d_model=_D, n_layers=3, n_heads=4, vision=DIGITS,
+                      param_tokens=ParamTokens.uniform(3 * _D // 4, 3 * _D)),
+    data=DataConfig(image_source="digits", image_crop_padding=1),
+    optim=OptimConfig(learning_rate=2e-3, warmup_steps=100, min_lr_ratio=0.01, weight_decay=0.05, b2=0.99),
+    steps=1500, global_batch=64, eval_every=100, eval_batches=6, log_every=50, checkpoint_every=500,
+    keep_checkpoints=2)
+
+# The dense ViT at the same width and depth and the same recipe: 12·d² weights per block, as digits' Pattentions.
+digits_vit = digits.replace(model=ModelConfig(name="digits_vit", architecture="transformer", d_model=_D, n_layers=3,
+                                              n_heads=4, vision=DIGITS))
+
+# digits with more parameter tokens (Base's ratios): cli.grow grows a digits run into it.
+digits_grown = digits.replace(model=digits.model.replace(name="digits_grown",
+                                                         param_tokens=ParamTokens.uniform(_D, 4 * _D)))
+
+# Seconds, not minutes: what tests/test_vision.py trains (and grows into digits_test_grown).
+digits_test = digits.replace(
+    model=digits.model.replace(name="digits_test", d_model=16, n_layers=1, n_heads=2,
+                               param_tokens=ParamTokens(12, 10, 14, 8, 40), token_multiple=8),
+    optim=digits.optim.replace(warmup_steps=2, learning_rate=3e-3),
+    steps=8, global_batch=32, eval_every=4, eval_batches=12, log_every=2, checkpoint_every=4)
+digits_test_grown = digits_test.replace(
+    model=digits_test.model.replace(name="digits_test_grown", param_tokens=ParamTokens(20, 13, 17, 9, 61)))
