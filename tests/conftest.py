@@ -44,21 +44,27 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", False)
 
 
-@pytest.fixture(scope="session")
-def elastic_run(tmp_path_factory):
-  """(workdir, each job's result, the steps saved after each job) of helpers.JOB_RUN trained through the jobs of
-  helpers.ELASTIC_JOBS, each resuming what the one before saved: 4 processes → 2 → 1 → 2 (killed) → 2. Shared by
-  test_elastic.py (the same losses and windows as one uninterrupted job) and test_multiprocess.py (SIGTERM, a
-  killed process, growth on 2 processes)."""
-  from helpers import ELASTIC_JOBS, train_job
-  workdir = tmp_path_factory.mktemp("elastic_run") / "run"
-  results, saved = [], []
-  for processes, devices, flags, fault, fault_process in ELASTIC_JOBS:
-    results.append(train_job(workdir, processes, devices, *flags, fault=fault, fault_process=fault_process))
-    saved.append(sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()))
-  return workdir, results, saved
+# The files whose tests each take over a minute (long runs of several processes, whole ladders and studies in
+# miniature): `-n 2` starts them first, so that they run beside the rest instead of forming a tail. A new test over
+# a minute puts its file here.
+LONGEST_FIRST = ("test_launch.py", "test_multiprocess.py", "test_report.py", "test_parity.py", "test_train.py",
+                 "test_pattention_pallas.py", "test_vision.py", "test_goodput.py")
+
+
+def pytest_collection_modifyitems(items):
+  """The order of the files (their tests keep theirs): LONGEST_FIRST, then the other files with slow tests, then
+  the rest."""
+  slow_files = {item.path.name for item in items if item.get_closest_marker("slow")}
+  def rank(item):
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST) + (name not in slow_files)
+  items.sort(key=rank)
 
 
 def pytest_configure(config):
+  # `pytest -n 2` (pytest-xdist) sends whole files to a worker, in the order above: a file's module-scoped runs are
+  # then built once, on one worker (xdist's default sends single tests, ordered by nothing).
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist, config.option.loadscopereorder = "loadfile", False
   config.addinivalue_line("markers", "slow: starts a subprocess, compiles for a TPU or trains a run; the inner loop "
                           "is `pytest -m 'not slow'`")

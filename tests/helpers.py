@@ -159,7 +159,7 @@ def exit_codes(result) -> dict[int, int]:
   return codes
 
 
-# The run of the multi-process tests (test_multiprocess.py, test_elastic.py): test_run for 8 steps, every loss
+# The run of the multi-process tests (test_multiprocess.py): test_run for 8 steps, every loss
 # logged, one evaluation at the end, checkpoints only where SIGTERM asks for them.
 JOB_STEPS = 8
 JOB_RUN = (TEST_RUN, f"--set=steps={JOB_STEPS}", "--set=checkpoint_every=100", f"--set=eval_every={JOB_STEPS}",
@@ -167,8 +167,8 @@ JOB_RUN = (TEST_RUN, f"--set=steps={JOB_STEPS}", "--set=checkpoint_every=100", f
 
 
 FSDP = ("--set=mesh.preset=fsdp", "--set=mesh.data=1", "--set=mesh.fsdp=-1")
-# One run through jobs of other shapes (conftest's elastic_run): (processes, devices per process, flags, the fault
-# sent before the job's N-th step, the process it goes to: None = every one). The global batch is 8 throughout.
+# One run through jobs of other shapes (test_multiprocess.py's elastic_run): (processes, devices per process, flags,
+# the fault sent before the job's N-th step, the process it goes to: None = every one). The global batch is 8 throughout.
 ELASTIC_JOBS = (
     (4, 1, (), ("SIGTERM", 2), 2),      # steps 1-2; SIGTERM to one of 4 processes stops them all
     (2, 2, FSDP, ("SIGTERM", 2), 1),    # steps 3-4 under the fsdp preset; SIGTERM to one of 2
