@@ -5,7 +5,8 @@
   lock.py      the lock file: exact versions of the trainer's dependency closure, recorded when a ladder starts
   faults.py    every TPU / queued-resource state and health value → a decision; preemption and TPU-hour budgets
   runner.py    runs commands: retries with backoff on transient failures, one clear line on permanent ones
-  tpu.py       one TPU slice's life: preflight, create, set up, start, the watch (recreate / restart / wait), delete
+  vm.py        one TPU slice's life: preflight, create, set up, start, the watch (recreate / restart / wait), delete
+  tpu.py       `python -m launch.tpu`: the TPU flags and the single-job command over vm.py
   ladder.py    the ladder: skip done stages, grow from the previous one, train; idempotent
 """
 from tokenformer_jax import accelerators  # noqa: E402  (before any launch module imports JAX)

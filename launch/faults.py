@@ -3,19 +3,64 @@
 Every value of the TPU VM `state` and `health` enums and of the queued resource's `state.state` enum maps to one
 `Verdict`; a value missing from these tables (a new enum value, unparseable output) is UNKNOWN, which the watch
 waits on for a bounded time only (`--unknown_timeout_s`) before it recreates the TPU. `Watch` acts on the
-verdicts through a TpuVm (tpu.py): create, delete, set up, start, probe.
+verdicts through a TpuVm (vm.py, the `Machine` here): create, delete, set up, start, probe. `Job` (a command on
+every worker) and `Limits` (how long each kind of trouble is waited on) are defined here for both.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
-from launch.runner import LaunchError, is_transient
+from launch.runner import LaunchError, Runner, is_transient
 
-if TYPE_CHECKING:
-  from launch.tpu import Job, TpuVm
+
+@dataclasses.dataclass
+class Job:
+  """A command run on every worker, and how to tell it has finished (exit codes can't: SIGTERM exits 0)."""
+  name: str                        # names its logs and pid file on the workers, e.g. "paper_354m.train"
+  argv: list[str]
+  done: Callable[[], bool]
+  logs_to: str | None = None       # a gs:// folder the workers copy their logs to while the job runs
+  env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """How long the watch waits on each kind of trouble, and how often it tries again."""
+  poll_s: float = 60.0
+  ready_timeout_s: float = 6 * 3600       # not READY (queued for capacity, creating, repairing) for this long: stop
+  unknown_timeout_s: float = 1800.0       # an unreadable or unknown state for this long: recreate
+  unhealthy_grace_s: float = 900.0        # READY but unhealthy, or ssh probes failing, for this long: recreate
+  max_restarts: int = 3                   # restarts of a job that died on a healthy TPU
+  max_recreates: int = 5                  # recreations for faults other than preemption (lost, failed, unknown)
+  log_sync_s: int = 60
+  fallback_after_s: float | None = None   # no capacity for the slice this long: continue on a fallback size
+  fallback_slices: tuple[str, ...] = ()   # the sizes to fall back to, in order
+  prefer_original: bool = False           # at a restart after a fallback, ask for the original size again
+
+
+class Machine(Protocol):
+  """What the watch acts through: a TpuVm (launch/vm.py), which imports this module (so this one names none)."""
+  spec: object                          # gcloud.TpuSpec: its accelerator changes on a fallback
+  original: object
+  runner: Runner
+  limits: Limits
+  ledger: Callable[[], None] | None
+  set_up: bool
+
+  def say(self, line: str) -> None: ...
+  def sleep(self) -> None: ...
+  def status(self) -> Status: ...
+  def create(self) -> bool: ...
+  def delete(self) -> bool: ...
+  def setup(self) -> None: ...
+  def start(self, job: Job) -> None: ...
+  def alive(self, job: Job) -> bool: ...
+  def logs(self, job: Job, lines: int = 20) -> str: ...
+  def save_ledger(self) -> None: ...
 
 
 class Verdict(enum.Enum):
@@ -133,7 +178,7 @@ AGAIN, LATER, DONE = "again", "later", "done"   # what a watch step asks for: lo
 class Watch:
   """One watch of one TPU: what it decides for each verdict, and the bounds it keeps (faults.py has the verdicts)."""
 
-  def __init__(self, vm: TpuVm, job: Job | None, budgets: list[Budget]):
+  def __init__(self, vm: Machine, job: Job | None, budgets: list[Budget]):
     self.vm, self.job, self.budgets, self.limits = vm, job, budgets, vm.limits
     self.since: dict[str, float] = {}      # when each bounded trouble began: waiting, unknown, unhealthy, probe
     self.restarts = self.recreates = 0

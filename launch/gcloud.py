@@ -10,21 +10,18 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from tokenformer_jax import accelerators
+
 RUNTIME_VERSION = "tpu-ubuntu2204-base"    # the TPU VM image for JAX on v4
-# v4 slice sizes (TensorCores) that Cloud TPU offers; a v4 host has 4 chips = 8 TensorCores.
-V4_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096)
 PROVISIONING = ("on-demand", "spot", "reserved", "best-effort")
 NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 DURATION = re.compile(r"\d+[smhd]")        # gcloud's relative durations: 30m, 6h, 2d
 
 
-def check_accelerator(accelerator: str) -> int:
-  """`v4-N` → N; anything else raises ValueError naming the valid types."""
-  match = re.fullmatch(r"v4-(\d+)", accelerator)
-  if not match or int(match.group(1)) not in V4_SIZES:
-    raise ValueError(f"unknown accelerator type {accelerator!r}; TPU v4 slices are "
-                     + ", ".join(f"v4-{n}" for n in V4_SIZES))
-  return int(match.group(1))
+def check_accelerator(accelerator: str) -> accelerators.V4Slice:
+  """`v4-N` → its slice (chips, hosts: tokenformer_jax/accelerators.py's table, which the plan reads too); anything
+  else raises ValueError naming the valid types."""
+  return accelerators.v4_slice(accelerator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +61,11 @@ class TpuSpec:
 
   @property
   def hosts(self) -> int:
-    return check_accelerator(self.accelerator) // 8 * self.slices
+    return check_accelerator(self.accelerator).hosts * self.slices
 
   @property
   def chips(self) -> int:
-    return check_accelerator(self.accelerator) // 2 * self.slices
+    return check_accelerator(self.accelerator).chips * self.slices
 
   @property
   def nodes(self) -> list[str]:

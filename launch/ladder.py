@@ -30,10 +30,11 @@ from absl import app, flags
 from launch import gcloud
 from launch.faults import Budget
 from launch.runner import LaunchError, Runner
-from launch.tpu import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls,
-                        define_tpu_flags, ledger_budgets, job_env, make_spec, make_vm, preflight, worker_setup)
+from launch.tpu import define_tpu_flags, job_env, make_spec, make_vm, worker_setup
+from launch.vm import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls, ledger_budgets,
+                       preflight)
 from tokenformer_jax.growth import check_growable
-from tokenformer_jax.ladder import LADDER_FILE, Stage, check_fits, load_ladder
+from tokenformer_jax.ladder import LADDER_FILE, Stage, apply_choice, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
 from tokenformer_jax.sharding import MESH_AXES, mesh_shape
 from tokenformer_jax.train import logger
@@ -67,14 +68,14 @@ def check_ladder(stages, backend: str, path: str = LADDER_FILE) -> None:
                        "(try --ladder=tiny, or --backend=tpu)")
     if backend == "tpu":
       try:
-        chips = gcloud.check_accelerator(stage.accelerator) // 2
+        tpu = gcloud.check_accelerator(stage.accelerator)
       except ValueError as error:
         raise ValueError(f"stage {stage.name}: {error}") from None
-      try:   # a v4 host drives 4 chips
-        shape = dict(zip(MESH_AXES, mesh_shape(stage.config.mesh, chips)))
-        check_batch_layout(stage.config, shape, processes=max(1, chips // 4))
+      try:   # one process per host
+        shape = dict(zip(MESH_AXES, mesh_shape(stage.config.mesh, tpu.chips)))
+        check_batch_layout(stage.config, shape, processes=tpu.hosts)
       except ValueError as error:
-        raise ValueError(f"stage {stage.name} on {stage.accelerator} ({chips} chips): {error}") from None
+        raise ValueError(f"stage {stage.name} on {stage.accelerator} ({tpu.chips} chips): {error}") from None
       check_tpu_data(stage.config, f"stage {stage.name}")
 
 
@@ -84,32 +85,35 @@ def fallback_stages(stages, fallback_slices) -> list[Stage]:
   names a stage whose global batch a fallback size cannot split."""
   out = []
   for stage in (s for s in stages if s.accelerator != "cpu"):
-    chips = gcloud.check_accelerator(stage.accelerator) // 2
+    tpu = gcloud.check_accelerator(stage.accelerator)
     saved = {"config": {"global_batch": stage.config.global_batch, "grad_accum": stage.config.grad_accum,
                         "mesh": dataclasses.asdict(stage.config.mesh)},
-             "job": {"processes": max(1, chips // 4), "devices": chips}}
+             "job": {"processes": tpu.hosts, "devices": tpu.chips}}
     for accelerator in (a for a in fallback_slices if a != stage.accelerator):
-      other = gcloud.check_accelerator(accelerator) // 2
+      other = gcloud.check_accelerator(accelerator)
       try:
-        data, fsdp, _ = mesh_shape(stage.config.mesh, other)
-        config, _ = fit_to_job(stage.config, data * fsdp, max(1, other // 4), saved)
+        data, fsdp, _ = mesh_shape(stage.config.mesh, other.chips)
+        config, _ = fit_to_job(stage.config, data * fsdp, other.hosts, saved)
       except ValueError as error:
-        raise ValueError(f"stage {stage.name} cannot fall back to {accelerator} ({other} chips): {error}") from None
+        raise ValueError(f"stage {stage.name} cannot fall back to {accelerator} ({other.chips} chips): "
+                         f"{error}") from None
       out.append(dataclasses.replace(stage, accelerator=accelerator, config=config))
   return out
 
 
 def train_argv(stage, workdir: str, overrides: list[str], grown: bool, path: str = LADDER_FILE) -> list[str]:
+  # the stage's own overrides (a plan's choice: --slices_from) after the command line's
   return ["python", "-m", "tokenformer_jax.cli.train", f"--config={path}:{stage.name}",
           f"--workdir={workdir}/{stage.name}", *([f"--init_from={workdir}/{stage.name}_grown"] if grown else []),
-          *[f"--set={o}" for o in overrides]]
+          *[f"--set={o}" for o in (*overrides, *stage.overrides)]]
 
 
 def grow_argv(previous, stage, workdir: str, overrides: list[str], path: str = LADDER_FILE) -> list[str]:
   # --overwrite: we only grow when no complete grown checkpoint exists, so a leftover is a killed attempt
   return ["python", "-m", "tokenformer_jax.cli.grow", f"--checkpoint={workdir}/{previous.name}/{previous.steps}",
           f"--config={path}:{stage.name}", f"--dst={workdir}/{stage.name}_grown",
-          f"--init={stage.init}", f"--seed={stage.config.seed}", "--overwrite", *[f"--set={o}" for o in overrides]]
+          f"--init={stage.init}", f"--seed={stage.config.seed}", "--overwrite",
+          *[f"--set={o}" for o in (*overrides, *stage.overrides)]]
 
 
 def run_ladder(stages, backend, workdir: str, overrides: list[str], say=print, path: str = LADDER_FILE) -> None:
@@ -295,10 +299,13 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
 
 
 def launch_ladder(ladder: str, backend: str, workdir: str, overrides: list[str], runner: Runner, prefix: str,
-                  check_fit: bool = True, fallback_slices: tuple[str, ...] = ()) -> None:
+                  check_fit: bool = True, fallback_slices: tuple[str, ...] = (), slices_from: str | None = None) -> None:
   """Check everything that can be checked here (flags, stages, and with the tpu backend that each stage fits
-  its slice and each of `fallback_slices`), then run the ladder. Nothing reaches gcloud before the checks pass."""
+  its slice and each of `fallback_slices`), then run the ladder. Nothing reaches gcloud before the checks pass.
+  `slices_from`: a plan's choice of slices (PLAN.json of `cli.plan --search --deadline_days`) replaces the stages'."""
   path, stages = load_stages(ladder, overrides)
+  if slices_from:
+    stages = apply_choice(stages, slices_from)
   check_ladder(stages, backend, path)
   fallbacks = fallback_stages(stages, fallback_slices) if backend == "tpu" else []
   fit_check = None
@@ -325,7 +332,7 @@ def main(argv: list[str]) -> None:
         logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
     runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
     launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit,
-                  fallback_slices=tuple(f.fallback_slices))
+                  fallback_slices=tuple(f.fallback_slices), slices_from=f.slices_from)
   except KeyboardInterrupt:
     if f.backend == "tpu" and not f.dry_run:
       print("interrupted: the current stage's TPU and its job are left running; run the same command again to "
@@ -349,6 +356,9 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("set", [], "Config overrides for every stage, field.sub=value (repeatable).")
   flags.DEFINE_string("tpu_prefix", "tokenformer", "TPU names are PREFIX-STAGE, STAGE the first of each run of "
                       "consecutive stages on the same slice type (they share that TPU).")
+  flags.DEFINE_string("slices_from", None, "PLAN.json written by cli.plan --ladder --search --deadline_days "
+                      "--slices_out=PLAN.json: run each stage it names on the slice (and with the grad_accum and "
+                      "remat) chosen there.")
   flags.DEFINE_bool("check_fit", True, "tpu backend: before creating anything, compile each stage's train step for "
                     "its slice (needs libtpu; minutes per stage) and stop at a stage that does not fit.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the launcher needs no accelerator; local stages are CPU stages

@@ -78,3 +78,43 @@ def test_cli_errors_are_one_line():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_the_plan_and_the_launcher_accept_exactly_the_same_slices():
+  # One table (tokenformer_jax/accelerators.py, from the Cloud TPU v4 documentation) for both: every v4-N of the
+  # pod's sizes, no other; the same chips and hosts.
+  from launch import gcloud
+
+  def accepted(check, name) -> bool:
+    try:
+      check(name)
+    except ValueError:   # plan.PlanError is one
+      return False
+    return True
+
+  names = [f"v4-{n}" for n in range(0, 2 * 4096 + 130)]
+  planned = {name for name in names if accepted(plan.parse_topology, name)}
+  launched = {name for name in names if accepted(gcloud.check_accelerator, name)}
+  assert planned == launched
+  # 4, 8, 16 and 32 chips below a 4x4x4 cube, then every whole number of cubes up to the pod's 64
+  assert planned == {f"v4-{2 * chips}" for chips in (4, 8, 16, 32, *range(64, 4097, 64))} and len(planned) == 68
+  for name in planned:
+    chips = int(name[3:]) // 2
+    spec = gcloud.TpuSpec("tf", "z", "p", name)
+    assert plan.parse_topology(name).chips == spec.chips == chips and spec.hosts == max(1, chips // 4)
+  assert plan.parse_topology("v4-1536").grid == (8, 8, 12) and plan.parse_topology("v4-8192").grid == (16, 16, 16)
+  assert plan.parse_topology("v4-512").grid == (4, 8, 8) and plan.parse_topology("v4-64").grid == (2, 4, 4)
+  # A chip grid the plan takes (v4:AxBxC: A <= B <= C, each <= 4 or a multiple of 4, whole hosts) is a slice the
+  # launcher creates, by its size; and each v4-N's grid is one of them.
+  grids = {(a, b, c) for a in range(1, 17) for b in range(1, 17) for c in range(1, 65)
+           if accepted(plan.parse_topology, f"v4:{a}x{b}x{c}")}
+  assert {(2, 2, 1), (2, 2, 2), (2, 4, 4), (4, 4, 12), (8, 8, 12), (16, 16, 16)} <= grids
+  assert not {(2, 2, 3), (4, 2, 2), (2, 4, 8), (4, 4, 6), (3, 4, 4)} & grids
+  assert {f"v4-{2 * a * b * c}" for a, b, c in grids} <= launched
+  assert all(accepted(plan.parse_topology, "v4:{}x{}x{}".format(*plan.parse_topology(name).grid)) for name in planned)
+  # The peak FLOP/s of the plan's MFU and of the trainer's are the same number
+  from tokenformer_jax import accelerators
+  from tokenformer_jax.train import logger
+  assert accelerators.peak_flops("TPU v4") == plan.PEAK_FLOPS_PER_CHIP == 275e12
+  assert accelerators.peak_flops("TPU v5 lite") == 197e12 and accelerators.peak_flops("cpu") is None
+  assert logger.peak_flops_per_device() is None   # these tests run on CPU

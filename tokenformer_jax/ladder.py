@@ -10,6 +10,7 @@ A change to the recipe (say `model.remat`, or any new model field) is one change
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Callable
 
@@ -27,6 +28,8 @@ class Stage:
   accelerator: str        # the slice: a TPU type ("v4-64") for the tpu backend; "cpu" for the local one
   tokens: int             # the token budget; config.steps = ceil(tokens / (global_batch × seq_len))
   init: str = "scratch"   # "scratch" (the first stage), or the growth init of new parameter tokens
+  overrides: tuple[str, ...] = ()   # --set field=value this stage's jobs add to the ladder file's config (a plan's
+                                    # choice of slice: grad_accum, model.remat; see apply_choice)
 
   def __post_init__(self):
     if self.init not in INITS:
@@ -120,3 +123,94 @@ def check_fits(stages, *, planner: Callable | None = None, say=print) -> bool:
     say(f"# fit check: {s.name} fits {s.accelerator} ({result.hbm['total'] / plan.GiB:.1f} GiB per chip)")
   return True
 
+
+
+# The slices that cost least: `cli.plan --ladder --search --deadline_days` chooses, `launch.ladder --slices_from` runs -
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A stage on one slice, as the plan costed it: the recipe's global batch in grad_accum micro-batches."""
+  stage: str
+  accelerator: str
+  chips: int
+  remat: str
+  grad_accum: int
+  mfu: float | None
+  days: float
+  chip_hours: float
+
+  @classmethod
+  def of(cls, stage: Stage, result) -> "Option":
+    """From a plan.Plan of the stage's step (fitting, with a step time)."""
+    return cls(stage.name, result.topology, result.chips, result.remat, result.grad_accum, result.mfu,
+               result.days(stage.tokens), result.chip_hours(stage.tokens))
+
+  @property
+  def overrides(self) -> tuple[str, ...]:
+    return (f"grad_accum={self.grad_accum}", f"model.remat={self.remat}")
+
+
+def cheapest_within(options: list[list[Option]], deadline_days: float) -> list[Option]:
+  """One option per stage (`options[i]`: stage i's) with the fewest chip-hours in all, the stages run one after
+  another within `deadline_days`. A ValueError in one line when no choice makes the deadline."""
+  frontier: list[tuple[float, float, tuple[Option, ...]]] = [(0.0, 0.0, ())]   # (days, chip-hours, choice)
+  for stage_options in options:
+    grown = sorted(((days + o.days, hours + o.chip_hours, (*picks, o)) for days, hours, picks in frontier
+                    for o in stage_options), key=lambda entry: entry[:2])
+    frontier = []   # what can still win: days up, chip-hours strictly down
+    for entry in grown:
+      if entry[0] <= deadline_days and (not frontier or entry[1] < frontier[-1][1]):
+        frontier.append(entry)
+    if not frontier:
+      break
+  if frontier and len(frontier[0][2]) == len(options):
+    return list(min(frontier, key=lambda entry: entry[1])[2])
+  if not all(options):
+    stuck = next(i for i, o in enumerate(options) if not o)
+    raise ValueError(f"--deadline_days={deadline_days:g}: stage {stuck + 1} of {len(options)} fits none of the "
+                     "slices tried (--slices)")
+  fastest = [min(o, key=lambda option: option.days) for o in options]
+  raise ValueError(f"--deadline_days={deadline_days:g} cannot be met: the fastest slices tried take "
+                   f"{sum(o.days for o in fastest):.2f} days ("
+                   + ", ".join(f"{o.stage} on {o.accelerator} {o.days:.2f}" for o in fastest)
+                   + "); allow more days or try larger --slices")
+
+
+def write_choice(path: str, ladder: str, deadline_days: float, chosen: list[Option], own: list[Option | None],
+                 stages) -> dict:
+  """PLAN.json: per stage, the chosen slice and the --set overrides that go with it, and the ladder's own."""
+  record = {"ladder": ladder, "deadline_days": deadline_days, "stages": [
+      {**dataclasses.asdict(c), "set": list(c.overrides), "global_batch": s.config.global_batch, "tokens": s.tokens,
+       "ladder_choice": None if o is None else dataclasses.asdict(o)}
+      for c, o, s in zip(chosen, own, stages, strict=True)]}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def apply_choice(stages, path: str) -> tuple[Stage, ...]:
+  """The stages with the slices (and grad_accum, remat) a plan chose (PLAN.json of `cli.plan --deadline_days`);
+  stages it does not name keep theirs. A ValueError names a stage the file names but the ladder lacks, or one
+  planned with another global batch or token budget (the file is then stale: plan again)."""
+  try:
+    with open(path) as f:
+      chosen = {entry["stage"]: entry for entry in json.load(f)["stages"]}
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"--slices_from={path}: not a plan's choice of slices ({error})") from None
+  names = {s.name for s in stages}
+  if set(chosen) - names:
+    raise ValueError(f"--slices_from={path} names stage(s) {', '.join(sorted(set(chosen) - names))} that this "
+                     f"ladder does not have ({', '.join(sorted(names))})")
+  out = []
+  for s in stages:
+    entry = chosen.get(s.name)
+    if entry is None:
+      out.append(s)
+      continue
+    if (entry.get("global_batch"), entry.get("tokens")) != (s.config.global_batch, s.tokens):
+      raise ValueError(f"--slices_from={path}: stage {s.name} was planned with global_batch "
+                       f"{entry.get('global_batch')} and {entry.get('tokens')} tokens, the ladder has "
+                       f"{s.config.global_batch} and {s.tokens}; plan it again")
+    sets = tuple(entry["set"])
+    out.append(dataclasses.replace(s, config=apply_overrides(s.config, sets), accelerator=entry["accelerator"],
+                                   overrides=s.overrides + sets))
+  return tuple(out)

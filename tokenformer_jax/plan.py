@@ -30,13 +30,11 @@ import re
 from tokenformer_jax import accelerators
 from tokenformer_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig, DataConfig, flops_per_token
 
-PEAK_FLOPS_PER_CHIP = 275e12          # TPU v4, bf16 dense
-HBM_PER_CHIP = 32 * 2**30             # TPU v4
-HBM_USABLE = 30.75 * 2**30            # what the TPU compiler leaves to a program on a v4 chip
-CHIPS_PER_HOST = (2, 2, 1)            # a v4 host drives 4 chips
-# Chip grids of the v4 slice sizes (v4-N has N/2 chips; each chip is one megacore device).
-V4_GRIDS = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-            256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+# The TPU v4 facts (peak FLOP/s, HBM, hosts, the slice topologies) are tokenformer_jax/accelerators.py's table.
+PEAK_FLOPS_PER_CHIP = accelerators.V4.peak_bf16_flops
+HBM_PER_CHIP = accelerators.V4.hbm_bytes
+HBM_USABLE = accelerators.V4.usable_hbm_bytes
+CHIPS_PER_HOST = accelerators.V4.chips_per_host
 LADDER_SLICES = ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256")
 REMAT_ORDER = ("none", "lean", "projections", "full")   # least recomputation first
 GiB = 2**30
@@ -60,20 +58,24 @@ class Topology:
 
 
 def parse_topology(text: str) -> Topology:
-  """'v4-32' (32 TensorCores = 16 chips), 'v4:2x2x4' (a chip grid), '2xv4-32' (two slices, over DCN)."""
-  match = re.fullmatch(r"(?:(\d+)x)?v4(?:-(\d+)|:(\d+)x(\d+)x(\d+))", text.strip().lower())
+  """'v4-32' (32 TensorCores = 16 chips), 'v4:2x2x4' (a chip grid), '2xv4-32' (two slices, over DCN). The valid
+  slices are accelerators.py's (the launcher's too)."""
+  match = re.fullmatch(r"(?:(\d+)x)?(v4-\d+|v4:(\d+)x(\d+)x(\d+))", text.strip().lower())
   if not match:
     raise PlanError(f"topology {text!r}: expected v4-N (e.g. v4-32), v4:XxYxZ (a chip grid), or Sxv4-N for S slices")
   slices = int(match.group(1) or 1)
-  if match.group(2):
-    cores = int(match.group(2))
-    if cores // 2 not in V4_GRIDS or cores % 2:
-      raise PlanError(f"topology {text!r}: v4 slices have {', '.join(str(2 * c) for c in V4_GRIDS)} cores")
-    grid = V4_GRIDS[cores // 2]
+  if slices < 1:
+    raise PlanError(f"topology {text!r}: at least one slice")
+  if match.group(3) is None:
+    try:
+      grid = accelerators.v4_slice(match.group(2)).grid
+    except ValueError as error:
+      raise PlanError(f"topology {text!r}: {error}") from None
   else:
     grid = tuple(int(match.group(i)) for i in (3, 4, 5))
-  if any(g % b for g, b in zip(grid, CHIPS_PER_HOST)) or slices < 1:
-    raise PlanError(f"topology {text!r}: a v4 chip grid must be whole hosts of 2x2x1 chips")
+    if not accelerators.v4_grid_valid(grid):
+      raise PlanError(f"topology {text!r}: a v4 chip grid is 2x2x1, 2x2x2, 2x2x4, 2x4x4, or AxBxC with A <= B <= C "
+                      f"multiples of 4 and at most {accelerators.V4.pod_chips} chips")
   return Topology(text.strip(), grid, slices)
 
 
@@ -286,24 +288,6 @@ def plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
                   remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=cfg.global_batch * cfg.data.seq_len,
                   fits=False, hbm={}, model_flops_per_step=0.0, error="the TPU compiler crashed",
                   kernel=cfg.model.pattention_kernel)
-
-
-def smallest_fit(cfg: TrainConfig, slices=LADDER_SLICES, remats=REMAT_ORDER, *, log=print) -> Plan | None:
-  """The smallest slice (then the least recomputation) on which `cfg`'s step fits, with its cost; None if none.
-  Each candidate compiles in its own process."""
-  for topology in slices:
-    for remat in remats:
-      candidate = cfg.replace(model=cfg.model.replace(remat=remat))
-      try:
-        result = plan_in_child(candidate, topology, cost=False)
-      except PlanError as error:   # e.g. the batch does not split over this slice
-        log(f"  {cfg.model.name} on {topology} (remat {remat}): {error}")
-        continue
-      log(f"  {cfg.model.name} on {topology} (remat {remat}): "
-          + ("fits" if result.fits else (result.error or "does not fit")))
-      if result.fits:
-        return plan_in_child(candidate, topology, cost=True)
-  return None
 
 
 # Printing -----------------------------------------------------------------------------------------------

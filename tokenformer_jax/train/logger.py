@@ -21,18 +21,14 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from tokenformer_jax import fileio
-
-# Peak dense bf16 FLOP/s per device, for MFU. Devices not listed (CPUs) report no MFU.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+from tokenformer_jax import accelerators, fileio
+from tokenformer_jax.run import RunDir
 
 
 def peak_flops_per_device() -> float | None:
-  kind = jax.devices()[0].device_kind
-  # The longest matching name wins ("TPU v5 lite" before "TPU v5").
-  matches = sorted((name for name in PEAK_FLOPS if kind.startswith(name)), key=len)
-  return PEAK_FLOPS[matches[-1]] if matches else None
+  """Peak dense bf16 FLOP/s of this job's devices, for MFU (tokenformer_jax/accelerators.py's table); None for devices
+  not listed there (CPUs), which report no MFU."""
+  return accelerators.peak_flops(jax.devices()[0].device_kind)
 
 
 def format_duration(seconds: float) -> str:
@@ -140,15 +136,16 @@ def say_with_first_library_line(note: str) -> None:
 class MetricsLogger:
   def __init__(self, workdir: str | epath.Path, enabled: bool = True):
     self.enabled = enabled
-    self.tensorboard_dir = epath.Path(workdir) / "tensorboard"
+    run = RunDir(workdir)
+    self.tensorboard_dir = run.tensorboard_dir
     self.rewrite = enabled and sys.stdout.isatty()   # a terminal: the progress line rewrites itself
     self.open_line = False
     index = jax.process_index()
-    self.library_log = attach_library_log(epath.Path(workdir) / "logs", "train" if index == 0 else f"train.{index}")
+    self.library_log = attach_library_log(run.logs_dir, "train" if index == 0 else f"train.{index}")
     if enabled:
       self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
       self.writer = EventFileWriter(str(self.tensorboard_dir))
-      self.jsonl = fileio.open_append(epath.Path(workdir) / "metrics.jsonl")   # a killed run's torn line dropped
+      self.jsonl = fileio.open_append(run.metrics_file)   # a killed run's torn line dropped
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
