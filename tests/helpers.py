@@ -114,6 +114,23 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
   return subprocess.run(command, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(module, capsys, *args: str) -> tuple[int, str, str]:
+  """A tool's absl main in this process, `args` on its command line (a subprocess costs seconds of imports):
+  (exit code, stdout, stderr)."""
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  argv = flags.FLAGS([module.__name__, *args])
+  code = 0
+  try:
+    module.main(argv)
+  except SystemExit as exited:
+    code = exited.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
 def run_params(directory, model, step: int | None = None) -> dict:
   """The parameters of checkpoint `step` (default: the newest) of the run in `directory`, for `model`."""
   from tokenformer_jax.checkpoint import RunCheckpoints

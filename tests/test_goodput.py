@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import TEST_RUN, exit_codes, launch_local
+from helpers import TEST_RUN, exit_codes, launch_local, run_main
 
 from tokenformer_jax import goodput
 from tokenformer_jax.config import DiagnosticsConfig, apply_overrides, load_config
@@ -134,20 +134,8 @@ def test_diagnostics_settings_are_checked():
 
 def report_main(capsys, *args: str) -> tuple[int, str, str]:
   """cli.report's main in this process, `--goodput` and `args` on its command line: (exit code, stdout, stderr)."""
-  from absl import flags
-
   from tokenformer_jax.cli import report as cli
-  flags.FLAGS.unparse_flags()
-  argv = flags.FLAGS(["report", "--goodput", *args])
-  code = 0
-  try:
-    cli.main(argv)
-  except SystemExit as exited:
-    code = exited.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  return run_main(cli, capsys, "--goodput", *args)
 
 
 def test_report_goodput_of_a_directory_without_events_is_one_line(tmp_path, capsys):

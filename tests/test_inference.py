@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import NOT_RUN, REPO
+from helpers import NOT_RUN, REPO, run_main
 
 from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
 from tokenformer_jax.growth import grow, grown_config
@@ -242,22 +242,6 @@ def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypat
   correct = [int(np.argmax([lp for lp, _ in lm.loglikelihood([request(d["context"], c) for c in d["choices"]])]))
              == d["label"] for d in docs]
   assert accuracy == pytest.approx(np.mean(correct), abs=1e-9)
-
-
-def run_main(module, capsys, *args) -> tuple[int, str, str]:
-  """A CLI's main in this process (a subprocess costs seconds of imports): (exit code, stdout, stderr)."""
-  from absl import flags
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS([module.__name__, *args])
-  code = 0
-  try:
-    module.main([module.__name__])
-  except SystemExit as exit_info:
-    code = exit_info.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import losses, run_cli, run_params
+from helpers import losses, run_cli, run_main, run_params
 from tokenformer_jax.config import ParamTokens, apply_overrides, count_params, load_config
 from tokenformer_jax.data import DataError, images
 from tokenformer_jax.model import VisionModel, abstract_params, logical_axes
@@ -205,22 +205,6 @@ def test_bad_vision_configs_are_refused_in_one_sentence():
     images.make_train_iterator(wrong.data, wrong.model.vision, global_batch=32, model_name="digits_test")
   with pytest.raises(DataError, match="unknown data.image_source 'cifar'"):
     images.load("cifar")
-
-
-def run_main(module, capsys, *args: str) -> tuple[int, str, str]:
-  """A tool's main in this process with `args` on its command line: (exit code, stdout, stderr)."""
-  from absl import flags
-  flags.FLAGS.unparse_flags()
-  argv = flags.FLAGS([module.__name__, *args])
-  code = 0
-  try:
-    module.main(argv)
-  except SystemExit as exited:
-    code = exited.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("flag,phrase", [
