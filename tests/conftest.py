@@ -3,9 +3,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The 8 devices' in-process collectives wait for each other; on 2 loaded cores a device thread can be starved for
-# longer than XLA's default limit, and XLA then aborts the process: wait up to 30 minutes instead.
+# a while, so XLA waits 5 minutes before it calls a collective stuck and aborts (a real deadlock, such as several
+# independent collective programs in flight at once, still ends the run instead of hanging it).
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
-                                                             " --xla_cpu_collective_call_terminate_timeout_seconds=1800")
+                                                             " --xla_cpu_collective_call_terminate_timeout_seconds=300")
 # Token stores the pipeline prepares from test corpora go to one temporary cache per session (shared with the
 # CLI subprocesses), not ~/.cache.
 if "TOKENFORMER_JAX_CACHE" not in os.environ:

@@ -68,6 +68,35 @@ def test_checksum_matches_numpy_sees_one_flipped_bit_and_a_swap_and_ignores_the_
       f"{int(w):08x}" for w in numpy_checksum(leaf))
 
 
+
+# Run in a process pinned to one core (where XLA's CPU client has the fewest threads), the checksums of a state
+# over 8 devices, many times: with all the small programs in flight at once, the second round used to deadlock.
+ONE_CORE_CHECKSUMS = """
+import os
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+import jax
+from tokenformer_jax import sharding
+from tokenformer_jax.checkpoint import checksums
+from tokenformer_jax.config import MeshConfig, load_config
+from tokenformer_jax.train import steps
+from tokenformer_jax.train.optimizer import make_optimizer
+cfg = load_config("experiments/demo.py:test_run")
+tx = make_optimizer(cfg.optim, cfg.steps)
+mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8), jax.devices())
+state = steps.init_state(cfg.model, tx, steps.state_shardings(cfg.model, tx, mesh, "fsdp")[1], seed=0)
+print(len({str(checksums((state.params, state.opt_state))) for _ in range(20)}))
+"""
+
+
+@pytest.mark.slow
+def test_checksums_over_eight_devices_on_one_core_do_not_deadlock():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=30")
+  result = subprocess.run([sys.executable, "-c", ONE_CORE_CHECKSUMS], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["1"]
+
 # Broken checkpoints ------------------------------------------------------------------------------------------
 def data_file(step_dir: pathlib.Path, item: str) -> pathlib.Path:
   """The largest tensor data file of an item (OCDBT keeps them under .../d/)."""
