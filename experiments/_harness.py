@@ -24,7 +24,7 @@ from etils import epath  # noqa: E402
 
 from tokenformer_jax import fileio, report, sharding  # noqa: E402
 from tokenformer_jax.config import (DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig,  # noqa: E402
-                                    count_params, to_dict)
+                                    count_params, non_defaults)
 from tokenformer_jax.growth import Provenance, grow, grown_config, net2net_widen  # noqa: E402
 from tokenformer_jax.run import RunDir, load_tokenizer  # noqa: E402
 
@@ -86,7 +86,7 @@ def non_embedding(model: ModelConfig) -> int:
 # Runs --------------------------------------------------------------------------------------------------
 def run_dir(root, cfg: TrainConfig, origin: str = "") -> epath.Path:
   """root/<model name>-<hash of the config and the origin>: the same run always lands in the same place."""
-  key = hashlib.sha1(json.dumps([to_dict(cfg), origin], sort_keys=True).encode()).hexdigest()[:10]
+  key = hashlib.sha1(json.dumps([non_defaults(cfg), origin], sort_keys=True).encode()).hexdigest()[:10]
   return epath.Path(root) / f"{cfg.model.name}-{key}"
 
 

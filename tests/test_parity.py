@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import parity, parity_growth
+from experiments import _harness as h, parity, parity_growth
 from helpers import CORPUS
-from tokenformer_jax.config import count_params
+from tokenformer_jax.config import TrainConfig, count_params, from_dict, load_config, non_defaults
 from tokenformer_jax.model import abstract_params, init_params
 from tokenformer_jax.model.pattention import pattention
 from tokenformer_jax.model.transformer import TransformerBlock
@@ -82,6 +82,19 @@ def test_sweep_runs_its_grid_then_grows_past_a_winning_edge():
   assert parity.next_sweep_lr({**rising, **_records([(1.0, 1.0)], arch="tokenformer")}, "transformer", s) == 0.256
   assert parity.next_sweep_lr(_records([(s.lrs[0], 4.0)], tokens=10 ** 6), "transformer", s) == s.lrs[0]
 
+
+
+def test_a_run_is_named_by_its_non_default_settings():
+  """A run's directory survives a config field added later with its default (the study resumes across code
+  versions); the non-default settings rebuild the whole config."""
+  cfg = parity.config("tokenformer", 0.016, 10 ** 6, 0, parity.SMOKE, str(CORPUS))
+  assert from_dict(TrainConfig, non_defaults(cfg)) == cfg
+  assert "block_norm" not in non_defaults(cfg)["model"] and "diagnostics" not in non_defaults(cfg)
+  assert non_defaults(cfg)["optim"]["learning_rate"] == 0.016
+  assert h.run_dir("/r", cfg) == h.run_dir("/r", cfg.replace(model=cfg.model.replace(block_norm="auto")))
+  assert h.run_dir("/r", cfg) != h.run_dir("/r", cfg.replace(seed=1)) != h.run_dir("/r", cfg, "parent")
+  digits = load_config("experiments/vision.py:digits")
+  assert from_dict(TrainConfig, non_defaults(digits)) == digits and "vision" in non_defaults(digits)["model"]
 
 @pytest.mark.slow
 def test_study_records_runs_skips_them_and_a_command_reproduces_its_loss(tmp_path, capsys, fast_compiles):

@@ -554,6 +554,23 @@ def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
 
 
+def non_defaults(cfg) -> dict:
+  """The fields of a config that differ from their defaults, nested as in `to_dict`: an identity of the config
+  (for naming its run, say) that a field added later, with a default, leaves as it was."""
+  diff = {}
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    default = (field.default if field.default is not dataclasses.MISSING else
+               field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+    if dataclasses.is_dataclass(value):
+      nested = non_defaults(value)
+      if nested or type(default) is not type(value):   # a block present where its default is None counts
+        diff[field.name] = nested
+    elif value != default:
+      diff[field.name] = list(value) if isinstance(value, tuple) else value
+  return diff
+
+
 def from_dict(cls, values: dict):
   """Rebuild a (nested) config dataclass from `to_dict`'s output, e.g. one read back from a checkpoint."""
   hints = typing.get_type_hints(cls)
