@@ -272,6 +272,30 @@ def test_eval_prints_and_writes_top1_and_top5(vision_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_image_evaluation_equals_numpy_over_the_models_logits(vision_run):
+  """evaluate_images (the eval step's sums added up by LossSums) against cross-entropy, top-1 and top-5 computed in
+  numpy from the model's logits on every test image."""
+  from tokenformer_jax.inference import evaluate_images, load_model
+  model = load_model(str(vision_run[0]))
+  result = evaluate_images(model)
+  apply = jax.jit(lambda p, x: VisionModel(model.config.model).apply({"params": p}, x))
+  logits, labels = [], []
+  for batch in images.eval_batches(model.config.data, DIGITS, global_batch=32, model_name=model.config.model.name):
+    real = batch["mask"] > 0
+    logits.append(np.asarray(apply(model.params, batch["images"]), np.float64)[real])
+    labels.append(batch["labels"][real])
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  shifted = logits - logits.max(1, keepdims=True)
+  cross_entropy = np.log(np.exp(shifted).sum(1)) - shifted[np.arange(len(labels)), labels]
+  ranks = np.argsort(-logits, axis=1, kind="stable")   # ties: the lower class first, as the eval step
+  assert result["examples"] == len(labels) == 360
+  assert result["loss"] == pytest.approx(cross_entropy.mean(), rel=1e-5)
+  assert result["top1"] == np.mean(ranks[:, 0] == labels)
+  assert result["top5"] == np.mean((ranks[:, :5] == labels[:, None]).any(1))
+  assert 0 < result["top1"] < result["top5"] <= 1
+
+
+@pytest.mark.slow
 def test_grow_verify_eval_and_continue(vision_run, tmp_path, fast_compiles):
   from tokenformer_jax.cli.grow import grow_checkpoint, verify
   from tokenformer_jax.inference import evaluate_images, load_model

@@ -28,7 +28,8 @@ from etils import epath
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError
 from tokenformer_jax.cli import checkpoint_flags
-from tokenformer_jax.cli.common import OVERRIDES, SEED, command, load_experiment, quiet_console
+from tokenformer_jax.cli.common import command, quiet_console
+from tokenformer_jax.cli.config_flags import OVERRIDES, SEED, load_experiment
 from tokenformer_jax.config import ModelConfig, TrainConfig, count_params
 from tokenformer_jax.data import DataError
 from tokenformer_jax.growth import (INITS, OPTIMIZERS, Provenance, check_growable, grow, grow_moments, grown_config,
@@ -81,14 +82,13 @@ def verify_classifier(old_cfg: ModelConfig, old_params, new_cfg: ModelConfig, ne
   """An image classifier's --verify: the largest logit difference over a batch of its test images (and the loss)."""
   from tokenformer_jax.data import images
   from tokenformer_jax.model import VisionModel
-  from tokenformer_jax.train.steps import classification_sums
+  from tokenformer_jax.train.steps import classification_sums, mean_loss
   batch = images.eval_batches(target.data, new_cfg.vision, global_batch=target.global_batch, max_batches=1,
                               model_name=new_cfg.name)[0]
   logits, losses = [], []
   for cfg, params in ((old_cfg, old_params), (new_cfg, new_params)):
     logits.append(jax.jit(lambda p, x, cfg=cfg: VisionModel(cfg).apply({"params": p}, x))(params, batch["images"]))
-    loss_sum, sums = jax.jit(lambda p, b, cfg=cfg: classification_sums(cfg, p, b))(params, batch)
-    losses.append(float(loss_sum) / max(float(sums["targets"]), 1.0))
+    losses.append(mean_loss([jax.jit(lambda p, b, cfg=cfg: classification_sums(cfg, p, b))(params, batch)]))
   difference = float(jax.numpy.max(jax.numpy.abs(logits[1] - logits[0])))
   print_once(f"verify: largest logit difference {difference:.2e} over {int(batch['mask'].sum())} test images; loss "
              f"{losses[0]:.6f} before, {losses[1]:.6f} after")

@@ -164,13 +164,11 @@ def evaluate_images(model, *, split: str = "test", batch_size: int | None = None
                                 process_count=jax.process_count())
   eval_step = steps.make_eval_step(cfg.model, steps.TrainState(step=None, params=model.param_shardings,
                                                                  opt_state=None), mesh)
-  started = time.perf_counter()
-  sums = np.zeros(4)
+  sums, started = steps.LossSums(), time.perf_counter()
   for host_batch in batches:
-    sums += np.asarray(jax.device_get(eval_step(model.params, sharding.to_global(host_batch, mesh))), np.float64)
-  count = max(sums[1], 1.0)
-  return {"loss": sums[0] / count, "top1": sums[2] / count, "top5": sums[3] / count, "examples": int(round(sums[1])),
-          "split": split, "seconds": time.perf_counter() - started}
+    sums.add(eval_step(model.params, sharding.to_global(host_batch, mesh)))
+  return {"loss": sums.mean, **sums.rates, "examples": int(round(sums.targets)), "split": split,
+          "seconds": time.perf_counter() - started}
 
 
 def _metrics(sums: steps.LossSums, num_bytes: int | None, seconds: float, batches: int, num_batches: int) -> dict:

@@ -68,12 +68,12 @@ def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
 
 
 def evaluate(run: Run, params, batches) -> dict[str, float]:
+  sums = steps.LossSums()
+  for batch in batches:
+    sums.add(run.eval_step(params, run.to_global(batch)))
   if run.config.model.vision is not None:   # an image classifier: loss, top-1 and top-5 over the test images
-    sums = np.sum([np.asarray(jax.device_get(run.eval_step(params, run.to_global(b))), np.float64) for b in batches], 0)
-    count = max(sums[1], 1.0)
-    return {"eval/loss": sums[0] / count, "eval/top1": sums[2] / count, "eval/top5": sums[3] / count}
-  loss = steps.mean_loss(run.eval_step(params, run.to_global(batch)) for batch in batches)
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    return {"eval/loss": sums.mean, **{f"eval/{k}": v for k, v in sums.rates.items()}}
+  return {"eval/loss": sums.mean, "eval/perplexity": math.exp(min(sums.mean, 50.0))}
 
 
 def describe_eval(metrics: dict[str, float]) -> str:
@@ -151,8 +151,64 @@ def roll_back(run: Run, checkpoints: RunCheckpoints, train_batches, guard: Spike
   return state, restored
 
 
+def make_batches(cfg: TrainConfig):
+  """(this host's train iterator, its evaluation batches): token windows of the corpus or store for a language
+  model (after the one vocabulary check), the fixed train and test splits of its images for an image classifier."""
+  host = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if cfg.model.vision is not None:
+    from tokenformer_jax.data import images   # pylint: disable=g-import-not-at-top (the optional vision extra)
+    where = dict(global_batch=cfg.global_batch, model_name=cfg.model.name, **host)
+    return (images.make_train_iterator(cfg.data, cfg.model.vision, seed=cfg.data.shuffle_seed, **where),
+            images.eval_batches(cfg.data, cfg.model.vision, max_batches=cfg.eval_batches, **where))
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  if (mismatch := vocabulary_mismatch(tokenizer, cfg, trained=False)) is not None:
+    raise TrainingError(mismatch)
+  return (make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch, seed=cfg.data.shuffle_seed, **host),
+          make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch, max_batches=cfg.eval_batches, **host))
+
+
+class Throughput:
+  """The console's and the metrics' view of the steps since the last report: losses checked finite, every step's
+  metrics written, tokens/s, MFU and the ETA of the steps still to go."""
+
+  def __init__(self, cfg: TrainConfig, devices: int, first_step: int):
+    self.cfg, self.devices, self.first_step = cfg, devices, first_step
+    self.tokens_per_step = cfg.global_batch * cfg.example_tokens   # an image's tokens: its patches (and class token)
+    self.flops_per_step = flops_per_token(cfg.model, cfg.example_tokens) * self.tokens_per_step
+    self.peak = peak_flops_per_device()
+    self.started = time.time()
+    self.restart()
+
+  def restart(self) -> None:
+    """A new window: after an evaluation and a save, so that they do not count as step time."""
+    self.window_start, self.window_steps = time.time(), 0
+
+  def report(self, log: MetricsLogger, fetched: list[tuple[int, dict]], step: int, last_saved) -> None:
+    """Check, write and show the window's steps (`fetched`: their metrics, on the host)."""
+    for s, m in fetched:
+      if not math.isfinite(float(m["loss"])):
+        raise TrainingError(f"the loss is {float(m['loss'])} at step {s}: stopped without saving (the last "
+                            f"checkpoint is step {last_saved}); lower optim.learning_rate or check the data")
+    seconds = time.time() - self.window_start
+    tokens_per_second = self.window_steps * self.tokens_per_step / seconds
+    mfu = self.flops_per_step * self.window_steps / seconds / (self.peak * self.devices) if self.peak else None
+    for s, m in fetched:
+      log.write(s, {f"train/{k}": v for k, v in m.items() if k != "targets"})
+    log.write(step, {"train/tokens_per_second": tokens_per_second, "train/mfu": mfu})
+    m, steps_total = fetched[-1][1], self.cfg.steps
+    eta = (time.time() - self.started) / max(step - self.first_step, 1) * (steps_total - step)
+    log.progress(f"step {step:>7}/{steps_total} | loss {float(m['loss']):.4f} | "
+                 f"lr {float(m['learning_rate']):.2e} | grad norm {float(m['grad_norm']):.3f} | "
+                 f"{tokens_per_second / 1e3:.1f}k tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
+                 f"eta {format_duration(eta)}")
+
+
 def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> dict[str, float]:
-  """Train (or resume) the run in `workdir`; returns the final evaluation metrics."""
+  """Train (or resume) the run in `workdir`; returns the final evaluation metrics.
+
+  (Over 60 lines on purpose: it reads top to bottom in the order a run starts and a step happens, as big_vision's
+  train.py does; the parts that stand alone — the data, the starting state, a rollback, the throughput window,
+  the evaluation — are the functions above it.)"""
   cfg.validate()   # every value in range before anything is read or written
   sharding.initialize_distributed()   # several hosts: join the others before anything touches devices
   workdir = epath.Path(workdir)
@@ -164,21 +220,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   run = build_run(cfg, trainable_rows=trainable_rows)              # mesh → optimizer → shardings → jitted steps
   mesh = run.mesh
 
-  host = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if cfg.model.vision is not None:   # an image classifier: its images' fixed train and test splits
-    from tokenformer_jax.data import images   # pylint: disable=g-import-not-at-top (the optional vision extra)
-    where = dict(global_batch=cfg.global_batch, model_name=cfg.model.name, **host)
-    train_batches = images.make_train_iterator(cfg.data, cfg.model.vision, seed=cfg.data.shuffle_seed, **where)
-    eval_batches = images.eval_batches(cfg.data, cfg.model.vision, max_batches=cfg.eval_batches, **where)
-  else:
-    tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    if (mismatch := vocabulary_mismatch(tokenizer, cfg, trained=False)) is not None:
-      raise TrainingError(mismatch)
-    train_batches = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch,
-                                        seed=cfg.data.shuffle_seed, **host)
-    eval_batches = make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch,
-                                     max_batches=cfg.eval_batches, **host)
-
+  train_batches, eval_batches = make_batches(cfg)
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
   restore_started = time.time()
   state, how = starting_state(run, checkpoints, train_batches, init_from)
@@ -193,9 +235,6 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
     RunDir(workdir).write_config(cfg)
 
   config_json = to_dict(cfg)
-  tokens_per_step = cfg.global_batch * cfg.example_tokens   # an image's tokens: its patches (and class token)
-  flops_per_step = flops_per_token(cfg.model, cfg.example_tokens) * tokens_per_step
-  peak = peak_flops_per_device()
   stop = StopSignal()
 
   def save(step: int):
@@ -210,10 +249,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   else:
     log.say(f"training {cfg.model.name} ({sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M "
             f"parameters) from step {step} to {cfg.steps} on {mesh.devices.size} {jax.devices()[0].platform} "
-            f"device(s), {tokens_per_step} tokens per step")
+            f"device(s), {cfg.global_batch * cfg.example_tokens} tokens per step")
   pending: list[tuple[int, dict]] = []
-  window_start, window_steps, last_saved = time.time(), 0, latest
-  started = time.time()
+  throughput, last_saved = Throughput(cfg, mesh.devices.size, int(latest or 0)), latest
   final: dict[str, float] = {}
   events = RunEvents(workdir, cfg.diagnostics, writer=writer, library_log=log.library_log)   # RUN/events.jsonl
   events.started(restore, latest, loop_start=time.time())
@@ -236,31 +274,15 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
           continue
         if verdict:
           log.say(verdict)
-      window_steps += 1
+      throughput.window_steps += 1
       pending.append((step, metrics))
       stopping = stop.everywhere()
       evaluating = step % cfg.eval_every == 0 or step == cfg.steps
       saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
       logging_now = step % cfg.log_every == 0 or evaluating or saving
       if logging_now:
-        fetched = jax.device_get(pending)
+        throughput.report(log, jax.device_get(pending), step, last_saved)
         pending = []
-        for s, m in fetched:
-          if not math.isfinite(float(m["loss"])):
-            raise TrainingError(f"the loss is {float(m['loss'])} at step {s}: stopped without saving (the last "
-                                f"checkpoint is step {last_saved}); lower optim.learning_rate or check the data")
-        seconds = time.time() - window_start
-        tokens_per_second = window_steps * tokens_per_step / seconds
-        mfu = flops_per_step * window_steps / seconds / (peak * mesh.devices.size) if peak else None
-        for s, m in fetched:
-          log.write(s, {f"train/{k}": v for k, v in m.items() if k != "targets"})
-        log.write(step, {"train/tokens_per_second": tokens_per_second, "train/mfu": mfu})
-        m = fetched[-1][1]
-        eta = (time.time() - started) / max(step - int(latest or 0), 1) * (cfg.steps - step)
-        log.progress(f"step {step:>7}/{cfg.steps} | loss {float(m['loss']):.4f} | "
-                     f"lr {float(m['learning_rate']):.2e} | grad norm {float(m['grad_norm']):.3f} | "
-                     f"{tokens_per_second / 1e3:.1f}k tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
-                     f"eta {format_duration(eta)}")
       if evaluating:
         events.begin("eval", step)
         final = evaluate(run, state.params, eval_batches)
@@ -273,7 +295,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         log.say(f"step {step:>7}/{cfg.steps} | checkpoint {checkpoints.directory / str(step)} (written in the "
                 "background)")
       if logging_now:   # the next throughput window starts after this step's evaluation and save
-        window_start, window_steps = time.time(), 0
+        throughput.restart()
       if stopping:
         events.begin("preemption", step)
         checkpoints.wait()

@@ -87,7 +87,7 @@ class Run:
   abstract: steps.TrainState      # ShapeDtypeStructs carrying their shardings
   shardings: steps.TrainState     # NamedShardings
   train_step: Any                 # jit(state, batch) → (state, metrics); with optim.spike_guard see guard.py
-  eval_step: Any                  # jit(params, batch) → (Σ loss, targets)
+  eval_step: Any                  # jit(params, batch) → (Σ loss, {"targets", ...}): steps.batch_sums
 
   def init_state(self, params=None, moments=None) -> steps.TrainState:
     """A fresh state (or one around already placed `params`, with carried AdamW `moments`), created directly

@@ -142,36 +142,47 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
 
 
 def make_eval_step(cfg: ModelConfig, shardings: TrainState, mesh: Mesh):
-  """jit(params, batch) → (Σ loss, number of targets); an image classifier's → (Σ loss, number of images, top-1
-  hits, top-5 hits)."""
+  """jit(params, batch) → `batch_sums`: (Σ loss, {"targets", and for an image classifier "top1", "top5"})."""
   def eval_step(params, batch):
     with sharding.activation_sharding(mesh):
-      if cfg.vision is not None:
-        loss_sum, sums = classification_sums(cfg, params, batch)
-        return loss_sum, sums["targets"], sums["top1"], sums["top5"]
-      return loss_sums(cfg, params, batch["tokens"], batch["mask"])
+      return batch_sums(cfg, params, batch)
 
   return jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
 class LossSums:
-  """Σ cross-entropy and Σ real targets over batches, added up on the host in float64; `mean` is the loss per
-  target (token-weighted; 0 without targets). The one mean loss: the loop's evaluation, cli.eval, cli.grow
-  --verify and the experiments all report it."""
+  """Σ cross-entropy and the counts beside it (Σ real targets; an image classifier's top-1 and top-5 hits) over
+  batches, added up on the host in float64. `mean` is the loss per target (token-weighted; 0 without targets),
+  `rates` each other count per target. The one mean loss: the loop's evaluation, cli.eval, cli.grow --verify and
+  the experiments all report it."""
 
   def __init__(self):
-    self.total, self.targets = 0.0, 0.0
+    self.total, self.counts = 0.0, {"targets": 0.0}
 
   def add(self, sums) -> LossSums:
-    """Add one batch's (Σ loss, number of targets), as `loss_sums` or an eval step returns them."""
-    loss_sum, targets = jax.device_get(sums)
-    self.total, self.targets = self.total + float(loss_sum), self.targets + float(targets)
+    """Add one batch's (Σ loss, number of targets), as `loss_sums` returns them, or (Σ loss, {"targets", ...}) as
+    `batch_sums` and the eval step do."""
+    loss_sum, counts = jax.device_get(sums)
+    if not isinstance(counts, dict):
+      counts = {"targets": counts}
+    self.total += float(loss_sum)
+    for key, value in counts.items():
+      self.counts[key] = self.counts.get(key, 0.0) + float(value)
     return self
+
+  @property
+  def targets(self) -> float:
+    return self.counts["targets"]
 
   @property
   def mean(self) -> float:
     return self.total / max(self.targets, 1.0)
+
+  @property
+  def rates(self) -> dict[str, float]:
+    """Each count but the targets' per target: {"top1", "top5"} for an image classifier, {} for a language model."""
+    return {k: v / max(self.targets, 1.0) for k, v in self.counts.items() if k != "targets"}
 
 
 def mean_loss(batch_sums) -> float:
