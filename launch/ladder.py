@@ -33,11 +33,12 @@ from launch.runner import LaunchError, Runner
 from launch.tpu import define_tpu_flags, job_env, make_spec, make_vm, worker_setup
 from launch.vm import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls, ledger_budgets,
                        preflight)
+from tokenformer_jax.cli import common
 from tokenformer_jax.growth import check_growable
 from tokenformer_jax.ladder import LADDER_FILE, Stage, apply_choice, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
+from tokenformer_jax.run import RunDir
 from tokenformer_jax.sharding import MESH_AXES, mesh_shape
-from tokenformer_jax.train import logger
 from tokenformer_jax.train.setup import check_batch_layout, fit_to_job
 
 
@@ -103,15 +104,16 @@ def fallback_stages(stages, fallback_slices) -> list[Stage]:
 
 def train_argv(stage, workdir: str, overrides: list[str], grown: bool, path: str = LADDER_FILE) -> list[str]:
   # the stage's own overrides (a plan's choice: --slices_from) after the command line's
+  init_from = [f"--init_from={RunDir.grown(workdir, stage.name).path}"] if grown else []
   return ["python", "-m", "tokenformer_jax.cli.train", f"--config={path}:{stage.name}",
-          f"--workdir={workdir}/{stage.name}", *([f"--init_from={workdir}/{stage.name}_grown"] if grown else []),
+          f"--workdir={workdir}/{stage.name}", *init_from,
           *[f"--set={o}" for o in (*overrides, *stage.overrides)]]
 
 
 def grow_argv(previous, stage, workdir: str, overrides: list[str], path: str = LADDER_FILE) -> list[str]:
   # --overwrite: we only grow when no complete grown checkpoint exists, so a leftover is a killed attempt
   return ["python", "-m", "tokenformer_jax.cli.grow", f"--checkpoint={workdir}/{previous.name}/{previous.steps}",
-          f"--config={path}:{stage.name}", f"--dst={workdir}/{stage.name}_grown",
+          f"--config={path}:{stage.name}", f"--dst={RunDir.grown(workdir, stage.name).path}",
           f"--init={stage.init}", f"--seed={stage.config.seed}", "--overwrite",
           *[f"--set={o}" for o in (*overrides, *stage.overrides)]]
 
@@ -135,7 +137,7 @@ def run_ladder(stages, backend, workdir: str, overrides: list[str], say=print, p
     backend.run(stage, "train", train_argv(stage, workdir, overrides, grows, path),
                 lambda stage=stage: backend.done(stage))
     backend.end(stage)
-  say(f"# ladder done: {workdir}/{stages[-1].name}/checkpoints/{stages[-1].steps}")
+  say(f"# ladder done: {RunDir(f'{workdir}/{stages[-1].name}').step_dir(stages[-1].steps)}")
 
 
 def amount(tokens: int) -> str:
@@ -151,22 +153,19 @@ class LocalBackend:
   def __init__(self, workdir: str, runner: Runner):
     self.workdir, self.runner = workdir, runner
 
-  @staticmethod
-  def _has(run_dir: str, step: int) -> bool:
-    # On a local disk Orbax renames a step's directory into place only once it is complete
-    return (pathlib.Path(run_dir) / "checkpoints" / str(step)).is_dir()
-
   def done(self, stage) -> bool:
+    run = RunDir(f"{self.workdir}/{stage.name}")
     if self.runner.dry_run:
-      self.runner.say(f"# skip {stage.name} if {self.workdir}/{stage.name}/checkpoints/{stage.steps} exists")
+      self.runner.say(f"# skip {stage.name} if {run.step_dir(stage.steps)} exists")
       return False
-    return self._has(f"{self.workdir}/{stage.name}", stage.steps)
+    return run.finished(stage.steps)
 
   def grown(self, stage) -> bool:
+    run = RunDir.grown(self.workdir, stage.name)
     if self.runner.dry_run:
-      self.runner.say(f"# grow unless {self.workdir}/{stage.name}_grown/checkpoints/0 exists")
+      self.runner.say(f"# grow unless {run.step_dir(0)} exists")
       return False
-    return self._has(f"{self.workdir}/{stage.name}_grown", 0)
+    return run.finished(0)
 
   def skip(self, stage) -> None:
     pass
@@ -221,7 +220,7 @@ class TpuBackend:
   def grown(self, stage) -> bool:
     if self.runner.dry_run:
       self.runner.say(f"# grow {stage.name} unless its grown checkpoint is committed:")
-    return committed(self.runner, checkpoint_url(f"{self.workdir}/{stage.name}_grown", 0))
+    return committed(self.runner, checkpoint_url(RunDir.grown(self.workdir, stage.name).path, 0))
 
   def _release(self, stage) -> None:
     """Delete the stage's TPU unless the next stage runs on the same one (keeping a slice also keeps spot capacity)."""
@@ -318,19 +317,16 @@ def launch_ladder(ladder: str, backend: str, workdir: str, overrides: list[str],
   run_ladder(stages, chosen, chosen.workdir, overrides, say=runner.say, path=path)
 
 
+@common.command(LaunchError, hint="config fields are set with --set field=value")
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: a local child gets stopped too
+  if not f.ladder or not f.workdir:
+    raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
+  if not f.dry_run:   # library lines to WORKDIR/logs/ladder.log (a dry run writes nothing)
+    common.quiet_console(os.path.join(f.workdir, "logs"), "ladder")
+  runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
   try:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments {argv[1:]}; config fields are set with --set field=value")
-    if not f.ladder or not f.workdir:
-      raise ValueError("--ladder and --workdir are required, e.g. --ladder=tiny --backend=local --workdir=runs/tiny")
-    if not logger.verbosity_requested():   # library lines to WORKDIR/logs/ladder.log (as cli.common.quiet_console)
-      logger.capture_library_logs()
-      if not f.dry_run:   # a dry run writes nothing
-        logger.attach_library_log(os.path.join(f.workdir, "logs"), "ladder")
-    runner = Runner(dry_run=f.dry_run, attempts=f.attempts)
     launch_ladder(f.ladder, f.backend, f.workdir, f.set, runner, f.tpu_prefix, check_fit=f.check_fit,
                   fallback_slices=tuple(f.fallback_slices), slices_from=f.slices_from)
   except KeyboardInterrupt:
@@ -338,9 +334,6 @@ def main(argv: list[str]) -> None:
       print("interrupted: the current stage's TPU and its job are left running; run the same command again to "
             "adopt them (or delete the TPU with `python -m launch.tpu delete ...`)", file=sys.stderr, flush=True)
     sys.exit(130)
-  except (ValueError, LaunchError) as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

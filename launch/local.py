@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from tokenformer_jax.cli.common import one_line_errors
+
 PROCESSES = flags.DEFINE_integer("processes", 2, "How many processes (hosts) the job has.")
 DEVICES = flags.DEFINE_integer("devices_per_process", 1, "Fake CPU devices per process.")
 PORT = flags.DEFINE_integer("port", 0, "The coordinator's port on 127.0.0.1 (0: a free one).")
@@ -113,15 +115,13 @@ class Job:
     return failure
 
 
+@one_line_errors(ValueError)   # not cli.common.command: this parent of a job's processes keeps no library log
 def main(argv: list[str]) -> None:
   command = argv[1:]
   if not command:
-    print("error: no command; usage: python -m launch.local --processes=N -- python -m MODULE [flags]",
-          file=sys.stderr, flush=True)
-    sys.exit(1)
+    raise ValueError("no command; usage: python -m launch.local --processes=N -- python -m MODULE [flags]")
   if PROCESSES.value < 1 or DEVICES.value < 1:
-    print("error: --processes and --devices_per_process must be at least 1", file=sys.stderr, flush=True)
-    sys.exit(1)
+    raise ValueError("--processes and --devices_per_process must be at least 1")
   port = PORT.value or free_port()
   job = Job(command, PROCESSES.value, DEVICES.value, port, HEARTBEAT.value)
   forward = lambda signum, frame: job.signal_all(signal.SIGTERM)   # noqa: E731

@@ -25,6 +25,7 @@ from launch.runner import LaunchError, Runner
 from launch.vm import (REPO, SHIPPED, Job, Limits, TpuVm, WorkerSetup, build_archive, check_tpu_data,  # noqa: F401
                        checkpoint_url, code_digest, committed, data_urls, ensure_lock, exists, follow_logs,
                        ledger_budgets, preflight, upload_code)
+from tokenformer_jax.cli import common
 
 
 # The CLI ---------------------------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ def worker_setup(runner: Runner, workdir: str, lock_file: str | None = None) -> 
 ACTIONS = ("up", "run", "train", "ssh", "logs", "status", "delete")
 
 
+@common.command(LaunchError, log="tpu", arguments=True)
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
   vm = None
@@ -174,9 +176,6 @@ def main(argv: list[str]) -> None:
       print(f"interrupted: TPU {f.name} and its job are left running; run the same command again to adopt them, "
             f"or `python -m launch.tpu delete --name={f.name} ...`", file=sys.stderr, flush=True)
     sys.exit(130)
-  except (ValueError, LaunchError) as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def act(action: str, vm: TpuVm, job: Job | None, rest: list[str]) -> None:

@@ -17,6 +17,7 @@ from launch.faults import (Budget, BudgetExceeded, Job, JobFailed, Limits, Statu
                            queued_status)
 from launch.runner import NO_CAPACITY, PUBLICKEY, LaunchError, Runner, display, reason
 from tokenformer_jax import fileio
+from tokenformer_jax.run import COMMIT_MARKER, RunDir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ("setup.py", "README.md", "tokenformer_jax", "experiments", "launch")
@@ -359,9 +360,9 @@ def check_tpu_data(cfg, what: str) -> None:
                      "dataset prepared as array_record there)")
 
 
-def checkpoint_url(run_dir: str, step: int) -> str:
+def checkpoint_url(run_dir, step: int) -> str:
   """What Orbax writes last when a step's checkpoint on GCS is complete."""
-  return f"{run_dir.rstrip('/')}/checkpoints/{step}/commit_success.txt"
+  return str(RunDir(run_dir).step_dir(step) / COMMIT_MARKER)
 
 
 def exists(runner: Runner, url: str) -> bool:

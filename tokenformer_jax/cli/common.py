@@ -1,6 +1,7 @@
-"""What every command-line tool shares: the --config/--set flags, process setup, errors printed as one line,
-a quiet console (library log lines to a file, see `quiet_console`), and `command`, the shell around a main that
-puts them together. (The flag naming a run or one of its checkpoints is in checkpoint_flags.py.)"""
+"""What every command-line tool shares: process setup, errors printed as one line, a quiet console (library log
+lines to a file, see `quiet_console`), and `command`, the shell around a main that puts them together. It defines
+no flags, so that any main can use it (the launchers and the data tools too); the shared flags are in
+config_flags.py (--config, --set, --seed) and checkpoint_flags.py (a run or one of its checkpoints)."""
 from __future__ import annotations
 
 import functools
@@ -9,23 +10,6 @@ import sys
 import tempfile
 
 from absl import flags
-
-from tokenformer_jax.config import apply_overrides, load_config
-
-CONFIG = flags.DEFINE_string("config", None, "An experiment: 'experiments/FILE.py:NAME'.")
-OVERRIDES = flags.DEFINE_multi_string(
-    "set", [], "Override a config field, e.g. --set optim.learning_rate=3e-4 --set data.seq_len=256 "
-               "(repeatable; tuples take comma-separated values).")
-
-
-def load_experiment():
-  if not CONFIG.value:
-    raise ValueError("--config is required, e.g. --config=experiments/demo.py:demo")
-  return apply_overrides(load_config(CONFIG.value), OVERRIDES.value)
-
-# One --seed for every tool that draws random numbers (one process may import several mains, e.g. the tests).
-SEED = flags.DEFINE_integer("seed", 0, "Random seed: the new tokens and noise of cli.grow, the samples of "
-                            "cli.generate.")
 
 
 def setup_process() -> None:
@@ -49,6 +33,11 @@ def one_line_errors(*error_types):
   return decorate
 
 
+def verbosity_requested() -> bool:
+  """Whether absl's --verbosity (or --v) was given: then library lines stay on stderr, at that level."""
+  return any(name in flags.FLAGS and flags.FLAGS[name].present for name in ("verbosity", "v"))
+
+
 def quiet_console(log_dir=None, name: str | None = None, *, shown: bool | None = None) -> str | None:
   """Keep library log lines (absl, Orbax, JAX INFO and Python warnings) off the console: they are held in memory
   and go to LOG_DIR/NAME.log once `log_dir` is given here or later (`train.logger.attach_library_log`; the
@@ -56,7 +45,7 @@ def quiet_console(log_dir=None, name: str | None = None, *, shown: bool | None =
   (`shown` decides instead, for a main whose command line is not absl's). Returns the log file, if attached.
   """
   from tokenformer_jax.train import logger   # pylint: disable=g-import-not-at-top (keeps this module light)
-  if logger.verbosity_requested() if shown is None else shown:
+  if verbosity_requested() if shown is None else shown:
     return None
   logger.capture_library_logs()
   return None if log_dir is None else logger.attach_library_log(log_dir, name)
@@ -74,11 +63,16 @@ def say_library_log(path: str | None, shown_by: str = "--verbosity=0") -> None:
     logger.say_with_first_library_line(f"library log lines go to {path} ({shown_by} shows them here instead)")
 
 
-def command(*error_types, log: str | None = None, arguments: bool = False, distributed: bool = False):
+SET_HINT = "fields are set with --set field=value"
+
+
+def command(*error_types, log: str | None = None, arguments: bool = False, distributed: bool = False,
+            hint: str = ""):
   """The shell of a main: `@command(CheckpointError, log="eval")` above `def main(argv)`, run by `app.run(main)`.
 
-  Arguments after the flags are refused unless the main takes them (`arguments`); `distributed` joins the job's
-  other processes first (`setup_process`); library log lines go to TEMP_LOGS/LOG.log, said in one line on
+  Arguments after the flags are refused (the message ending with `hint`) unless the main takes them (`arguments`);
+  `distributed` joins the job's other processes first (`setup_process`); library log lines go to TEMP_LOGS/LOG.log,
+  said in one line on
   stderr when the first one comes (with `log=None` they are held until the main names its run's log directory,
   `quiet_console(DIR, NAME)`); ValueError, FileNotFoundError and `error_types` end the process with one line
   and exit code 1.
@@ -88,7 +82,7 @@ def command(*error_types, log: str | None = None, arguments: bool = False, distr
     @one_line_errors(ValueError, FileNotFoundError, *error_types)
     def wrapped(argv):
       if len(argv) > 1 and not arguments:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise ValueError(f"unexpected arguments {argv[1:]}" + (f"; {hint}" if hint else ""))
       if distributed:
         setup_process()
       say_library_log(quiet_console(TEMP_LOGS if log else None, log))

@@ -30,6 +30,9 @@ is checked as cheaply as it can be, never by running it for real when that takes
 A module, script or program that does not exist fails, as does a flag its tool does not define. The mains run
 in children forked from this process (`tools.run_main`), so the whole check takes seconds per guide, not a
 process start per command. Relative links (`[text](file.md#anchor)`) must name an existing file and heading.
+
+(Over 400 lines on purpose: one checker per kind of command the guides hold (help, parse, describe, scripts,
+gcloud lines), each small, and the tables that say which kind a command is; they share one parser of commands.)
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from absl import app, flags
 from tokenformer_jax import fileio
 from tokenformer_jax.checkpoint import CheckpointError
 from tokenformer_jax.cli import checkpoint_flags
-from tokenformer_jax.cli.common import OVERRIDES, command
+from tokenformer_jax.cli.common import command
+from tokenformer_jax.cli.config_flags import OVERRIDES
 from tokenformer_jax.cli.inference_flags import JSON_OUT, TOKENIZER
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import eval_stream, evaluate, evaluate_images, load_model

@@ -19,7 +19,8 @@ from etils import epath
 from tokenformer_jax import fileio
 from tokenformer_jax.checkpoint import CheckpointError
 from tokenformer_jax.cli import checkpoint_flags
-from tokenformer_jax.cli.common import OVERRIDES, SEED, command
+from tokenformer_jax.cli.common import command
+from tokenformer_jax.cli.config_flags import OVERRIDES, SEED
 from tokenformer_jax.cli.inference_flags import JSON_OUT, TOKENIZER
 from tokenformer_jax.data import DataError
 from tokenformer_jax.inference import generate_text, load_model

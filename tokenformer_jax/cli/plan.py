@@ -31,7 +31,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # a plan compiles for a TPU that
 from absl import app, flags  # noqa: E402
 
 from tokenformer_jax import plan, plan_search  # noqa: E402
-from tokenformer_jax.cli.common import CONFIG, OVERRIDES, TEMP_LOGS, one_line_errors, quiet_console  # noqa: E402
+from tokenformer_jax.cli.common import SET_HINT, TEMP_LOGS, command, quiet_console  # noqa: E402
+from tokenformer_jax.cli.config_flags import CONFIG, OVERRIDES  # noqa: E402
 from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, load_config  # noqa: E402
 from tokenformer_jax.ladder import Option, cheapest_within, load_ladder, write_choice  # noqa: E402
 
@@ -238,10 +239,8 @@ def choice_table(chosen: list[Option], own: list[Option | None], deadline: float
   return "\n".join(lines) + "\n\n" + line
 
 
-@one_line_errors(ValueError, plan.PlanError)
+@command(plan.PlanError, hint=SET_HINT)
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
   quiet_console(TEMP_LOGS, "plan")
   if (DEADLINE.value is not None or SLICES_OUT.value) and not LADDER.value:
     raise ValueError("--deadline_days and --slices_out plan a ladder: add --ladder=NAME")

@@ -123,6 +123,8 @@ def collect() -> dict:
 
 
 def render(described: dict) -> str:
+  """docs/cli.md from every tool's described flags. (Over 60 lines on purpose: the page's sections in the order
+  they appear.)"""
   # Flags defined by repository modules other than the tool itself: the shared ones, by module.
   shared: dict[str, dict[str, dict]] = {}
   for _, data in described.values():

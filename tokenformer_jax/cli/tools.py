@@ -10,7 +10,7 @@ Orbax, grain) are paid once by the parent and each command costs a fraction of a
   `app.run`, argparse's `parse_args`), then `on_parsed` may check what they refer to, and the main is never called;
 - "describe": nothing is parsed; the child reports the flags the tool defines (`docs/cli.md` is made from that).
 
-The parent must not have imported any module that defines absl flags (tokenformer_jax.cli.common and the
+The parent must not have imported any module that defines absl flags (tokenformer_jax.cli.config_flags and the
 mains): each child defines them afresh, as a real process would. `python -m tokenformer_jax.cli.doccheck` and
 `python -m tokenformer_jax.cli.reference` are such parents.
 """

@@ -9,7 +9,8 @@ Rerunning the same command continues from the latest checkpoint in --workdir.
 from absl import app, flags
 
 from tokenformer_jax.checkpoint import CheckpointError
-from tokenformer_jax.cli.common import load_experiment, one_line_errors, quiet_console, setup_process
+from tokenformer_jax.cli.common import SET_HINT, command
+from tokenformer_jax.cli.config_flags import load_experiment
 from tokenformer_jax.data import DataError
 from tokenformer_jax.train.loop import TrainingError, train
 
@@ -20,14 +21,10 @@ INIT_FROM = flags.DEFINE_string(
                        "moments, the schedule still fresh). Ignored when --workdir already has a checkpoint.")
 
 
-@one_line_errors(ValueError, FileNotFoundError, TrainingError, CheckpointError, DataError)
-def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}; fields are set with --set field=value")
+@command(TrainingError, CheckpointError, DataError, distributed=True, hint=SET_HINT)
+def main(argv):   # library lines go to WORKDIR/logs/train.log once the run has started
   if not WORKDIR.value:
     raise ValueError("--workdir is required: where checkpoints and logs go")
-  setup_process()
-  quiet_console()   # library lines go to WORKDIR/logs/train.log once the run has started
   train(load_experiment(), WORKDIR.value, init_from=INIT_FROM.value)
 
 

@@ -24,6 +24,9 @@ store. A finished store is never overwritten.
 
 Small corpora need no command: the pipeline prepares them into a cache directory keyed by the inputs'
 fingerprint (`cached_store`), so the main job and the ladder read data the same way.
+
+(Over 400 lines on purpose: the parallel pass, its resumable shards and the manifest that says which are done
+are one idea (a killed prepare reruns to a byte-identical store) and are tested as one.)
 """
 from __future__ import annotations
 
@@ -245,6 +248,8 @@ def prepare(data: DataConfig, tokenizer: Tokenizer, store_path: str, *, shard_mb
 
 
 def _prepare_pass(data, tokenizer, location, settings, dtype, workers, show_progress, stop_after) -> dict | None:
+  """One pass of prepare over the documents not yet in a finished shard. (Over 60 lines on purpose: the workers,
+  the shard writers and the manifest updates interleave, and read best in the order they happen.)"""
   finished = {split: _finished_shards(location, split, dtype) for split in store.SPLITS}
   _clear_unfinished(location, {info["name"] for shards in finished.values() for info in shards})
   skip = {split: sum(info["documents"] for info in shards) for split, shards in finished.items()}
@@ -405,27 +410,22 @@ def cached_store(data: DataConfig, tokenizer: Tokenizer, *, process_index: int =
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  try:
-    tokenizer = Tokenizer.load(f.tokenizer)
-    if f.verify:
-      manifest = store.verify_store(f.verify, tokenizer)
-      print(f"{f.verify}: ok ({_summary(manifest)})")
-      return
-    if not f.store:
-      raise DataError("give --store=DIR (local or gs://) to prepare into, or --verify=STORE")
-    if not f.train_files and not f.tfds_name:
-      raise DataError("give --train_files=GLOBS or --tfds_name=NAME to read documents from")
-    data = DataConfig(train_files=tuple(f.train_files or ()), validation_files=tuple(f.validation_files or ()),
-                      validation_fraction=f.validation_fraction, text_field=f.text_field, tfds_name=f.tfds_name,
-                      tfds_data_dir=f.tfds_data_dir, tfds_train_split=f.tfds_train_split,
-                      tfds_validation_split=f.tfds_validation_split, tokenizer=f.tokenizer)
-    started = time.monotonic()
-    manifest = prepare(data, tokenizer, f.store, shard_mb=f.shard_mb, workers=f.workers)
-  except DataError as e:
-    raise SystemExit(f"error: {e}") from None
+  tokenizer = Tokenizer.load(f.tokenizer)
+  if f.verify:
+    manifest = store.verify_store(f.verify, tokenizer)
+    print(f"{f.verify}: ok ({_summary(manifest)})")
+    return
+  if not f.store:
+    raise DataError("give --store=DIR (local or gs://) to prepare into, or --verify=STORE")
+  if not f.train_files and not f.tfds_name:
+    raise DataError("give --train_files=GLOBS or --tfds_name=NAME to read documents from")
+  data = DataConfig(train_files=tuple(f.train_files or ()), validation_files=tuple(f.validation_files or ()),
+                    validation_fraction=f.validation_fraction, text_field=f.text_field, tfds_name=f.tfds_name,
+                    tfds_data_dir=f.tfds_data_dir, tfds_train_split=f.tfds_train_split,
+                    tfds_validation_split=f.tfds_validation_split, tokenizer=f.tokenizer)
+  started = time.monotonic()
+  manifest = prepare(data, tokenizer, f.store, shard_mb=f.shard_mb, workers=f.workers)
   print(f"wrote {f.store} in {time.monotonic() - started:.1f} s ({_summary(manifest)})")
   print(f"train with --set data.store={f.store} --set data.tokenizer={f.tokenizer}")
 
@@ -457,5 +457,6 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
 
+  from tokenformer_jax.cli.common import command  # pylint: disable=g-import-not-at-top (the shell of a main)
   _define_flags()
-  app.run(main)
+  app.run(command(DataError, log="prepare")(main))

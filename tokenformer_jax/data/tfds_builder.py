@@ -92,15 +92,10 @@ def build_tfds_dataset(name: str, data_dir: str, train_files: Sequence[str], *,
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  try:
-    path = build_tfds_dataset(f.name, f.data_dir, f.train_files, validation_files=f.validation_files or (),
-                              validation_fraction=f.validation_fraction, text_field=f.text_field,
-                              overwrite=f.overwrite)
-  except DataError as e:
-    raise SystemExit(f"error: {e}") from None
+  path = build_tfds_dataset(f.name, f.data_dir, f.train_files, validation_files=f.validation_files or (),
+                            validation_fraction=f.validation_fraction, text_field=f.text_field,
+                            overwrite=f.overwrite)
   splits = sources.tfds_builder(f.name, f.data_dir).info.splits
   counts = ", ".join(f"{split}: {info.num_examples} documents" for split, info in splits.items())
   print(f"wrote {path} ({counts}); train with DataConfig(tfds_name={f.name!r}, tfds_data_dir={f.data_dir!r})")
@@ -122,5 +117,6 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
 
+  from tokenformer_jax.cli.common import command  # pylint: disable=g-import-not-at-top (the shell of a main)
   _define_flags()
-  app.run(main)
+  app.run(command(DataError, log="tfds_builder")(main))

@@ -289,20 +289,15 @@ def main(argv: Sequence[str]) -> None:
 
   from tokenformer_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {argv[1:]}; use --input, --output, --vocab_size")
   f = flags.FLAGS
-  try:
-    if epath.Path(f.output).exists() and not f.overwrite:
-      raise DataError(f"{f.output} already exists; pass --overwrite to replace it, or choose another --output")
-    documents = sources.read_documents(f.input, text_field=f.text_field, what="--input")
-    texts = [doc.text for doc in documents]
-    logging.info("training a %d-piece BPE tokenizer on %d documents (%d characters)", f.vocab_size,
-                 len(texts), sum(map(len, texts)))
-    tokenizer = train_tokenizer(texts, f.output, f.vocab_size, overwrite=f.overwrite,
-                                character_coverage=f.character_coverage, max_lines=f.max_lines)
-  except DataError as e:
-    raise SystemExit(f"error: {e}") from None
+  if epath.Path(f.output).exists() and not f.overwrite:
+    raise DataError(f"{f.output} already exists; pass --overwrite to replace it, or choose another --output")
+  documents = sources.read_documents(f.input, text_field=f.text_field, what="--input")
+  texts = [doc.text for doc in documents]
+  logging.info("training a %d-piece BPE tokenizer on %d documents (%d characters)", f.vocab_size,
+               len(texts), sum(map(len, texts)))
+  tokenizer = train_tokenizer(texts, f.output, f.vocab_size, overwrite=f.overwrite,
+                              character_coverage=f.character_coverage, max_lines=f.max_lines)
   tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
   print(f"wrote {f.output}: {tokenizer!r}; {tokens} tokens on the training corpus "
         f"({sum(len(t.encode('utf-8')) for t in texts) / tokens:.2f} bytes per token)")
@@ -324,5 +319,6 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
 
+  from tokenformer_jax.cli.common import command  # pylint: disable=g-import-not-at-top (the shell of a main)
   _define_flags()
-  app.run(main)
+  app.run(command(DataError, log="tokenizer", hint="use --input, --output, --vocab_size")(main))

@@ -95,12 +95,6 @@ class LibraryLog:
 _library_log: LibraryLog | None = None
 
 
-def verbosity_requested() -> bool:
-  """Whether absl's --verbosity (or --v) was given: then library lines stay on stderr, at that level."""
-  from absl import flags
-  return any(name in flags.FLAGS and flags.FLAGS[name].present for name in ("verbosity", "v"))
-
-
 def capture_library_logs() -> None:
   """Send absl's handler (absl, Orbax, JAX and Python warnings all reach it) to a LibraryLog at INFO."""
   global _library_log
