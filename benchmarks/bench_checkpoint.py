@@ -22,12 +22,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from tokenformer_jax import checkpoint
+from tokenformer_jax.accelerators import V4
 from tokenformer_jax.config import count_params, flops_per_token, load_config
 from tokenformer_jax.model import init_params
 from tokenformer_jax.train.optimizer import make_optimizer
 
-V4_HBM_BYTES_PER_S = 1.2e12   # per chip
-V4_PEAK_FLOPS = 275e12        # bf16, per chip
 
 
 def make_state(model_cfg):
@@ -69,9 +68,9 @@ def analytic() -> list[str]:
   for stage in load_config("experiments/ladder.py:PAPER"):
     cfg, chips = stage.config, int(stage.accelerator.split("-")[1]) // 2
     state_bytes = 3 * 4 * count_params(cfg.model)["total"]      # fp32 params + AdamW mu and nu
-    per_checkpoint = state_bytes / chips / V4_HBM_BYTES_PER_S
+    per_checkpoint = state_bytes / chips / V4.hbm_bytes_per_s
     step_at_50_mfu = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.global_batch * cfg.data.seq_len / (
-        chips * V4_PEAK_FLOPS * 0.5)
+        chips * V4.peak_bf16_flops * 0.5)
     per_step = per_checkpoint / cfg.checkpoint_every
     rows.append(f"| {stage.name} | {stage.accelerator} ({chips} chips) | {state_bytes / 2**30:.1f} GiB | "
                 f"{per_checkpoint * 1e3:.2f} ms | {cfg.checkpoint_every} | {per_step * 1e6:.2f} µs "

@@ -67,6 +67,7 @@ class TpuGeneration:
   chips_per_host: tuple[int, int, int] | None = None   # the chips one host drives, as a grid
   usable_hbm_bytes: float | None = None        # what the TPU compiler leaves to a program (measured on v4)
   pod_chips: int | None = None
+  hbm_bytes_per_s: float | None = None         # per chip (the benchmarks' bound on how fast a state can be read)
 
   @property
   def chips_per_host_count(self) -> int:
@@ -75,7 +76,7 @@ class TpuGeneration:
 
 GiB = 2**30
 V4 = TpuGeneration("v4", "TPU v4", cores_per_chip=2, hbm_bytes=32 * GiB, peak_bf16_flops=275e12,
-                   chips_per_host=(2, 2, 1), usable_hbm_bytes=30.75 * GiB, pod_chips=4096)
+                   chips_per_host=(2, 2, 1), usable_hbm_bytes=30.75 * GiB, pod_chips=4096, hbm_bytes_per_s=1.2e12)
 # Known for the trainer's MFU only (the plan and the launcher are for v4): Cloud TPU's v5e, v5p and v6e pages.
 TPU_GENERATIONS = (V4,
                    TpuGeneration("v5e", "TPU v5 lite", cores_per_chip=1, hbm_bytes=16 * GiB, peak_bf16_flops=197e12),

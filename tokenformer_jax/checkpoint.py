@@ -21,6 +21,9 @@ shape that wrote it (processes, devices), for messages. Checkpoints written befo
 state per process (`data_iterator/process_<i>-of-<n>.json`); they are converted to the global position on
 resume, on any shape, and one whose state cannot be converted is refused with one line, never set aside: a
 checkpoint is set aside as broken only when it is damaged, never because the job's shape changed.
+
+(Over 400 lines on purpose: the format, its verification and its fallback are one idea; apart, the rule of what
+a good checkpoint is would live in two places.)
 """
 from __future__ import annotations
 

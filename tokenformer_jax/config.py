@@ -2,6 +2,9 @@
 
 An experiment file is plain Python (see `experiments/`); `load_config("experiments/paper.py:ladder_124m")`
 returns the object (or calls the function) named after the colon.
+
+(Over 400 lines on purpose: this is the schema, every field a user can set with its range and its meaning, in
+one file so that one place documents and checks them all.)
 """
 from __future__ import annotations
 

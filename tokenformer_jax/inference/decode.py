@@ -125,6 +125,23 @@ def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: i
                        "shorten it")
 
 
+def prompt_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 mesh: Mesh | None) -> tuple[np.ndarray, np.ndarray, int]:
+  """(tokens [batch, bucket], lengths [batch], cache length): the prompts padded to a bucket's length, the batch
+  rounded up to the data-parallel size (the extra rows repeat prompt 1 and are dropped), the cache long enough for
+  the longest prompt and `max_new_tokens` (both bucketed, so that few lengths compile)."""
+  rows = len(prompts)
+  data_parallel = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = -(-rows // data_parallel) * data_parallel
+  lengths = np.array([len(p) for p in prompts] + [len(prompts[0])] * (batch - rows), np.int32)
+  bucket = bucket_length(int(lengths.max()), maximum=cfg.max_seq_len)
+  cache_length = max(bucket, bucket_length(bucket + max_new_tokens - 1, maximum=cfg.max_seq_len))
+  tokens = np.zeros((batch, bucket), np.int32)
+  for i in range(batch):
+    tokens[i, :lengths[i]] = prompts[i if i < rows else 0]
+  return tokens, lengths, cache_length
+
+
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              mesh: Mesh | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None, return_logits: bool = False,
@@ -137,15 +154,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
   """
   _check(cfg, prompts, max_new_tokens)
   rows = len(prompts)
-  data_parallel = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  batch = -(-rows // data_parallel) * data_parallel   # extra rows repeat prompt 1 and are dropped
-  lengths = np.array([len(p) for p in prompts] + [len(prompts[0])] * (batch - rows), np.int32)
-  bucket = bucket_length(int(lengths.max()), maximum=cfg.max_seq_len)
-  cache_length = max(bucket, bucket_length(bucket + max_new_tokens - 1, maximum=cfg.max_seq_len))
-  tokens = np.zeros((batch, bucket), np.int32)
-  for i in range(batch):
-    tokens[i, :lengths[i]] = prompts[i if i < rows else 0]
-
+  tokens, lengths, cache_length = prompt_batch(cfg, prompts, max_new_tokens, mesh)
+  batch = len(tokens)
   prefill, step = decode_functions(cfg, mesh)
   sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   key = jax.random.key(seed)

@@ -20,6 +20,9 @@ bytes with an "FB" zip extra field, `byteorder` and `version` records (newer tor
 `.data/serialization_id`, which readers do not need). Only names `torch.load(weights_only=True)` allows appear.
 safetensors (`read_safetensors`, `save_safetensors`): an 8-byte header length, a JSON header of
 {name: {dtype, shape, data_offsets}}, then the data.
+
+(Over 400 lines on purpose: the reader and the writer of two formats side by side, so that each stays the other's
+inverse (tests round-trip every dtype through both).)
 """
 from __future__ import annotations
 
