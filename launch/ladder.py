@@ -33,6 +33,7 @@ from launch.runner import LaunchError, Runner
 from launch.tpu import define_tpu_flags, job_env, make_spec, make_vm, worker_setup
 from launch.vm import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls, ledger_budgets,
                        preflight)
+from tokenformer_jax import fileio
 from tokenformer_jax.cli import common
 from tokenformer_jax.growth import check_growable
 from tokenformer_jax.ladder import LADDER_FILE, Stage, apply_choice, check_fits, load_ladder
@@ -262,10 +263,10 @@ def make_backend(backend: str, workdir: str, stages, runner: Runner, prefix: str
   """Validates every flag the backend needs (before any command runs) and builds it. For TPUs: preflight (project,
   zone, bucket, data), then the lock file and the code in the workdir."""
   if backend == "local":
-    if workdir.startswith("gs://"):
+    if fileio.on_gcs(workdir):
       raise ValueError("the local backend writes to a local --workdir, not gs://")
     return LocalBackend(str(pathlib.Path(workdir).resolve()), runner)
-  if not workdir.startswith("gs://"):
+  if not fileio.on_gcs(workdir):
     raise ValueError(f"--workdir={workdir} must be a gs:// folder for the tpu backend: every worker reads and "
                      "writes it, and the launcher checks checkpoints there")
   f = flags.FLAGS

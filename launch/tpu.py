@@ -25,6 +25,7 @@ from launch.runner import LaunchError, Runner
 from launch.vm import (REPO, SHIPPED, Job, Limits, TpuVm, WorkerSetup, build_archive, check_tpu_data,  # noqa: F401
                        checkpoint_url, code_digest, committed, data_urls, ensure_lock, exists, follow_logs,
                        ledger_budgets, preflight, upload_code)
+from tokenformer_jax import fileio
 from tokenformer_jax.cli import common
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> None:
       raise ValueError("--name is required: the TPU's name")
     spec = make_spec(f.name, f.accelerator)
     if action in ("up", "run", "train"):
-      if not f.workdir or not f.workdir.startswith("gs://"):
+      if not f.workdir or not fileio.on_gcs(f.workdir):
         raise ValueError(f"`{action}` needs --workdir=gs://BUCKET/DIR: the code, the lock file and the logs go there")
       env = job_env(f.env, f.workdir, f.compilation_cache)
       job = Job(f.job, rest, done=lambda: False, logs_to=f"{f.workdir.rstrip('/')}/logs", env=env)
@@ -211,7 +212,7 @@ def train_job(runner: Runner, name: str, config: str, workdir: str, overrides: l
   from tokenformer_jax.config import apply_overrides, load_config
   if not config or not workdir:
     raise ValueError("train needs --config=experiments/FILE.py:NAME and --workdir=gs://BUCKET/DIR")
-  if not workdir.startswith("gs://"):
+  if not fileio.on_gcs(workdir):
     raise ValueError(f"--workdir={workdir} must be a gs:// folder: every worker writes and reads it")
   cfg = apply_overrides(load_config(config), overrides)
   check_tpu_data(cfg, config)

@@ -342,7 +342,7 @@ def data_urls(cfg) -> list[tuple[str, str]]:
   else:
     urls += [("training files", f) for f in data.train_files] + [("validation files", f)
                                                                   for f in data.validation_files]
-  return [(what, url) for what, url in urls if url.startswith("gs://")]
+  return [(what, url) for what, url in urls if fileio.on_gcs(url)]
 
 
 def check_tpu_data(cfg, what: str) -> None:
@@ -352,10 +352,10 @@ def check_tpu_data(cfg, what: str) -> None:
   if data.tokenizer == str(SHIPPED_TOKENIZER) and model.vocab_size != 2048:
     raise ValueError(f"{what}: model.vocab_size={model.vocab_size} but data.tokenizer is the shipped 2048-piece "
                      "one; add --set data.tokenizer=gs://BUCKET/TOKENIZER.model")
-  if data.store and not data.store.startswith("gs://"):
+  if data.store and not fileio.on_gcs(data.store):
     raise ValueError(f"{what}: data.store={data.store!r} is not on GCS; add --set data.store=gs://BUCKET/STORE "
                      "(made by python -m tokenformer_jax.data.prepare)")
-  if data.tfds_name and not data.store and not data.tfds_data_dir.startswith("gs://"):
+  if data.tfds_name and not data.store and not fileio.on_gcs(data.tfds_data_dir):
     raise ValueError(f"{what} reads TFDS {data.tfds_name!r}: add --set data.tfds_data_dir=gs://BUCKET/DIR (the "
                      "dataset prepared as array_record there)")
 

@@ -56,6 +56,11 @@ def is_remote(path) -> bool:
   return "://" in str(path) and not str(path).startswith("file://")
 
 
+def on_gcs(path) -> bool:
+  """Whether a TPU VM can reach `path`: the launchers keep runs, stores and code on GCS."""
+  return str(path).startswith("gs://")
+
+
 def _local(path) -> str:
   return os.path.abspath(str(path).removeprefix("file://"))
 

@@ -167,7 +167,7 @@ class RunDir:
   def finished(self, steps: int) -> bool:
     """Whether the checkpoint of step `steps` is complete: a local step directory is renamed into place only
     when complete (Orbax), one on GCS has its commit marker."""
-    if "://" in str(self.path):
+    if fileio.is_remote(self.path):
       return (self.step_dir(steps) / COMMIT_MARKER).exists()
     return self.step_dir(steps).is_dir()
 

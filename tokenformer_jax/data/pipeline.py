@@ -39,6 +39,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from tokenformer_jax import fileio
 from tokenformer_jax.config import DataConfig
 from tokenformer_jax.data import prepare, store
 from tokenformer_jax.data.errors import DataError
@@ -231,7 +232,7 @@ class TrainIterator:
     ds = ds.batch(self.local_batch, drop_remainder=True)
     # A local window is one pread (microseconds). A remote one is a ranged read (tens of ms on GCS), and a batch's
     # windows are read in turn by one thread: many threads, each on its own batch, hide that latency.
-    if store.is_remote(self.windows.source_path):
+    if fileio.is_remote(self.windows.source_path):
       options = grain.ReadOptions(num_threads=REMOTE_THREADS, prefetch_buffer_size=REMOTE_THREADS)
     else:
       options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)

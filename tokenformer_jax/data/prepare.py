@@ -346,9 +346,9 @@ def cache_root(data: DataConfig) -> str:
   """
   if data.cache_dir or os.environ.get("TOKENFORMER_JAX_CACHE"):
     return data.cache_dir or os.environ["TOKENFORMER_JAX_CACHE"]
-  if data.tfds_name and store.is_remote(data.tfds_data_dir):
+  if data.tfds_name and fileio.is_remote(data.tfds_data_dir):
     return f"{data.tfds_data_dir.rstrip('/')}/tokenformer_stores"
-  if not data.tfds_name and data.train_files and store.is_remote(data.train_files[0]):
+  if not data.tfds_name and data.train_files and fileio.is_remote(data.train_files[0]):
     first = str(sources.expand_patterns(data.train_files[:1])[0])
     return f"{first.rsplit('/', 1)[0]}/tokenformer_stores"
   return os.path.join(os.path.expanduser("~"), ".cache", "tokenformer_jax", "stores")

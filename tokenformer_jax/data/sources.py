@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from etils import epath
 
+from tokenformer_jax import fileio
 from tokenformer_jax.data.errors import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
@@ -73,7 +74,7 @@ def _glob(pattern: str) -> list[epath.Path]:
     path = epath.Path(pattern)
     return [path] if path.exists() else []
   if "**" in pattern:
-    if "://" in pattern:
+    if fileio.is_remote(pattern):
       raise DataError(f"recursive '**' globs are not supported on remote storage ({pattern!r}): "
                       "use one '*' per directory level")
     return [epath.Path(p) for p in sorted(pyglob.glob(pattern, recursive=True))]
@@ -202,7 +203,7 @@ def iter_documents(patterns: Sequence[str], *, text_field: str = "text", what: s
 
 def input_bytes(patterns: Sequence[str], *, what: str = "DataConfig.train_files") -> int:
   """The total size of the files matching `patterns` (what `bytes_read` counts up to)."""
-  return sum(path.stat().length if "://" in str(path) else os.path.getsize(path)
+  return sum(path.stat().length if fileio.is_remote(path) else os.path.getsize(path)
              for path in expand_patterns(patterns, what=what))
 
 
@@ -417,7 +418,7 @@ def fingerprint_inputs(data) -> tuple:
   def stats(patterns, what):
     out = []
     for path in expand_patterns(patterns, what=what):
-      if "://" in str(path):
+      if fileio.is_remote(path):
         st = path.stat()
         out.append((str(path), st.length, st.mtime))
       else:

@@ -49,15 +49,13 @@ _DOC_DTYPE = np.dtype("<i8")
 LOCAL_READ = os.environ.get("TOKENFORMER_JAX_STORE_READ", "pread")
 
 
-is_remote = fileio.is_remote
-
 
 class Location:
   """A directory, local (os) or remote (fsspec), with the few operations the store needs."""
 
   def __init__(self, path: str):
     self.path = str(path).rstrip("/")
-    if is_remote(self.path):
+    if fileio.is_remote(self.path):
       import fsspec  # pylint: disable=g-import-not-at-top
       try:
         self.fs, self._root = fsspec.core.url_to_fs(self.path)

@@ -138,7 +138,7 @@ def export_run(src: str, dst: str, *, step: int | None = None, live_scale: bool 
   cfg = train_cfg.model
   neox.check_exportable(cfg, live_scale=live_scale)
   tokenizer = train_cfg.data.tokenizer
-  if not tokenizer.startswith("gs://") and not os.path.isfile(tokenizer):
+  if not fileio.is_remote(tokenizer) and not os.path.isfile(tokenizer):
     raise ValueError(f"the run's tokenizer {tokenizer} is missing; put it back there (export writes it beside the "
                      "weights)")
   tok = source.tokenizer(train_cfg)

@@ -113,7 +113,7 @@ def attach_library_log(directory: str | epath.Path, name: str) -> str | None:
   if _library_log is None:
     return None
   directory = str(directory)
-  if "://" in directory:
+  if fileio.is_remote(directory):
     directory = os.path.join(tempfile.gettempdir(), "tokenformer_jax", directory.split("://", 1)[1])
   _library_log.attach(os.path.join(directory, f"{name}.log"))
   return _library_log.path
