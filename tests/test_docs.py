@@ -112,7 +112,7 @@ def test_the_readme_stays_short_and_ci_runs_its_test_command():
   readme = (REPO / "README.md").read_text(encoding="utf-8")
   assert len(readme.splitlines()) <= 250, "README.md is over 250 lines: move the new section to a guide in docs/"
   block = readme.split("**Run the tests**", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
-  assert block.endswith("python -m pytest -q tests"), block
+  assert block.endswith("python -m pytest -q -n 2 tests"), block
   assert block in (REPO / ".ci" / "run").read_text(encoding="utf-8"), ".ci/run must run the README's test command"
   assert re.search(r'python -m pytest -q -m "not slow" tests', readme), "the README names the fast inner loop"
   guides = set(re.findall(r"\]\(docs/(\w+)\.md", readme))
