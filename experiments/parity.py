@@ -74,6 +74,7 @@ MAX_GRID = 8   # a sweep whose best is still at an edge after this many values s
 # Architecture → seeds of its final runs. The headline pair gets 3; which TokenFormer init is the headline's is
 # decided by the sweep (the lower best loss).
 ARCHITECTURES = ("tokenformer", "transformer", "tokenformer_neox", "transformer_swiglu", "mlp_control")
+TOKENFORMERS = ("tokenformer", "tokenformer_neox")   # the two init styles; the headline pair takes one
 LABELS = {"tokenformer": "TokenFormer (fan-in init)", "tokenformer_neox": "TokenFormer (NeoX init)",
           "transformer": "Transformer (GeLU)", "transformer_swiglu": "Transformer (SwiGLU)",
           "mlp_control": "MLP control (Θ = gelu)"}
@@ -208,11 +209,8 @@ def sweep(arch: str, s: Scale, args) -> float:
 
 
 def final_seeds(done: dict[str, dict], s: Scale) -> dict[str, int]:
-  """3 seeds for the headline pair (the better TokenFormer init, the GeLU Transformer), 2 for the others."""
-  best = {a: min((r["final_val_loss"] for r in done.values() if r["architecture"] == a
-                  and abs(r["tokens"] - s.sweep_tokens) <= s.sweep_tokens * 0.01), default=math.inf)
-          for a in ("tokenformer", "tokenformer_neox")}
-  headline = min(best, key=best.get)
+  """3 seeds for the headline pair (headline_tokenformer, the GeLU Transformer), 2 for the others."""
+  headline = headline_tokenformer(*by_phase(done, s))
   return {a: 3 if a in (headline, "transformer") else 2 for a in ARCHITECTURES}
 
 
@@ -245,9 +243,12 @@ def run(args) -> None:
       recipes = tuple(args.recipes.split(",")) if args.recipes else ()
       parity_growth.run(best, s, args, recipes)
     if args.phase in ("all", "final"):
-      for arch, seeds in final_seeds(records(pathlib.Path(args.out)), s).items():
-        for seed in range(seeds if arch in archs else 0):
-          record(Spec(arch, best[arch], s.final_tokens, seed), s, args)
+      planned = None   # the headline init style may change as finals come in: plan again until nothing changes
+      while (plan := final_seeds(records(pathlib.Path(args.out)), s)) != planned:
+        planned = plan
+        for arch, seeds in plan.items():
+          for seed in range(seeds if arch in archs else 0):
+            record(Spec(arch, best[arch], s.final_tokens, seed), s, args)
   write_report(records(pathlib.Path(args.out)), s, pathlib.Path(args.out))
 
 
@@ -265,12 +266,27 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
   return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
 
 
-def write_report(done: dict[str, dict], s: Scale, out: pathlib.Path) -> None:
+def by_phase(done: dict[str, dict], s: Scale) -> tuple[dict[str, list], dict[str, list]]:
+  """(sweeps, finals): each architecture's sweep runs (seed 0, by learning rate) and its final runs."""
   sweeps = {a: sorted((r for r in done.values() if r["architecture"] == a and r["seed"] == 0
                        and abs(r["tokens"] - s.sweep_tokens) <= s.sweep_tokens * 0.01),
                       key=lambda r: r["learning_rate"]) for a in ARCHITECTURES}
   finals = {a: [r for r in done.values() if r["architecture"] == a
                 and abs(r["tokens"] - s.final_tokens) <= s.final_tokens * 0.01] for a in ARCHITECTURES}
+  return sweeps, finals
+
+
+def headline_tokenformer(sweeps: dict[str, list], finals: dict[str, list]) -> str:
+  """The TokenFormer init style of the headline pair: the lower mean final loss among the styles with at least 2
+  final runs; before that, the lower best sweep loss."""
+  seeded = [a for a in TOKENFORMERS if len(finals[a]) >= 2]
+  if seeded:
+    return min(seeded, key=lambda a: mean_std([r["final_val_loss"] for r in finals[a]])[0])
+  return min(TOKENFORMERS, key=lambda a: min((r["final_val_loss"] for r in sweeps[a]), default=math.inf))
+
+
+def write_report(done: dict[str, dict], s: Scale, out: pathlib.Path) -> None:
+  sweeps, finals = by_phase(done, s)
   lines = [f"# {'Smoke test: ' if s is SMOKE else ''}TokenFormer against Transformers at matched parameters",
            "", headline(finals, sweeps), "",
            f"Models: d = {s.d}, {s.layers} layers, {s.heads} heads, {s.seq_len} tokens of context, batch {s.batch}; "
@@ -310,25 +326,23 @@ def write_report(done: dict[str, dict], s: Scale, out: pathlib.Path) -> None:
 
 
 def headline(finals: dict[str, list], sweeps: dict[str, list]) -> str:
-  """What the data say, in one paragraph: the parity (TokenFormer − Transformer) with its spread, for the better
-  TokenFormer init style among those with at least 2 seeds; an init style that ends lower on fewer seeds is named."""
-  losses = {a: [r["final_val_loss"] for r in finals[a]] for a in ("tokenformer", "tokenformer_neox", "transformer")}
-  seeded = [a for a in ("tokenformer", "tokenformer_neox") if len(losses[a]) >= 2]
-  b = losses["transformer"]
-  if seeded and len(b) >= 2:
-    tf = min(seeded, key=lambda a: np.mean(losses[a]))
-    a = losses[tf]
-    gap = np.mean(a) - np.mean(b)
+  """What the data say, in one paragraph: the parity of the headline pair (headline_tokenformer − the GeLU
+  Transformer) with its spread; the other init style is named where it ends lower on fewer seeds."""
+  means = {a: mean_std([r["final_val_loss"] for r in runs])[0] for a, runs in finals.items()}
+  tf = headline_tokenformer(sweeps, finals)
+  a, b = [r["final_val_loss"] for r in finals[tf]], [r["final_val_loss"] for r in finals["transformer"]]
+  if len(a) >= 2 and len(b) >= 2:
+    gap = means[tf] - means["transformer"]
     spread = math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
     verdict = ("behind" if gap > 2 * spread else "ahead of" if gap < -2 * spread else "level with")
     text = (f"**Headline:** at matched non-embedding parameters and {report.human(finals[tf][0]['tokens'])} tokens, "
             f"{LABELS[tf]} is {verdict} the GeLU Transformer: validation loss {gap:+.3f} nats "
             f"(± {spread:.3f}, the standard error of the difference of means over {len(a)} and {len(b)} seeds).")
-    for other in ("tokenformer", "tokenformer_neox"):
-      if other != tf and losses[other] and np.mean(losses[other]) < np.mean(a):
-        n = len(losses[other])
-        text += (f" {LABELS[other]} ends lower so far: {np.mean(losses[other]):.3f} over {n} seed{'s' * (n > 1)} "
-                 f"(against {np.mean(a):.3f}), {np.mean(losses[other]) - np.mean(b):+.3f} nats from the Transformer; "
+    for other in TOKENFORMERS:
+      if other != tf and finals[other] and means[other] < means[tf]:
+        n = len(finals[other])
+        text += (f" {LABELS[other]} ends lower so far: {means[other]:.3f} over {n} seed{'s' * (n > 1)} "
+                 f"(against {means[tf]:.3f}), {means[other] - means['transformer']:+.3f} nats from the Transformer; "
                  "its other seeds are not run yet.")
     return text
   swept = [a for a in ARCHITECTURES if sweeps[a]]
