@@ -49,7 +49,6 @@ _DOC_DTYPE = np.dtype("<i8")
 LOCAL_READ = os.environ.get("TOKENFORMER_JAX_STORE_READ", "pread")
 
 
-
 class Location:
   """A directory, local (os) or remote (fsspec), with the few operations the store needs."""
 
