@@ -232,6 +232,10 @@ INVALID = {"data.seq_len=0": "data.seq_len must be an integer >= 1", "steps=-5":
            "grad_accum=3": "global_batch=8 must be a multiple of grad_accum=3", "eval_every=0": "eval_every",
            "eval_batches=-1": "eval_batches", "log_every=0": "log_every", "checkpoint_every=0": "checkpoint_every",
            "keep_checkpoints=0": "keep_checkpoints", "seed=-1": "seed",
+           "local_checkpoint_every=0": "local_checkpoint_every",
+           "keep_local_checkpoints=17": "keep_local_checkpoints must be an integer in [1, 16]",
+           "local_checkpoint_dir=gs://bucket/run": "local_checkpoint_dir='gs://bucket/run' must be a directory on "
+                                                   "each host's own disk",
            "optim.learning_rate=-1e-3": "optim.learning_rate must be a finite number in [0.0, inf)",
            "optim.learning_rate=nan": "optim.learning_rate", "optim.warmup_steps=-1": "optim.warmup_steps",
            "optim.min_lr_ratio=1.5": "optim.min_lr_ratio must be a finite number in [0.0, 1.0]",

@@ -4,7 +4,8 @@
 
 For SIGKILL it first waits until checkpoint 4 is complete, so the kill lands after a save (and may land
 while a later one is still being written). With FAULT_PROCESS=i in the environment (a job of several processes,
-launch.local) only process i faults, at its N-th step call, without waiting. With ROWS_DIR=DIR every process
+launch.local) only process i faults, at its N-th step call, without waiting, unless FAULT_AFTER=PATH:PATH...
+names files to wait for first (the saves the kill must land after). With ROWS_DIR=DIR every process
 appends the window ids of each batch it trains on to DIR/rows.jsonl (record_rows).
 """
 import json
@@ -32,9 +33,11 @@ def faulty_make_train_step(*args, **kwargs):
     calls[0] += 1
     if calls[0] == fault_step and os.environ.get("FAULT_PROCESS", os.environ.get("JAX_PROCESS_ID")) == \
         os.environ.get("JAX_PROCESS_ID"):
-      if signal_name == "SIGKILL" and "FAULT_PROCESS" not in os.environ:
+      waits = ([pathlib.Path(workdir) / "checkpoints" / "4"] if "FAULT_PROCESS" not in os.environ else
+               [pathlib.Path(p) for p in os.environ.get("FAULT_AFTER", "").split(":") if p])
+      if signal_name == "SIGKILL":
         deadline = time.time() + 60
-        while not (pathlib.Path(workdir) / "checkpoints" / "4").exists() and time.time() < deadline:
+        while not all(p.exists() for p in waits) and time.time() < deadline:
           time.sleep(0.05)
       os.kill(os.getpid(), getattr(signal, signal_name))
     return step_fn(state, batch)

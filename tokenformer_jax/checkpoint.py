@@ -274,7 +274,7 @@ class RunCheckpoints:
                                 f"{written['processes']} processes")
       else:
         error = BrokenCheckpoint(self.directory, step, f"cannot be read ({detail})", self._other_steps(step))
-    if not _everywhere(error is None):
+    if not everywhere(error is None):
       raise error or BrokenCheckpoint(self.directory, step, "another host could not read it")
     return result
 
@@ -469,7 +469,7 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def _everywhere(ok: bool) -> bool:
+def everywhere(ok: bool) -> bool:
   """True when `ok` holds on every host (one host's failed read fails a checkpoint on all of them)."""
   if jax.process_count() == 1:
     return ok

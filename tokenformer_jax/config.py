@@ -449,6 +449,11 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  # The host-local fast tier (checkpoint_local.py): each host's own shards, on its own disk, between the persistent
+  # checkpoints; "" = off. A directory on the host's local disk (e.g. /tmp/<run>), never gs://.
+  local_checkpoint_dir: str = ""
+  local_checkpoint_every: int = 100
+  keep_local_checkpoints: int = 2
   seed: int = 0
 
   def replace(self, **changes: Any) -> TrainConfig:
@@ -457,8 +462,12 @@ class TrainConfig:
   def validate(self) -> None:
     """Every field in range (the model's are checked when it is built); raises ValueError naming the field."""
     for name in ("steps", "global_batch", "grad_accum", "eval_every", "eval_batches", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
+                 "checkpoint_every", "keep_checkpoints", "local_checkpoint_every"):
       check_int(name, getattr(self, name), 1)
+    check_int("keep_local_checkpoints", self.keep_local_checkpoints, 1, 16)   # checkpoint_local.MAX_OFFERED
+    if "://" in self.local_checkpoint_dir:
+      raise ValueError(f"local_checkpoint_dir={self.local_checkpoint_dir!r} must be a directory on each host's own "
+                       "disk (e.g. /tmp/run-local); the persistent checkpoints go to --workdir, which may be gs://")
     check_int("seed", self.seed, 0)
     if self.global_batch % self.grad_accum:
       raise ValueError(f"global_batch={self.global_batch} must be a multiple of grad_accum={self.grad_accum}")

@@ -7,12 +7,14 @@ Kinds (goodput.py turns them into goodput and badput):
 
   startup             the process's start (before the imports) until the loop starts; holds the restore
   checkpoint_restore  reading the checkpoint a run resumes from (or a spike-guard rollback's)
-  restart             an instant: this attempt continues a run from checkpoint `step`
+  restart             an instant: this attempt continues a run from checkpoint `step` (`tier`: local when
+                      the host-local tier's)
   compile             a jit trace, lowering or XLA compilation (`phase`, `fun`; `cache`: hit or miss when
                       JAX's persistent compilation cache answered), from jax.monitoring
   step                one training step, from fetching its batch to the next activity; `data`: the seconds
                       spent waiting for the batch at its start
-  eval, checkpoint_save (the checksums and the start of the asynchronous write, or waiting for it), profile
+  eval, checkpoint_save (the checksums and the start of the asynchronous write, or waiting for it; `tier`:
+                      local for the host-local tier's), profile
   preemption          SIGTERM seen at `step`: saving and stopping
   hang                a step over the hang limit (until the stack dump), and `exit` when the watch ends it
   end                 an instant: the attempt ended (`how`: done, preempted, failed)
@@ -197,7 +199,7 @@ class RunEvents:
     self.log = EventLog(workdir / FILE, enabled=writer)
     self.writer = writer
     self.current: tuple | None = None    # (kind, step, start) of the open activity
-    self.data_s = 0.0
+    self.data_s, self.details = 0.0, {}
     self.cache: str | None = None
     self.preempted = False
     self.profiler = Profiler(cfg, workdir)
@@ -211,27 +213,29 @@ class RunEvents:
     if self.writer:
       print(line, file=sys.stdout, flush=True)
 
-  def started(self, restore: tuple[float, float], restored_step: int | None, *, loop_start: float) -> None:
-    """The attempt so far: the process's start (the first run in this process) until the loop, the restore."""
+  def started(self, restore: tuple[float, float], restored_step: int | None, *, loop_start: float,
+              **details) -> None:
+    """The attempt so far: the process's start (the first run in this process) until the loop, the restore
+    (`details`: of the restore, e.g. its tier)."""
     first = _first_run_in_process[0]
     _first_run_in_process[0] = False
     origin = process_start_time() if first else restore[0]
     self.log.write("startup", min(origin, restore[0]), loop_start, restored_step, pid=os.getpid(),
                    processes=jax.process_count(), first_in_process=first)
     if restored_step is not None:
-      self.log.write("checkpoint_restore", *restore, restored_step)
-      self.log.write("restart", restore[1], restore[1], restored_step)
+      self.log.write("checkpoint_restore", *restore, restored_step, **details)
+      self.log.write("restart", restore[1], restore[1], restored_step, **details)
 
-  def begin(self, kind: str, step: int | None = None, wait=None) -> None:
+  def begin(self, kind: str, step: int | None = None, wait=None, **details) -> None:
     """End the open activity and start `kind` (for a step: first start or stop the profile, as its own
-    activity; `wait`: the previous step's output, waited for before a trace stops)."""
+    activity; `wait`: the previous step's output, waited for before a trace stops; `details` go in its line)."""
     self.end()
     started = time.time()
     if kind == "step" and self.profiler.at_step(step, wait):
       self.log.write("profile", started, time.time(), step, tracing=self.profiler.running,
                      directory=str(self.profiler.directory))
     self.preempted = self.preempted or kind == "preemption"
-    self.current, self.data_s = (kind, step, time.time()), 0.0
+    self.current, self.data_s, self.details = (kind, step, time.time()), 0.0, details
 
   def data_ready(self) -> None:
     """The open step's batch is here: its wait so far was for data."""
@@ -248,7 +252,7 @@ class RunEvents:
       if self.watch is not None:
         self.watch.durations.append(now - start)
     else:
-      self.log.write(kind, start, now, step)
+      self.log.write(kind, start, now, step, **self.details)
 
   def _on_compile(self, event: str, start: float, end: float, **kwargs) -> None:
     phase = COMPILE_EVENTS.get(event)

@@ -17,7 +17,8 @@ import numpy as np
 from etils import epath
 
 from tokenformer_jax import sharding
-from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, describe_shape, job_shape
+from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, describe_shape, job_shape, say_once_per_job
+from tokenformer_jax.checkpoint_local import LocalTier, agreed_step, gather_offers
 from tokenformer_jax.config import ModelConfig, TrainConfig, flops_per_token, from_dict, to_dict
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
@@ -96,6 +97,41 @@ def saved_job(workdir) -> dict | None:
     return None
   finally:
     checkpoints.close()
+
+
+def state_tree(run_or_state) -> dict:
+  """The state as both checkpoint tiers save it: {"params", "opt_state": {"step", "opt_state"}} (of a TrainState,
+  or of a Run's abstract state)."""
+  state = getattr(run_or_state, "abstract", run_or_state)
+  return {"params": state.params, "opt_state": {"step": state.step, "opt_state": state.opt_state}}
+
+
+def resumed_locally(run: Run, checkpoints: RunCheckpoints, train_batches,
+                    local: LocalTier) -> tuple[steps.TrainState, str] | None:
+  """The host-local tier's newest step that every host holds whole, if none older than the newest persistent
+  checkpoint (checkpoint_local.py); None → the persistent tier (saying why, when some host had a local step)."""
+  abstract, persistent = state_tree(run), checkpoints.latest_step()
+  offers = gather_offers(local.offers(abstract))
+  step = agreed_step(offers, persistent)
+  newest = ", ".join(str(o[0]) if o else "none" for o in offers)
+  if step is None:
+    if any(offers):
+      say_once_per_job(f"host-local checkpoints not used (each host's newest whole step: {newest}; the newest "
+                       f"persistent one: {persistent}); restoring the persistent checkpoint")
+    return None
+  check_same_model(local.manifest(step)["config"], run.config, checkpoints.directory.parent)
+  restored = local.restore(step, abstract)
+  if restored is None:
+    say_once_per_job(f"host-local checkpoint {step} does not match the checksums saved with it; restoring the "
+                     "persistent checkpoint")
+    return None
+  tree, position, _ = restored
+  train_batches.set_state(position)
+  state = steps.TrainState(step=tree["opt_state"]["step"], params=tree["params"],
+                           opt_state=tree["opt_state"]["opt_state"])
+  return state, (f"resumed {checkpoints.directory.parent} at step {step} from the host-local checkpoints "
+                 f"({local.directory}; each host's newest whole step: {newest}; the newest persistent one: "
+                 f"{persistent})")
 
 
 def starting_state(run: Run, checkpoints: RunCheckpoints, train_batches,
@@ -222,10 +258,14 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
 
   train_batches, eval_batches = make_batches(cfg)
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
+  local = LocalTier(cfg.local_checkpoint_dir, workdir, every=cfg.local_checkpoint_every,
+                    keep=cfg.keep_local_checkpoints) if cfg.local_checkpoint_dir else None
   restore_started = time.time()
-  state, how = starting_state(run, checkpoints, train_batches, init_from)
+  resumed = resumed_locally(run, checkpoints, train_batches, local) if local is not None else None
+  state, how = resumed or starting_state(run, checkpoints, train_batches, init_from)
   restore = (restore_started, time.time())   # for the event log
-  latest = checkpoints.latest_step()   # the newest good one: broken newer ones were moved aside
+  # The step resumed: the local one, or the newest good persistent one (broken newer ones were moved aside).
+  latest = int(jax.device_get(state.step)) if resumed else checkpoints.latest_step()
   log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
   for line in [how, *notes]:
     log.say(line)
@@ -238,8 +278,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   stop = StopSignal()
 
   def save(step: int):
-    checkpoints.save(step, params=state.params, opt_state={"step": state.step, "opt_state": state.opt_state},
-                     data_iterator=train_batches, config=config_json)
+    tree = state_tree(state)
+    checkpoints.save(step, params=tree["params"], opt_state=tree["opt_state"], data_iterator=train_batches,
+                     config=config_json)
 
   guard = SpikeGuard(cfg.optim, workdir, writer=writer) if cfg.optim.spike_guard else None
   step = int(jax.device_get(state.step))
@@ -254,7 +295,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   throughput, last_saved = Throughput(cfg, mesh.devices.size, int(latest or 0)), latest
   final: dict[str, float] = {}
   events = RunEvents(workdir, cfg.diagnostics, writer=writer, library_log=log.library_log)   # RUN/events.jsonl
-  events.started(restore, latest, loop_start=time.time())
+  events.started(restore, latest, loop_start=time.time(), **({"tier": "local"} if resumed else {}))
   try:
     while step < cfg.steps:
       events.begin("step", step + 1, wait=state)
@@ -294,6 +335,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         last_saved = step
         log.say(f"step {step:>7}/{cfg.steps} | checkpoint {checkpoints.directory / str(step)} (written in the "
                 "background)")
+      elif local is not None and step % cfg.local_checkpoint_every == 0:
+        events.begin("checkpoint_save", step, tier="local")
+        local.save(step, state_tree(state), config=config_json, data_position=train_batches.get_state())
       if logging_now:   # the next throughput window starts after this step's evaluation and save
         throughput.restart()
       if stopping:
@@ -312,6 +356,8 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   finally:
     checkpoints.wait()
     checkpoints.close()
+    if local is not None:
+      local.wait()
     stop.restore()
     events.close(wait=state)
     log.close()
