@@ -334,10 +334,16 @@ def preflight(runner: Runner, specs: list[gcloud.TpuSpec], workdir: str, data_ur
 
 
 def data_urls(cfg) -> list[tuple[str, str]]:
-  """The gs:// inputs a config reads: tokenizer, TFDS folder, training and validation files."""
+  """The gs:// inputs a config reads: tokenizer, the stores of a mixture, TFDS folder, training and validation
+  files."""
   data = cfg.data
   urls = [("tokenizer", data.tokenizer)]
-  if data.tfds_name:
+  if data.mixture:
+    from tokenformer_jax.data.mixture import parse_sources
+    urls += [(f"mixture store {s.name}", s.store) for s in parse_sources(data.mixture)]
+  elif data.store:
+    urls.append(("token store", data.store))
+  elif data.tfds_name:
     urls.append(("TFDS dataset", f"{data.tfds_data_dir.rstrip('/')}/{data.tfds_name.split(':')[0]}"))
   else:
     urls += [("training files", f) for f in data.train_files] + [("validation files", f)
@@ -352,6 +358,14 @@ def check_tpu_data(cfg, what: str) -> None:
   if data.tokenizer == str(SHIPPED_TOKENIZER) and model.vocab_size != 2048:
     raise ValueError(f"{what}: model.vocab_size={model.vocab_size} but data.tokenizer is the shipped 2048-piece "
                      "one; add --set data.tokenizer=gs://BUCKET/TOKENIZER.model")
+  if data.mixture:
+    from tokenformer_jax.data.mixture import parse_sources
+    for source in parse_sources(data.mixture):
+      if not fileio.on_gcs(source.store):
+        raise ValueError(f"{what}: the mixture's store {source.store!r} (source {source.name}) is not on GCS; give "
+                         "every source as gs://BUCKET/STORE=WEIGHT (stores made by python -m "
+                         "tokenformer_jax.data.prepare)")
+    return
   if data.store and not fileio.on_gcs(data.store):
     raise ValueError(f"{what}: data.store={data.store!r} is not on GCS; add --set data.store=gs://BUCKET/STORE "
                      "(made by python -m tokenformer_jax.data.prepare)")

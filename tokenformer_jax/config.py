@@ -312,6 +312,12 @@ class DataConfig:
   seq_len: int = 1024
   shuffle_seed: int = 0
   worker_count: int = 0                                    # grain worker processes per host (0: in-process)
+  # A mixture of token stores instead of one corpus (data/mixture.py): STORE=WEIGHT strings (the source named by
+  # the store directory's name) or, in a config file, (NAME, STORE, WEIGHT) triples; its weights changed from
+  # given steps on by STEP=W1/W2/... entries; a source at the end of an epoch: "repeat" (its next one) or "error".
+  mixture: tuple = ()
+  mixture_stages: tuple[str, ...] = ()
+  mixture_exhausted: str = "repeat"
   # Images instead of text (data/images.py; an image classifier's data): a source name ("digits": scikit-learn's
   # 8×8 digits, `pip install -e '.[vision]'`), with its fixed split; the text fields above then play no part.
   image_source: str = ""
@@ -328,6 +334,13 @@ class DataConfig:
     check_int("data.image_crop_padding", self.image_crop_padding, 0)
     if self.image_source:
       return   # images: the text fields below play no part
+    if self.mixture or self.mixture_stages:
+      from tokenformer_jax.data import mixture   # pylint: disable=g-import-not-at-top (it imports this module)
+      if not self.mixture:
+        raise ValueError("data.mixture_stages is set but data.mixture is empty: list the sources in data.mixture")
+      mixture.parse_stages(self.mixture_stages, len(mixture.parse_sources(self.mixture)))   # DataError: a ValueError
+    if self.mixture_exhausted not in ("repeat", "error"):
+      raise ValueError(f"data.mixture_exhausted must be one of repeat, error; got {self.mixture_exhausted!r}")
     if self.validation_files or self.tfds_name or self.store:
       check_float("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
     else:   # the validation set is held out of the training files

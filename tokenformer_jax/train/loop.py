@@ -20,6 +20,7 @@ from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import CheckpointError, RunCheckpoints, describe_shape, job_shape, say_once_per_job
 from tokenformer_jax.checkpoint_local import LocalTier, agreed_step, gather_offers
 from tokenformer_jax.config import ModelConfig, TrainConfig, flops_per_token, from_dict, to_dict
+from tokenformer_jax.data import mixture
 from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
 from tokenformer_jax.growth import start_from_grown
@@ -68,7 +69,14 @@ def check_same_model(saved: dict, cfg: TrainConfig, workdir) -> None:
                         "or --init_from to start from its parameters")
 
 
-def evaluate(run: Run, params, batches) -> dict[str, float]:
+def evaluate(run: Run, params, batches, weights: dict[str, float] | None = None) -> dict[str, float]:
+  """Validation metrics; for a mixture (`batches`: {source: its batches}) each source's loss as
+  `eval/<source>/loss` and `eval/loss` their total weighted by `weights`, the mixture's weights now."""
+  if isinstance(batches, dict):
+    losses = {name: evaluate(run, params, source)["eval/loss"] for name, source in batches.items()}
+    total = sum(weights[name] * loss for name, loss in losses.items())
+    return {"eval/loss": total, "eval/perplexity": math.exp(min(total, 50.0)),
+            **{f"eval/{name}/loss": loss for name, loss in losses.items()}}
   sums = steps.LossSums()
   for batch in batches:
     sums.add(run.eval_step(params, run.to_global(batch)))
@@ -81,7 +89,10 @@ def describe_eval(metrics: dict[str, float]) -> str:
   if "eval/top1" in metrics:
     return (f"test loss {metrics['eval/loss']:.4f} | top-1 {metrics['eval/top1']:.2%} | "
             f"top-5 {metrics['eval/top5']:.2%}")
-  return f"validation loss {metrics['eval/loss']:.4f} | perplexity {metrics['eval/perplexity']:.2f}"
+  sources = [(k.split("/")[1], v) for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 2]
+  per_source = "".join(f" | {name} {loss:.4f}" for name, loss in sources)
+  weighted = " (weighted)" if sources else ""
+  return f"validation loss {metrics['eval/loss']:.4f}{weighted} | perplexity {metrics['eval/perplexity']:.2f}{per_source}"
 
 
 def saved_job(workdir) -> dict | None:
@@ -199,6 +210,10 @@ def make_batches(cfg: TrainConfig):
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   if (mismatch := vocabulary_mismatch(tokenizer, cfg, trained=False)) is not None:
     raise TrainingError(mismatch)
+  if cfg.data.mixture:   # several stores by weight (data/mixture.py); evaluation per source
+    where = dict(global_batch=cfg.global_batch, **host)
+    return (mixture.make_train_iterator(cfg.data, tokenizer, seed=cfg.data.shuffle_seed, **where),
+            mixture.make_eval_batches(cfg.data, tokenizer, max_batches=cfg.eval_batches, **where))
   return (make_train_iterator(cfg.data, tokenizer, global_batch=cfg.global_batch, seed=cfg.data.shuffle_seed, **host),
           make_eval_batches(cfg.data, tokenizer, global_batch=cfg.global_batch, max_batches=cfg.eval_batches, **host))
 
@@ -267,7 +282,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   # The step resumed: the local one, or the newest good persistent one (broken newer ones were moved aside).
   latest = int(jax.device_get(state.step)) if resumed else checkpoints.latest_step()
   log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
-  for line in [how, *notes]:
+  mixed = isinstance(train_batches, mixture.MixtureIterator)
+  weights = lambda: train_batches.current_weights() if mixed else None   # noqa: E731 (a mixture's, for the eval)
+  for line in [how, *notes, *(train_batches.changes if mixed else [])]:
     log.say(line)
   if log.library_log:
     log.say(f"library log lines go to {log.library_log} (--verbosity=0 shows them here instead)")
@@ -324,9 +341,11 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
       if logging_now:
         throughput.report(log, jax.device_get(pending), step, last_saved)
         pending = []
+        if mixed:
+          log.write(step, train_batches.consumed())   # windows and epochs each source has given
       if evaluating:
         events.begin("eval", step)
-        final = evaluate(run, state.params, eval_batches)
+        final = evaluate(run, state.params, eval_batches, weights())
         log.write(step, final)
         log.say(f"step {step:>7}/{cfg.steps} | {describe_eval(final)}")
       if saving:
@@ -348,7 +367,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         return final
     events.begin("checkpoint_save", step)   # the final evaluation (if not done yet) and waiting for the save
     if not final:   # resumed a run that had already finished
-      final = evaluate(run, state.params, eval_batches)
+      final = evaluate(run, state.params, eval_batches, weights())
     checkpoints.wait()
     log.say(f"done: {cfg.steps} steps | {describe_eval(final)}\ncheckpoint:  {checkpoints.directory / str(cfg.steps)}\n"
             f"tensorboard: tensorboard --logdir {log.tensorboard_dir}")
