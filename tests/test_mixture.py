@@ -97,6 +97,9 @@ def test_no_source_gives_a_window_twice_within_its_epoch_and_a_resume_continues_
   partway, it = draw(data, tok, 50)
   state = json.loads(json.dumps(it.get_state()))   # as a checkpoint holds it
   assert draw(data, tok, 70, hosts=2, state=state)[0] == run[50:]
+  reordered = DataConfig(mixture=tuple(reversed(data.mixture)), seq_len=SEQ_LEN)   # counts are per source, in order
+  with pytest.raises(DataError, match="the stores, their order"):
+    draw(reordered, tok, 1, state=state)
 
 
 def test_a_change_of_weights_at_a_step_keeps_the_run_before_and_draws_the_new_weights_after(stores, tok):

@@ -3,7 +3,8 @@ shards that host holds, between the persistent checkpoints (checkpoint.py, every
 
 A failure with notice (SIGTERM) already saves the current step. One without notice (a host that dies, an OOM
 kill, a kernel panic) loses every step since the last persistent save; the local tier makes that the last local
-save, at a fraction of the cost: each host writes only what is on its own devices, to its own disk, in a thread.
+save, which can come far more often: each host writes only what is on its own devices, to its own disk, in a
+thread, and nothing crosses the network.
 
 Layout: `<local_checkpoint_dir>/host_<process index>/<step>/` holds one `.npy` file per distinct shard on the
 host's devices and `manifest.json`: the step, the run directory it belongs to, the config, the data position,

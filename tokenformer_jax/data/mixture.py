@@ -206,9 +206,7 @@ class MixtureIterator:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
       raise DataError(f"the saved data position is not a mixture's (format {STATE_FORMAT!r}): "
                       f"{str(state)[:120]}; resume with the data the run was saved with")
-    saved = {s["name"]: s for s in state["stream"]["sources"]}
-    here = {s["name"]: s for s in self.stream["sources"]}
-    if saved != here:
+    if state["stream"]["sources"] != self.stream["sources"]:   # in order: the counts are per source, by index
       raise DataError(f"the saved mixture position counts in sources {state['stream']['sources']}, but this run's "
                       f"are {self.stream['sources']}: the stores, their order, data.seq_len or data.shuffle_seed "
                       "differ; resume with those")

@@ -92,7 +92,8 @@ def describe_eval(metrics: dict[str, float]) -> str:
   sources = [(k.split("/")[1], v) for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 2]
   per_source = "".join(f" | {name} {loss:.4f}" for name, loss in sources)
   weighted = " (weighted)" if sources else ""
-  return f"validation loss {metrics['eval/loss']:.4f}{weighted} | perplexity {metrics['eval/perplexity']:.2f}{per_source}"
+  return (f"validation loss {metrics['eval/loss']:.4f}{weighted} | perplexity {metrics['eval/perplexity']:.2f}"
+          f"{per_source}")
 
 
 def saved_job(workdir) -> dict | None:
