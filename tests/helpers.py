@@ -97,6 +97,9 @@ def make_train_step(cfg, tx):
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_RUN = "--config=experiments/demo.py:test_run"
+# conftest's trained_run evaluates these during training (train/evals.py), every 6 steps.
+TRAINED_RUN_TASKS = ("--set=eval.tasks=lm_eval:tokenformer_local_mc,ppl:tests/lm_eval_task/heldout.txt",
+                     "--set=eval.include_path=tests/lm_eval_task")
 
 
 def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None, timeout: int = 600,

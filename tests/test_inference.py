@@ -225,7 +225,8 @@ def test_adapter_log_likelihoods_are_the_models_own_sums(loaded, next_token_log_
 @pytest.mark.slow
 def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypatch, capsys):
   """`python -m tokenformer_jax.cli.lm_eval --model tokenformer_jax ...` end to end on the shipped local task (its
-  main, in this process); its accuracy equals the one computed here from the adapter's own log-likelihoods."""
+  main, in this process); its accuracy equals the one computed here from the adapter's own log-likelihoods, and
+  the one the trainer logged for the same step when it ran the task during training (eval.tasks)."""
   from tokenformer_jax.cli import lm_eval as cli
   from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
   monkeypatch.chdir(REPO)
@@ -242,11 +243,15 @@ def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypat
   correct = [int(np.argmax([lp for lp, _ in lm.loglikelihood([request(d["context"], c) for c in d["choices"]])]))
              == d["label"] for d in docs]
   assert accuracy == pytest.approx(np.mean(correct), abs=1e-9)
+  logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+  in_training = {r["step"]: r["task/tokenformer_local_mc/acc"] for r in logged if "task/tokenformer_local_mc/acc" in r}
+  assert sorted(in_training) == [6, 12] and in_training[12] == pytest.approx(accuracy, abs=1e-9)
 
 
 @pytest.mark.slow
-def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path, capsys):
+def test_eval_cli_reports_the_trainers_loss(trained_run, trained_run_console, tmp_path, capsys, monkeypatch):
   from tokenformer_jax.cli import eval as cli
+  monkeypatch.chdir(REPO)
   cfg = load_config("experiments/demo.py:test_run")
   out = tmp_path / "eval.json"
   code, stdout, stderr = run_main(cli, capsys, f"--checkpoint={trained_run}/{cfg.steps}", f"--json_out={out}",
@@ -258,6 +263,14 @@ def test_eval_cli_reports_the_trainers_loss(trained_run, tmp_path, capsys):
   assert written["loss"] == pytest.approx(trainer_loss, rel=1e-6) and written["step"] == cfg.steps
   assert written["bits_per_byte"] == pytest.approx(written["nats"] / (math.log(2) * written["bytes"]))
   assert "eval 2/2 batches" in stderr and "bits per byte" in stdout
+  # The perplexity task the trainer ran during training (eval.tasks=ppl:FILE) is cli.eval's on that file.
+  code, _, stderr = run_main(cli, capsys, f"--checkpoint={trained_run}/{cfg.steps}", f"--json_out={out}",
+                             "--files=tests/lm_eval_task/heldout.txt")
+  assert code == 0, stderr[-3000:]
+  in_training = [r for r in logged if "task/heldout/loss" in r]
+  assert [r["step"] for r in in_training] == [6, 12] and in_training[-1]["task/seconds"] > 0
+  assert in_training[-1]["task/heldout/loss"] == pytest.approx(json.loads(out.read_text())["loss"], rel=1e-6)
+  assert "tasks: heldout perplexity" in trained_run_console[1].stdout
 
 
 @pytest.mark.slow

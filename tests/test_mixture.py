@@ -215,3 +215,18 @@ def test_the_launcher_checks_every_store_of_a_mixture():
   local = cfg.replace(data=cfg.data.replace(mixture=("gs://b/stores/web=0.7", "/home/me/code=0.3")))
   with pytest.raises(ValueError, match="stage s: the mixture's store '/home/me/code' .source code. is not on GCS"):
     check_tpu_data(local, "stage s")
+
+
+def test_eval_tasks_refuse_bad_entries_in_one_line(tmp_path):
+  """eval.tasks (train/evals.py): a malformed entry, a name given twice, an lm_eval task that does not exist."""
+  from tokenformer_jax.config import EvalConfig, task_name
+  from tokenformer_jax.train.evals import lm_eval_task_manager, task_metrics
+  with pytest.raises(ValueError, match="must be ppl:PATH"):
+    EvalConfig(tasks=("perplexity:x.txt",)).validate()
+  with pytest.raises(ValueError, match="names heldout twice"):
+    EvalConfig(tasks=("ppl:a/heldout.txt", "ppl:b/heldout.jsonl.gz")).validate()
+  assert task_name("ppl:gs://bucket/stores/web/") == "web" and task_name("lm_eval:piqa") == "piqa"
+  with pytest.raises(ValueError, match="no task no_such_task"):
+    lm_eval_task_manager(["no_such_task"], "tests/lm_eval_task")
+  assert task_metrics({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t", "exact_match,strict-match": 1.0}) == {
+      "acc": 0.5, "exact_match_strict-match": 1.0}

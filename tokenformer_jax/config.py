@@ -447,6 +447,63 @@ class DiagnosticsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluations during training besides the validation loss (train/evals.py; docs/training.md), their results
+  in the metrics as task/<name>/<metric>."""
+  # "ppl:PATH": perplexity on a corpus (.jsonl/.jsonl.gz/.txt files or a glob; all of it) or on a token store's
+  # validation split (PATH a store directory), named by its file or directory name. "lm_eval:TASK": an
+  # lm-evaluation-harness task from lm_eval's own definitions or `include_path`; its data must be local.
+  tasks: tuple[str, ...] = ()
+  every: int = 0             # steps between them (and at the last step); 0: with the validation loss (eval_every)
+  include_path: str = ""     # a directory of lm_eval task .yaml files
+  limit: int = 0             # lm_eval: at most this many documents per task; 0: all of them
+  batches: int = 0           # perplexity: at most this many global batches per corpus; 0: eval_batches
+
+  def replace(self, **changes: Any) -> EvalConfig:
+    return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    for name in ("every", "limit", "batches"):
+      check_int(f"eval.{name}", getattr(self, name), 0)
+    names = []
+    for task in self.tasks:
+      kind, _, what = task.partition(":")
+      if kind not in ("ppl", "lm_eval") or not what:
+        raise ValueError(f"eval.tasks entry {task!r} must be ppl:PATH (a corpus or token store) or lm_eval:TASK")
+      names.append(task_name(task))
+    if doubled := sorted({n for n in names if names.count(n) > 1}):
+      raise ValueError(f"eval.tasks names {', '.join(doubled)} twice (a task is named by its file, store or "
+                       "lm_eval task name): evaluate each once")
+
+
+def task_name(task: str) -> str:
+  """The name an eval.tasks entry's results go under: the lm_eval task, or the corpus file's or store's name."""
+  kind, _, what = task.partition(":")
+  if kind == "lm_eval":
+    return what
+  stem = pathlib.PurePosixPath(what.rstrip("/")).name
+  for suffix in (".gz", ".jsonl", ".txt", ".json"):
+    stem = stem.removesuffix(suffix)
+  return stem.replace("*", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """Where metrics go besides the console, TensorBoard and metrics.jsonl (train/tracker.py)."""
+  wandb: str = ""            # a Weights & Biases run: "project" or "project/entity"; "" = none
+  wandb_mode: str = "online"   # "offline": written under RUN/wandb only (`wandb sync` uploads it later)
+
+  def replace(self, **changes: Any) -> LoggingConfig:
+    return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    check_choice("logging.wandb_mode", self.wandb_mode, ("online", "offline"))
+    project, _, entity = self.wandb.partition("/")
+    if self.wandb and (not project or "/" in entity):
+      raise ValueError(f"logging.wandb must be PROJECT or PROJECT/ENTITY, got {self.wandb!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run: model, data, optimiser, mesh, and the loop's cadence."""
   model: ModelConfig
@@ -454,6 +511,8 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
   diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+  eval: EvalConfig = EvalConfig()
+  logging: LoggingConfig = LoggingConfig()
   steps: int = 1000
   global_batch: int = 512          # sequences per optimizer step, over all hosts
   grad_accum: int = 1              # micro-batches per step (global_batch must divide by it)
@@ -488,6 +547,11 @@ class TrainConfig:
     self.optim.validate()
     self.mesh.validate()
     self.diagnostics.validate()
+    self.eval.validate()
+    self.logging.validate()
+    if self.eval.tasks and self.model.vision is not None:
+      raise ValueError("eval.tasks are language-model evaluations; an image classifier reports its test accuracy "
+                       "with the validation loss")
     if self.model.vision is not None and not self.data.image_source:
       raise ValueError(f"model {self.model.name!r} is an image classifier (model.vision is set) but the data is text "
                        "(data.image_source is empty): set data.image_source (e.g. digits), or train a language model")

@@ -289,16 +289,19 @@ def steps_per_epoch(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int
 
 
 def make_eval_batches(data: DataConfig, tokenizer: Tokenizer, *, global_batch: int, max_batches: int,
-                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The validation split in order (no shuffle), as at most `max_batches` host batches of the train format.
+                      process_index: int = 0, process_count: int = 1,
+                      split: str = "validation") -> list[dict[str, np.ndarray]]:
+  """The validation split (or `split="train"`) in order (no shuffle), as at most `max_batches` host batches of
+  the train format.
 
   The last batch is completed with all-padding rows (mask 0); rows are spread over hosts as in training.
   Raises DataError if the split is empty.
   """
   local_batch = _check_batch(global_batch, process_index, process_count)
-  _, validation = load_token_streams(data, tokenizer, process_index=process_index, process_count=process_count)
+  train, validation = load_token_streams(data, tokenizer, process_index=process_index, process_count=process_count)
+  validation = train if split == "train" else validation
   if validation.num_targets == 0:
-    raise DataError("the validation split is empty: set DataConfig.validation_files, a validation_fraction "
+    raise DataError(f"the {split} split is empty: set DataConfig.validation_files, a validation_fraction "
                     "> 0 with at least two documents, or a TFDS validation split")
   real = validation.num_windows(data.seq_len)
   num_batches = min(max_batches, -(-real // global_batch))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tokenformer_jax import sharding
+from tokenformer_jax.config import DataConfig
 from tokenformer_jax.data import pipeline
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.tokenizer import JsonTokenizer
@@ -31,6 +32,23 @@ _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _CHUNK = 1 << 20   # tokens per numpy pass when counting bytes
 
 
+def eval_data(data: DataConfig, *, split: str = "validation", files: Sequence[str] = (), tfds_name: str = "",
+              tfds_split: str = "validation", tfds_data_dir: str = "", store: str = "") -> tuple[DataConfig, str]:
+  """(the data config, the split of its store) that hold the corpus to evaluate (see `eval_stream`): files and
+  TFDS splits become the whole "train" split of a store of their own; a store keeps its splits."""
+  if split not in ("train", "validation"):
+    raise DataError(f"split must be 'train' or 'validation', got {split!r}")
+  whole = dict(validation_files=(), validation_fraction=0.0, store="", mixture=(), mixture_stages=())
+  if files:
+    return data.replace(train_files=tuple(files), tfds_name="", **whole), "train"
+  if tfds_name:
+    return data.replace(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, tfds_train_split=tfds_split,
+                        tfds_validation_split="", **whole), "train"
+  if store:
+    return data.replace(store=store, mixture=(), mixture_stages=()), split
+  return data, split
+
+
 def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), tfds_name: str = "",
                 tfds_split: str = "validation", tfds_data_dir: str = "", store: str = "") -> pipeline.TokenStream:
   """The corpus to evaluate, as one token stream, read like every corpus through a token store (data.store):
@@ -38,18 +56,9 @@ def eval_stream(model, *, split: str = "validation", files: Sequence[str] = (), 
   ("train" or "validation") of the token store `store`, else that split of the run's own data config. Files and
   TFDS splits are prepared into the store cache once (data.prepare.cached_store), then read from there."""
   import jax
-  cfg, tokenizer = model.config, model.tokenizer
-  data, pick = cfg.data, split
-  if split not in ("train", "validation"):
-    raise DataError(f"split must be 'train' or 'validation', got {split!r}")
-  whole = dict(validation_files=(), validation_fraction=0.0, store="")   # everything lands in "train"
-  if files:
-    data, pick = data.replace(train_files=tuple(files), tfds_name="", **whole), "train"
-  elif tfds_name:
-    data, pick = data.replace(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, tfds_train_split=tfds_split,
-                              tfds_validation_split="", **whole), "train"
-  elif store:
-    data = data.replace(store=store)
+  tokenizer = model.tokenizer
+  data, pick = eval_data(model.config.data, split=split, files=files, tfds_name=tfds_name, tfds_split=tfds_split,
+                         tfds_data_dir=tfds_data_dir, store=store)
   train, validation = pipeline.load_token_streams(data, tokenizer, process_index=jax.process_index(),
                                                   process_count=jax.process_count())
   stream = train if pick == "train" else validation

@@ -12,7 +12,9 @@ A (context, continuation) pair is encoded together and split after the context's
 tokenized as it would be in running text; a context's trailing spaces move to the continuation. Contexts longer
 than max_length lose their oldest tokens. loglikelihood_rolling scores a text in max_length windows of the
 evaluation pipeline's kind (context restarts at each window). Requests are sorted by length and batched into
-power-of-two length buckets, so a task compiles a handful of shapes. Single host (all of its devices).
+power-of-two length buckets, so a task compiles a handful of shapes. In a job of several processes every process
+runs the same requests in lockstep (each batch is split over the mesh like a training batch; the scores come back
+replicated), as the trainer's in-training lm_eval tasks do (train/evals.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from tokenformer_jax.model import LanguageModel
 @functools.lru_cache(maxsize=4)
 def _scorer(cfg, mesh):
   """jit(params, tokens [batch, T + 1]) → (log p(tokens[:, t + 1] | tokens[:, :t + 1]), whether it is the argmax),
-  both [batch, T]."""
+  both [batch, T], replicated: every process of a multi-host job gets them (each passes the same whole batch)."""
   model = LanguageModel(cfg)
 
   def score(params, tokens):
@@ -46,7 +48,7 @@ def _scorer(cfg, mesh):
     chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
-  return jax.jit(score)
+  return jax.jit(score, out_shardings=sharding.replicated(mesh))
 
 
 @register_model("tokenformer_jax")
@@ -84,7 +86,9 @@ class TokenFormerLM(LM):
       for row, i in enumerate(batch):
         ids = sequences[i][0]
         tokens[row, :len(ids)] = ids
-      chosen, greedy = jax.device_get(scorer(self.model.params, tokens))
+      rows = jax.make_array_from_callback(tokens.shape, sharding.batch_sharding(self.model.mesh),
+                                          lambda index, tokens=tokens: tokens[index])   # split like a train batch
+      chosen, greedy = jax.device_get(scorer(self.model.params, rows))
       for row, i in enumerate(batch):
         ids, n = sequences[i]
         span = slice(len(ids) - 1 - n, len(ids) - 1)

@@ -25,7 +25,7 @@ from tokenformer_jax.data.pipeline import make_eval_batches, make_train_iterator
 from tokenformer_jax.data.tokenizer import Tokenizer
 from tokenformer_jax.growth import start_from_grown
 from tokenformer_jax.run import RunDir, vocabulary_mismatch
-from tokenformer_jax.train import steps
+from tokenformer_jax.train import evals, steps
 from tokenformer_jax.train.events import RunEvents
 from tokenformer_jax.train.guard import SpikeGuard
 from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
@@ -273,6 +273,8 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   mesh = run.mesh
 
   train_batches, eval_batches = make_batches(cfg)
+  tasks = evals.Evals(cfg, Tokenizer.load(cfg.data.tokenizer), process_index=jax.process_index(),
+                process_count=jax.process_count()) if cfg.eval.tasks else None   # eval.tasks: their data ready
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
   local = LocalTier(cfg.local_checkpoint_dir, workdir, every=cfg.local_checkpoint_every,
                     keep=cfg.keep_local_checkpoints) if cfg.local_checkpoint_dir else None
@@ -337,8 +339,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
       pending.append((step, metrics))
       stopping = stop.everywhere()
       evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+      tasks_due = tasks is not None and tasks.due(step)
       saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
-      logging_now = step % cfg.log_every == 0 or evaluating or saving
+      logging_now = step % cfg.log_every == 0 or evaluating or tasks_due or saving
       if logging_now:
         throughput.report(log, jax.device_get(pending), step, last_saved)
         pending = []
@@ -349,6 +352,11 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         final = evaluate(run, state.params, eval_batches, weights())
         log.write(step, final)
         log.say(f"step {step:>7}/{cfg.steps} | {describe_eval(final)}")
+      if tasks_due:
+        events.begin("eval", step, tasks=len(cfg.eval.tasks))
+        results = tasks.run(run, state.params, step, lambda batches: evaluate(run, state.params, batches))
+        log.write(step, results)
+        log.say(f"step {step:>7}/{cfg.steps} | {evals.describe(results)}")
       if saving:
         events.begin("checkpoint_save", step)
         save(step)
