@@ -30,9 +30,13 @@ setup(
     extras_require={
         # libtpu for tests/test_plan.py, which compiles a step for a TPU v4 topology on CPU; lm_eval for
         # tests/test_inference.py, which runs the lm-evaluation-harness adapter and a local task through lm_eval;
-        # scikit-learn (the "vision" extra) for tests/test_vision.py; pytest-xdist runs the full suite on 2 workers.
+        # scikit-learn (the "vision" extra) for tests/test_vision.py; wandb for the tracker's offline files read
+        # back in tests/test_inference.py; pytest-xdist runs the full suite on 2 workers.
         # lm_eval's own requirements have no torch (torch comes only with its "hf"/"vllm"/... extras, never here).
-        "test": ["pytest>=8", "pytest-xdist>=3.8", "jax[tpu]>=0.10.2", "lm_eval>=0.4.13", "scikit-learn>=1.9.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "jax[tpu]>=0.10.2", "lm_eval>=0.4.13", "scikit-learn>=1.9.1",
+                 "wandb>=0.31"],
+        # Weights & Biases as a metrics sink (logging.wandb=PROJECT[/ENTITY]; train/logger.py); offline in tests.
+        "wandb": ["wandb>=0.31"],
         # Image classifiers on scikit-learn's digits (data.image_source="digits", experiments/vision.py): the 1,797
         # images ship inside the scikit-learn wheel; tests/test_vision.py needs it too (hence also in "test").
         "vision": ["scikit-learn>=1.9.1"],

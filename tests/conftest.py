@@ -29,10 +29,12 @@ import pytest  # noqa: E402  (after the environment above, which must precede an
 def trained_run_console(tmp_path_factory):
   """(workdir, finished process) of experiments/demo.py:test_run trained for its 12 steps, uninterrupted, by
   cli.train as a user runs it (its stdout and stderr are what the console showed), with two evaluations during
-  training (eval.tasks: a local lm_eval task, a held-out text's perplexity) that test_inference.py checks."""
-  from helpers import TEST_RUN, TRAINED_RUN_TASKS, losses, run_cli
+  training (eval.tasks: a local lm_eval task, a held-out text's perplexity) that test_inference.py checks, and
+  an offline W&B run that test_train.py reads back."""
+  from helpers import TEST_RUN, TRAINED_RUN_SETS, WANDB_OFFLINE, losses, run_cli
   workdir = tmp_path_factory.mktemp("trained_run")
-  result = run_cli("tokenformer_jax.cli.train", TEST_RUN, f"--workdir={workdir}", *TRAINED_RUN_TASKS)
+  result = run_cli("tokenformer_jax.cli.train", TEST_RUN, f"--workdir={workdir}", *TRAINED_RUN_SETS,
+                   *WANDB_OFFLINE)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "validation loss" in result.stdout and "tensorboard --logdir" in result.stdout
   assert sorted(losses(workdir)) == list(range(1, 13))

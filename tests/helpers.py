@@ -97,9 +97,44 @@ def make_train_step(cfg, tx):
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_RUN = "--config=experiments/demo.py:test_run"
-# conftest's trained_run evaluates these during training (train/evals.py), every 6 steps.
-TRAINED_RUN_TASKS = ("--set=eval.tasks=lm_eval:tokenformer_local_mc,ppl:tests/lm_eval_task/heldout.txt",
-                     "--set=eval.include_path=tests/lm_eval_task")
+# conftest's trained_run evaluates these during training (train/evals.py), every 6 steps, and writes an offline
+# W&B run (train/logger.py).
+TRAINED_RUN_SETS = ("--set=eval.tasks=lm_eval:tokenformer_local_mc,ppl:tests/lm_eval_task/heldout.txt",
+                    "--set=eval.include_path=tests/lm_eval_task")
+WANDB_OFFLINE = ("--set=logging.wandb=tokenformer-tests", "--set=logging.wandb_mode=offline")
+
+
+def wandb_runs(workdir) -> list[dict]:
+  """The offline W&B runs under WORKDIR/wandb, oldest first, read from their .wandb files without wandb's own
+  reader (wandb 0.31 has none in Python): {"id", "project", "config", "history": {step: {key: value}}}.
+  A .wandb file is a LevelDB-style log (a 7-byte header, then records in 32 KiB blocks, each a 7-byte header —
+  CRC, little-endian length, type 1 full / 2 first / 3 middle / 4 last — and its bytes) of wandb's Record protos."""
+  from wandb.proto import wandb_internal_pb2
+  runs = []
+  for path in sorted(pathlib.Path(workdir).glob("wandb/offline-run-*/run-*.wandb")):
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+      if block - pos % block < 7:   # a block's tail too short for a header is padding
+        pos += block - pos % block
+        continue
+      length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+      pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+      if kind in (1, 4):
+        records.append(wandb_internal_pb2.Record.FromString(pending))
+        pending = b""
+    run = next((r.run for r in records if r.WhichOneof("record_type") == "run"), None)
+    if run is None:   # a SIGKILLed process whose records were still buffered: its id only (from the name)
+      runs.append({"id": path.parent.name.rsplit("-", 1)[1], "project": None, "config": {}, "history": {}})
+      continue
+    history = {}
+    for r in records:
+      if r.WhichOneof("record_type") == "history":
+        row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        history[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    runs.append({"id": run.run_id, "project": run.project, "config": config, "history": history})
+  return runs
 
 
 def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None, timeout: int = 600,

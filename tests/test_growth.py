@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli, run_params, text_batch
+from helpers import TEST_RUN, WANDB_OFFLINE, assert_fails_with_one_line, losses, run_cli, run_params, text_batch, wandb_runs
 from test_model import trained_looking
 from test_robustness import data_file, flip_bytes
 from tokenformer_jax import sharding
@@ -146,9 +146,13 @@ def test_cli_growth_preserves_the_loss_and_training_continues_from_it(trained_ru
   # final one on the same validation batches.
   run = tmp_path / "run"
   result = run_cli("tokenformer_jax.cli.train", GROWN_TARGET, f"--workdir={run}", f"--init_from={grown}",
-                   "--set=steps=1", "--set=eval_every=1")
+                   "--set=steps=1", "--set=eval_every=1", *WANDB_OFFLINE)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "norm scale taken from" in result.stdout
+  (tracked,) = wandb_runs(run)   # the tracker's run names where its parameters came from
+  origin = tracked["config"]["init_from"]
+  assert (origin["checkpoint"], origin["source"], origin["source_step"], origin["init"]) == (
+      str(grown), str(trained_run), 12, "zero_keys")
   before = losses(trained_run, "eval/loss")[12]
   after = losses(run, "eval/loss")[1]
   assert abs(after - before) <= 1e-5, (before, after)

@@ -217,8 +217,9 @@ def test_the_launcher_checks_every_store_of_a_mixture():
     check_tpu_data(local, "stage s")
 
 
-def test_eval_tasks_refuse_bad_entries_in_one_line(tmp_path):
-  """eval.tasks (train/evals.py): a malformed entry, a name given twice, an lm_eval task that does not exist."""
+def test_eval_tasks_and_tracker_refuse_bad_entries_in_one_line(tmp_path):
+  """eval.tasks (train/evals.py): a malformed entry, a name given twice, an lm_eval task that does not exist; a
+  malformed logging.wandb or mode."""
   from tokenformer_jax.config import EvalConfig, task_name
   from tokenformer_jax.train.evals import lm_eval_task_manager, task_metrics
   with pytest.raises(ValueError, match="must be ppl:PATH"):
@@ -228,5 +229,10 @@ def test_eval_tasks_refuse_bad_entries_in_one_line(tmp_path):
   assert task_name("ppl:gs://bucket/stores/web/") == "web" and task_name("lm_eval:piqa") == "piqa"
   with pytest.raises(ValueError, match="no task no_such_task"):
     lm_eval_task_manager(["no_such_task"], "tests/lm_eval_task")
+  from tokenformer_jax.config import LoggingConfig
+  with pytest.raises(ValueError, match="PROJECT or PROJECT/ENTITY"):
+    LoggingConfig(wandb="a/b/c").validate()
+  with pytest.raises(ValueError, match="wandb_mode must be one of online, offline"):
+    LoggingConfig(wandb="p", wandb_mode="disabled").validate()
   assert task_metrics({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t", "exact_match,strict-match": 1.0}) == {
       "acc": 0.5, "exact_match_strict-match": 1.0}

@@ -1,4 +1,5 @@
 """The trainer end to end (as a user runs it, in subprocesses) and its parts in process."""
+import json
 import pathlib
 
 import jax
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli, run_params
+from helpers import TEST_RUN, WANDB_OFFLINE, assert_fails_with_one_line, losses, run_cli, run_params, wandb_runs
 from tokenformer_jax import sharding
 from tokenformer_jax.checkpoint import RunCheckpoints
 from tokenformer_jax.config import MeshConfig, OptimConfig, load_config
@@ -31,13 +32,32 @@ def assert_same_run(a, b):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_the_uninterrupted_run(trained_run, tmp_path):
-  killed = run("SIGKILL", "7", TEST_RUN, f"--workdir={tmp_path}", script=("tests/train_with_fault.py",))
+  killed = run("SIGKILL", "7", TEST_RUN, f"--workdir={tmp_path}", *WANDB_OFFLINE, script=("tests/train_with_fault.py",))
   assert killed.returncode == -9
   assert max(losses(tmp_path)) == 6
-  rerun = run(TEST_RUN, f"--workdir={tmp_path}")
+  rerun = run(TEST_RUN, f"--workdir={tmp_path}", *WANDB_OFFLINE)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "at step 4" in rerun.stdout
   assert_same_run(trained_run, tmp_path)
+  # The resumed run continues the killed run's W&B run: the same id (RUN/tracker.json), from the step resumed. (The
+  # killed one's records may still have been in wandb's buffer: metrics.jsonl is the record that survives a kill.)
+  first, second = wandb_runs(tmp_path)
+  assert first["id"] == second["id"] == json.loads((tmp_path / "tracker.json").read_text())["wandb_id"]
+  assert set(first["history"]) <= set(range(1, 8)) and sorted(second["history"]) == list(range(5, 13))
+
+
+def test_wandb_offline_run_holds_the_runs_metrics_and_config(trained_run):
+  """logging.wandb (offline): every metric of metrics.jsonl at its step, and the run's config."""
+  (tracked,) = wandb_runs(trained_run)
+  assert tracked["project"] == "tokenformer-tests" and tracked["config"]["model"]["name"] == "test_run"
+  assert tracked["config"]["steps"] == 12 and tracked["config"]["init_from"] is None
+  logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+  assert sorted(tracked["history"]) == list(range(1, 13))
+  for row in logged:
+    for key, value in row.items():
+      if key != "step":
+        assert tracked["history"][row["step"]][key] == pytest.approx(value, rel=1e-6), (row["step"], key)
+  assert {"eval/loss", "task/tokenformer_local_mc/acc", "task/heldout/perplexity"} <= set(tracked["history"][12])
 
 
 @pytest.mark.slow

@@ -501,6 +501,8 @@ class LoggingConfig:
     project, _, entity = self.wandb.partition("/")
     if self.wandb and (not project or "/" in entity):
       raise ValueError(f"logging.wandb must be PROJECT or PROJECT/ENTITY, got {self.wandb!r}")
+    if self.wandb and importlib.util.find_spec("wandb") is None:
+      raise ValueError(f"logging.wandb={self.wandb!r} needs the wandb package: pip install -e '.[wandb]'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,6 +160,11 @@ class RunDir:
   def tensorboard_dir(self) -> epath.Path:
     return self.path / TENSORBOARD
 
+  @property
+  def tracker_file(self) -> epath.Path:
+    """The W&B run this run writes to (train/logger.py), so that a resumed run continues it."""
+    return self.path / "tracker.json"
+
   # What is there ---------------------------------------------------------------------------------------------
   def has_checkpoints(self) -> bool:
     return self.checkpoints_dir.exists()

@@ -1,9 +1,16 @@
-"""Where training metrics go: a progress line on the console, TensorBoard event files, and metrics.jsonl; and
-where library log lines go (absl/Orbax/JAX INFO): a log file in the run, not the console.
+"""Where training metrics go: a progress line on the console, TensorBoard event files, metrics.jsonl and, with
+logging.wandb set, a Weights & Biases run; and where library log lines go (absl/Orbax/JAX INFO): a log file in
+the run, not the console.
 
 Only process 0 writes metrics. metrics.jsonl gets one JSON object per logged step; after a resume, steps that
 were re-run appear again and the last occurrence is the one that counts. On a terminal the progress line
 rewrites itself; into a file or a pipe every progress line is a line of its own.
+
+The W&B run (WandbSink) gets the run's config, where its starting checkpoint came from (config key "init_from":
+a grown checkpoint's provenance or an imported one's source) and every metric written here. Its id is kept in
+RUN/tracker.json, so running the same command again (a resume, on any job shape) continues the same W&B run;
+W&B keeps the first value it got for a step, so the steps a resume re-runs (equal ones: resume is exact) are not
+doubled. logging.wandb_mode=offline writes it under RUN/wandb only, for `wandb sync` later.
 """
 from __future__ import annotations
 
@@ -112,11 +119,17 @@ def attach_library_log(directory: str | epath.Path, name: str) -> str | None:
   path under the temporary directory). Returns the file, or None when the lines are not captured."""
   if _library_log is None:
     return None
+  _library_log.attach(os.path.join(local_directory(directory), f"{name}.log"))
+  return _library_log.path
+
+
+def local_directory(directory: str | epath.Path) -> str:
+  """`directory` if it is local; for a gs:// one, the same path under the temporary directory (for the writers
+  that need a local file: the library log, W&B)."""
   directory = str(directory)
   if fileio.is_remote(directory):
-    directory = os.path.join(tempfile.gettempdir(), "tokenformer_jax", directory.split("://", 1)[1])
-  _library_log.attach(os.path.join(directory, f"{name}.log"))
-  return _library_log.path
+    return os.path.join(tempfile.gettempdir(), "tokenformer_jax", directory.split("://", 1)[1])
+  return directory
 
 
 def say_with_first_library_line(note: str) -> None:
@@ -127,9 +140,33 @@ def say_with_first_library_line(note: str) -> None:
     _library_log.say_note()
 
 
+class WandbSink:
+  """One W&B run for the run directory (see the module's docstring); written by process 0 only."""
+
+  def __init__(self, spec: str, mode: str, workdir: str | epath.Path, config: dict, init_from: dict | None):
+    import wandb   # pylint: disable=g-import-not-at-top (optional: pip install -e '.[wandb]')
+    from wandb.sdk.lib import runid   # pylint: disable=g-import-not-at-top
+    run = RunDir(workdir)
+    kept = json.loads(run.tracker_file.read_text()) if run.tracker_file.exists() else {}
+    if not kept:
+      kept = {"wandb_id": runid.generate_id(), "wandb": spec}
+      fileio.write_json(run.tracker_file, kept)
+    project, _, entity = spec.partition("/")
+    self.run = wandb.init(project=project, entity=entity or None, id=kept["wandb_id"], resume="allow",
+                          name=run.path.name, dir=local_directory(run.path), mode=mode,
+                          config={**config, "init_from": init_from},
+                          settings=wandb.Settings(console="off", silent=True))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    self.run.log(metrics, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
 class MetricsLogger:
-  def __init__(self, workdir: str | epath.Path, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str | epath.Path, enabled: bool = True, tracker: WandbSink | None = None):
+    self.enabled, self.tracker = enabled, tracker
     run = RunDir(workdir)
     self.tensorboard_dir = run.tensorboard_dir
     self.rewrite = enabled and sys.stdout.isatty()   # a terminal: the progress line rewrites itself
@@ -146,8 +183,11 @@ class MetricsLogger:
       return
     values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in metrics.items() if v is not None]
     self.writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
-    self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items() if v is not None}}) + "\n")
+    values = {k: float(v) for k, v in metrics.items() if v is not None}
+    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self.jsonl.flush()
+    if self.tracker is not None:
+      self.tracker.write(step, values)
 
   def say(self, line: str) -> None:
     if self.enabled:
@@ -173,3 +213,5 @@ class MetricsLogger:
       self._end_progress()
       self.writer.close()
       self.jsonl.close()
+    if self.tracker is not None:
+      self.tracker.close()

@@ -28,7 +28,7 @@ from tokenformer_jax.run import RunDir, vocabulary_mismatch
 from tokenformer_jax.train import evals, steps
 from tokenformer_jax.train.events import RunEvents
 from tokenformer_jax.train.guard import SpikeGuard
-from tokenformer_jax.train.logger import MetricsLogger, format_duration, peak_flops_per_device
+from tokenformer_jax.train.logger import MetricsLogger, WandbSink, format_duration, peak_flops_per_device
 from tokenformer_jax.train.optimizer import adam_moments
 from tokenformer_jax.train.setup import Run, build_run, fit_to_job
 
@@ -184,6 +184,16 @@ def initialised_from(run: Run, init_from: str) -> tuple[steps.TrainState, str]:
       "at step 0")
 
 
+def origin(init_from: str | None) -> dict | None:
+  """Where --init_from's checkpoint came from, for the tracker: its path and how it was made (a grown
+  checkpoint's provenance, an imported one's source), or None without --init_from."""
+  if not init_from:
+    return None
+  with RunDir(init_from) as source:
+    record = source.record()
+  return {"checkpoint": str(init_from), **(record.to_json() if record is not None else {})}
+
+
 def roll_back(run: Run, checkpoints: RunCheckpoints, train_batches, guard: SpikeGuard, step: int,
               log: MetricsLogger) -> tuple[steps.TrainState, int]:
   """The spike guard's last resort: the newest checkpoint (parameters, optimizer, data position) at a halved
@@ -284,7 +294,9 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
   restore = (restore_started, time.time())   # for the event log
   # The step resumed: the local one, or the newest good persistent one (broken newer ones were moved aside).
   latest = int(jax.device_get(state.step)) if resumed else checkpoints.latest_step()
-  log = MetricsLogger(workdir, enabled=writer)   # only now: a refused run leaves the workdir untouched
+  tracker = WandbSink(cfg.logging.wandb, cfg.logging.wandb_mode, workdir, to_dict(cfg),
+                      origin(init_from)) if writer and cfg.logging.wandb else None
+  log = MetricsLogger(workdir, enabled=writer, tracker=tracker)   # only now: a refused run leaves it untouched
   mixed = isinstance(train_batches, mixture.MixtureIterator)
   weights = lambda: train_batches.current_weights() if mixed else None   # noqa: E731 (a mixture's, for the eval)
   for line in [how, *notes, *(train_batches.changes if mixed else [])]:
