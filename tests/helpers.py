@@ -101,6 +101,19 @@ TEST_RUN = "--config=experiments/demo.py:test_run"
 # W&B run (train/logger.py).
 TRAINED_RUN_SETS = ("--set=eval.tasks=lm_eval:tokenformer_local_mc,ppl:tests/lm_eval_task/heldout.txt",
                     "--set=eval.include_path=tests/lm_eval_task")
+HELDOUT = "tests/lm_eval_task/heldout.txt"
+
+
+def local_mc_accuracy(lm) -> float:
+  """The accuracy on tests/lm_eval_task's multiple-choice task computed here from an adapter's log-likelihoods
+  (`lm`: a TokenFormerLM), without lm_eval's evaluator."""
+  from lm_eval.api.instance import Instance
+  docs = [json.loads(line) for line in (REPO / "tests/lm_eval_task/local_mc.jsonl").read_text().splitlines()]
+  scores = [[lp for lp, _ in lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=(d["context"], c), idx=0)
+                                               for c in d["choices"]])] for d in docs]
+  return float(np.mean([int(np.argmax(s)) == d["label"] for s, d in zip(scores, docs)]))
+
+
 WANDB_OFFLINE = ("--set=logging.wandb=tokenformer-tests", "--set=logging.wandb_mode=offline")
 
 

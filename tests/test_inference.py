@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import NOT_RUN, REPO, run_main
+from helpers import HELDOUT, NOT_RUN, REPO, local_mc_accuracy, run_main
 
 from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
 from tokenformer_jax.growth import grow, grown_config
@@ -238,11 +238,7 @@ def test_local_task_through_lm_eval_cli(loaded, trained_run, tmp_path, monkeypat
   (written,) = list((tmp_path / "out").rglob("results_*.json"))
   accuracy = json.loads(written.read_text())["results"]["tokenformer_local_mc"]["acc,none"]
   assert "tokenformer_local_mc" in capsys.readouterr().out
-  lm = TokenFormerLM(model=loaded)
-  docs = [json.loads(line) for line in (REPO / "tests/lm_eval_task/local_mc.jsonl").read_text().splitlines()]
-  correct = [int(np.argmax([lp for lp, _ in lm.loglikelihood([request(d["context"], c) for c in d["choices"]])]))
-             == d["label"] for d in docs]
-  assert accuracy == pytest.approx(np.mean(correct), abs=1e-9)
+  assert accuracy == pytest.approx(local_mc_accuracy(TokenFormerLM(model=loaded)), abs=1e-9)
   logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
   in_training = {r["step"]: r["task/tokenformer_local_mc/acc"] for r in logged if "task/tokenformer_local_mc/acc" in r}
   assert sorted(in_training) == [6, 12] and in_training[12] == pytest.approx(accuracy, abs=1e-9)
@@ -265,7 +261,7 @@ def test_eval_cli_reports_the_trainers_loss(trained_run, trained_run_console, tm
   assert "eval 2/2 batches" in stderr and "bits per byte" in stdout
   # The perplexity task the trainer ran during training (eval.tasks=ppl:FILE) is cli.eval's on that file.
   code, _, stderr = run_main(cli, capsys, f"--checkpoint={trained_run}/{cfg.steps}", f"--json_out={out}",
-                             "--files=tests/lm_eval_task/heldout.txt")
+                             f"--files={HELDOUT}")
   assert code == 0, stderr[-3000:]
   in_training = [r for r in logged if "task/heldout/loss" in r]
   assert [r["step"] for r in in_training] == [6, 12] and in_training[-1]["task/seconds"] > 0

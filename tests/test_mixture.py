@@ -217,6 +217,7 @@ def test_the_launcher_checks_every_store_of_a_mixture():
     check_tpu_data(local, "stage s")
 
 
+@pytest.mark.slow   # lm_eval indexes its own ~15,000 tasks to say that one is not among them (7 s)
 def test_eval_tasks_and_tracker_refuse_bad_entries_in_one_line(tmp_path):
   """eval.tasks (train/evals.py): a malformed entry, a name given twice, an lm_eval task that does not exist; a
   malformed logging.wandb or mode."""

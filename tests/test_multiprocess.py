@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (ELASTIC_JOBS, JOB_RUN, JOB_STEPS, REPO, assert_fails_with_one_line, exit_codes, launch_local,
-                     losses, run_cli, train_job)
+from helpers import (ELASTIC_JOBS, HELDOUT, JOB_RUN, JOB_STEPS, REPO, TRAINED_RUN_SETS, assert_fails_with_one_line,
+                     exit_codes, launch_local, local_mc_accuracy, losses, run_cli, train_job)
 from tokenformer_jax.checkpoint import BrokenCheckpoint, CheckpointError, RunCheckpoints
 from tokenformer_jax.config import load_config
 from tokenformer_jax.data import pipeline
@@ -102,9 +102,10 @@ def corrupt(workdir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The uninterrupted run of helpers.JOB_RUN: one job of 2 processes × 2 devices, its window ids recorded."""
+  """The uninterrupted run of helpers.JOB_RUN: one job of 2 processes × 2 devices, its window ids recorded, with
+  the trained run's eval.tasks (an lm_eval task, a perplexity)."""
   workdir = tmp_path_factory.mktemp("two_process_reference") / "run"
-  result = train_job(workdir, 2, 2)
+  result = train_job(workdir, 2, 2, *TRAINED_RUN_SETS)   # with eval.tasks at its last step
   assert result.returncode == 0, result.stdout[-3000:]
   return workdir
 
@@ -131,6 +132,20 @@ def test_four_two_one_two_processes_train_the_uninterrupted_run_on_the_same_wind
   assert len({w for step in want_rows.values() for w in step}) == STEPS * BATCH   # 64 different windows
   for a, b in zip(jax.tree.leaves(params(workdir)), jax.tree.leaves(params(reference)), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE)
+
+
+def test_tasks_during_a_two_process_job_equal_one_process_on_its_checkpoint(reference):
+  """eval.tasks in a job of 2 processes × 2 devices — lm_eval's requests run by both processes in lockstep, the
+  perplexity sharded like the validation loss — logged what one process computes on the final checkpoint."""
+  from tokenformer_jax.inference import eval_stream, evaluate, load_model
+  from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
+  (row,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines() if "task/seconds" in line]
+  model = load_model(str(reference))
+  assert row["step"] == model.step == STEPS
+  assert row["task/tokenformer_local_mc/acc"] == pytest.approx(local_mc_accuracy(TokenFormerLM(model=model)), abs=1e-9)
+  first_batch = BATCH * model.config.data.seq_len   # JOB_RUN's eval_batches=1: the tasks' batches too
+  heldout = evaluate(model, eval_stream(model, files=[str(REPO / HELDOUT)]), max_tokens=first_batch)["loss"]
+  assert row["task/heldout/loss"] == pytest.approx(heldout, rel=1e-5)
 
 
 def test_a_global_batch_the_new_job_cannot_split_is_one_line_and_touches_nothing(elastic_run, tmp_path):
