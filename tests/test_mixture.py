@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli
+from helpers import TEST_RUN, assert_fails_with_one_line, losses, run_cli, run_main
 from tokenformer_jax.config import SHIPPED_CORPUS, SHIPPED_TOKENIZER, DataConfig
 from tokenformer_jax.data import mixture, prepare
 from tokenformer_jax.data.errors import DataError
@@ -189,6 +189,28 @@ def test_training_reports_each_source_and_a_killed_run_resumes_bitwise(stores, m
 
 
 @pytest.mark.slow
+def test_the_report_draws_each_source_and_each_task(mixed_run, trained_run, tmp_path, capsys):
+  """cli.report over a mixture run and a run with eval.tasks: series.png and a table of each series' last value."""
+  from tokenformer_jax.cli import report as cli
+  workdir, _ = mixed_run
+  assert run_main(cli, capsys, str(workdir), str(trained_run), f"--out={tmp_path}")[0] == 0
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  final = next(r for r in reversed(records) if "eval/loss" in r)
+  tasks = next(json.loads(line) for line in reversed((trained_run / "metrics.jsonl").read_text().splitlines())
+               if "task/seconds" in line)
+  text = (tmp_path / "report.md").read_text()
+  header, _, mixed, tasked = [line for line in text.split("## Per source")[1].splitlines() if line.startswith("|")]
+  names = [cell.strip() for cell in header.strip("|").split("|")][1:]
+  assert names == [*(f"eval/{n}/loss" for n in sorted(WEIGHTS)), "task/heldout/loss", "task/heldout/perplexity",
+                   "task/tokenformer_local_mc/acc"]
+  cells = dict(zip(names, [cell.strip() for cell in mixed.strip("|").split("|")][1:]))
+  assert all(float(cells[f"eval/{n}/loss"]) == pytest.approx(final[f"eval/{n}/loss"], rel=1e-3) for n in WEIGHTS)
+  cells = dict(zip(names, [cell.strip() for cell in tasked.strip("|").split("|")][1:]))
+  assert float(cells["task/tokenformer_local_mc/acc"]) == pytest.approx(tasks["task/tokenformer_local_mc/acc"])
+  assert cells["eval/a/loss"] == "" and (tmp_path / "series.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_a_missing_store_or_another_tokenizer_is_one_line(stores, tmp_path):
   missing = run_cli("tokenformer_jax.cli.train", TEST_RUN, f"--workdir={tmp_path / 'm'}",
                     f"--set=data.mixture={stores['a']}=1,{tmp_path}/nowhere=1")
@@ -235,5 +257,5 @@ def test_eval_tasks_and_tracker_refuse_bad_entries_in_one_line(tmp_path):
     LoggingConfig(wandb="a/b/c").validate()
   with pytest.raises(ValueError, match="wandb_mode must be one of online, offline"):
     LoggingConfig(wandb="p", wandb_mode="disabled").validate()
-  assert task_metrics({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t", "exact_match,strict-match": 1.0}) == {
+  assert task_metrics({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t", "sample_len": 8, "exact_match,strict-match": 1.0}) == {
       "acc": 0.5, "exact_match_strict-match": 1.0}

@@ -38,6 +38,9 @@ class Curve:
   parent: str | None = None
   path: str = ""                     # the run directory
   style: dict = dataclasses.field(default_factory=dict)   # matplotlib keywords for this run's lines
+  # A mixture's per-source validation losses (eval/<source>/loss) and eval.tasks' results (task/<name>/<metric>),
+  # each as (steps, values).
+  series: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
   @property
   def flops_per_step(self) -> float:
@@ -114,7 +117,10 @@ def load_run(workdir: str | epath.Path, name: str | None = None) -> Curve:
 
   train_steps, train_loss = series("train/loss")
   eval_steps, eval_loss = series("eval/loss")
-  return Curve(name or workdir.name, config, train_steps, train_loss, eval_steps, eval_loss, path=str(workdir))
+  per_source = {key: series(key) for key in sorted(metrics) if key.count("/") == 2 and key != "task/seconds" and
+                (key.startswith("task/") or (key.startswith("eval/") and key.endswith("/loss")))}
+  return Curve(name or workdir.name, config, train_steps, train_loss, eval_steps, eval_loss, path=str(workdir),
+               series=per_source)
 
 
 def grown_source(grown: RunDir) -> str | None:
@@ -243,13 +249,60 @@ def plot(curves: list[Curve], path: str | epath.Path, title: str = "", train_los
   save_figure(fig, path)
 
 
-def new_figure(columns: int = 1, *, figsize: tuple[float, float]):
-  """(figure, axes) of one row of `columns` plots, drawn off-screen (matplotlib's Agg backend); `save_figure`
-  writes and closes it."""
+def series_names(curves: list[Curve]) -> list[str]:
+  """The per-source and task series any of the runs has, in a stable order (sources first)."""
+  return sorted({k for c in curves for k in c.series}, key=lambda k: (not k.startswith("eval/"), k))
+
+
+def plot_series(curves: list[Curve], path: str | epath.Path, title: str = "") -> None:
+  """One panel per per-source validation loss and per eval.tasks metric, against cumulative tokens, a line per
+  run (the runs' colours as in `plot`)."""
+  import matplotlib
+  from matplotlib.lines import Line2D
+
+  names = series_names(curves)
+  columns = min(len(names), 3)
+  rows = -(-len(names) // columns)
+  fig, axes = new_figure(columns, rows=rows, figsize=(4.6 * columns, 3.6 * rows))
+  axes = np.atleast_1d(axes).ravel()
+  cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, name in zip(axes, names):
+    for i, c in enumerate(curves):
+      if name in c.series:
+        steps, values = c.series[name]
+        style = {"color": cycle[i % len(cycle)], **c.style}
+        ax.plot(c.tokens(steps), values, marker=style.get("marker", "o"), markersize=3, label=c.name,
+                **{k: v for k, v in style.items() if k != "marker"})
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("cumulative training tokens", fontsize=8)
+    ax.grid(alpha=0.3)
+  for ax in axes[len(names):]:
+    ax.set_visible(False)
+  handles = [Line2D([], [], marker="o", markersize=3, label=c.name, **{"color": cycle[i % len(cycle)], **c.style})
+             for i, c in enumerate(curves)]
+  fig.legend(handles=handles, loc="outside lower center", ncols=min(len(curves), 6), fontsize=8)
+  fig.suptitle(f"{title}: per source and evaluations during training" if title else
+               "per source and evaluations during training", fontsize=11)
+  save_figure(fig, path)
+
+
+def series_table(curves: list[Curve]) -> str:
+  """The last value of every per-source and task series of every run, as a markdown table."""
+  names = series_names(curves)
+  lines = ["| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for c in curves:
+    cells = [f"{c.series[n][1][-1]:.4g}" if n in c.series and len(c.series[n][1]) else "" for n in names]
+    lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def new_figure(columns: int = 1, *, rows: int = 1, figsize: tuple[float, float]):
+  """(figure, axes) of `rows` rows of `columns` plots, drawn off-screen (matplotlib's Agg backend);
+  `save_figure` writes and closes it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  return plt.subplots(1, columns, figsize=figsize, constrained_layout=True)
+  return plt.subplots(rows, columns, figsize=figsize, constrained_layout=True, squeeze=rows == 1)
 
 
 write_text = fileio.write_text   # the experiments' results are written whole too
@@ -267,14 +320,20 @@ def save_figure(fig, path: str | epath.Path) -> None:
 
 
 def write_report(paths, out: str | epath.Path, title: str = "") -> tuple[epath.Path, epath.Path]:
-  """Read the runs and ladders in `paths`; write `out`/report.png and `out`/report.md. Returns both paths."""
+  """Read the runs and ladders in `paths`; write `out`/report.png and `out`/report.md (and, when a run has a
+  mixture's per-source losses or eval.tasks' results, `out`/series.png with their table). Returns the first two."""
   curves = load_runs([str(p) for p in paths])
   title = title or ", ".join(epath.Path(p).name for p in paths)
   out = epath.Path(out)
   png, md = out / "report.png", out / "report.md"
   plot(curves, png, title)
   heading = f"# {title}\n\n" if title else ""
-  fileio.write_text(md, f"{heading}![loss against FLOPs and tokens](report.png)\n\n{table(curves)}")
+  text = f"{heading}![loss against FLOPs and tokens](report.png)\n\n{table(curves)}"
+  if series_names(curves):
+    plot_series(curves, out / "series.png", title)
+    text += (f"\n## Per source and evaluations during training\n\n![per-source losses and tasks](series.png)\n\n"
+             f"{series_table(curves)}")
+  fileio.write_text(md, text)
   return png, md
 
 

@@ -5,7 +5,9 @@
   python -m tokenformer_jax.cli.report runs/a runs/b runs/ladder --out=runs/compare --title="a vs b"
   python -m tokenformer_jax.cli.report --goodput runs/demo                # where the time went → goodput.{png,md}
 
-Writes OUT/report.png and OUT/report.md (a markdown table of the final numbers). Reads only metrics.jsonl,
+Writes OUT/report.png and OUT/report.md (a markdown table of the final numbers), and OUT/series.png when a run
+has a mixture's per-source losses or eval.tasks' results (a panel each, their last values tabulated in report.md).
+Reads only metrics.jsonl,
 config.json and, in a ladder directory, the grown checkpoints' provenance (which stage grew from which).
 With --goodput: OUT/goodput.png (a timeline) and OUT/goodput.md (goodput, the badput buckets in hours, lost
 work), from each run's events.jsonl (a ladder: every stage, and their total); the table is printed too.

@@ -85,11 +85,13 @@ def describe(metrics: dict[str, float]) -> str:
 
 def task_metrics(results: dict) -> dict[str, float]:
   """lm_eval's results of one task ({"acc,none": 0.5, "acc_stderr,none": ..., "alias": ...}) → {"acc": 0.5}: its
-  numbers, a filter other than "none" kept as a suffix (acc_strict-match), standard errors left out."""
+  numbers, a filter other than "none" kept as a suffix (acc_strict-match), standard errors and the count of
+  documents (sample_len) left out."""
   metrics = {}
   for key, value in results.items():
     metric, _, applied = key.partition(",")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and "_stderr" not in metric and metric != "sample_len":
       metrics[metric if applied in ("", "none") else f"{metric}_{applied}"] = float(value)
   return metrics
 
