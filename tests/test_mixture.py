@@ -239,6 +239,37 @@ def test_the_launcher_checks_every_store_of_a_mixture():
     check_tpu_data(local, "stage s")
 
 
+MIXED_LADDER = """
+import dataclasses
+from experiments.ladder import TINY
+
+def _on_tpu(stage, *mixture):
+  data = stage.config.data.replace(mixture=mixture, tokenizer="gs://b/tok.model")
+  return dataclasses.replace(stage, config=stage.config.replace(data=data), accelerator="v4-8")
+
+MIXED = (_on_tpu(TINY[0], "gs://b/stores/web=0.7", "gs://b/stores/code=0.3"),
+         _on_tpu(TINY[1], "gs://b/stores/web=0.2", "{second}=0.8"))
+tiny_0, tiny_1 = (s.config for s in MIXED)
+"""
+
+
+@pytest.mark.parametrize("second", ["gs://b/stores/books", "/home/me/books"])
+def test_each_ladder_stage_has_its_own_mixture_and_the_preflight_checks_every_store(tmp_path, second):
+  from launch.ladder import check_ladder, load_stages
+  path = tmp_path / "mixed_ladder.py"
+  path.write_text(MIXED_LADDER.format(second=second))
+  _, stages = load_stages(f"{path}:MIXED", ["eval_every=7"])
+  assert [s.config.data.mixture for s in stages] == [
+      ("gs://b/stores/web=0.7", "gs://b/stores/code=0.3"), ("gs://b/stores/web=0.2", f"{second}=0.8")]
+  assert all(s.config.eval_every == 7 for s in stages)   # --set reaches every stage; the mixtures stay their own
+  shipped = "experiments/ladder.py"   # where the tpu backend needs the file (checked apart from the stages)
+  if second.startswith("gs://"):
+    check_ladder(stages, "tpu", shipped)
+  else:
+    with pytest.raises(ValueError, match="stage tiny_1: the mixture's store '/home/me/books' .source books. is not"):
+      check_ladder(stages, "tpu", shipped)
+
+
 @pytest.mark.slow   # lm_eval indexes its own ~15,000 tasks to say that one is not among them (7 s)
 def test_eval_tasks_and_tracker_refuse_bad_entries_in_one_line(tmp_path):
   """eval.tasks (train/evals.py): a malformed entry, a name given twice, an lm_eval task that does not exist; a
