@@ -117,6 +117,13 @@ def local_mc_accuracy(lm) -> float:
 WANDB_OFFLINE = ("--set=logging.wandb=tokenformer-tests", "--set=logging.wandb_mode=offline")
 
 
+def trained_run_config():
+  """The config conftest's trained_run trains: test_run with TRAINED_RUN_SETS and WANDB_OFFLINE."""
+  from tokenformer_jax.config import apply_overrides, load_config
+  sets = [flag.removeprefix("--set=") for flag in (*TRAINED_RUN_SETS, *WANDB_OFFLINE)]
+  return apply_overrides(load_config("experiments/demo.py:test_run"), sets)
+
+
 def wandb_runs(workdir) -> list[dict]:
   """The offline W&B runs under WORKDIR/wandb, oldest first, read from their .wandb files without wandb's own
   reader (wandb 0.31 has none in Python): {"id", "project", "config", "history": {step: {key: value}}}.

@@ -186,7 +186,8 @@ def test_flipped_params_bytes_detected_named_and_training_ends_as_the_uninterrup
   assert [int(m[1]) for line in out if (m := re.match(r"step +(\d+)/12 \| validation loss", line))] == [6, 12]
   assert [int(m[1]) for line in out if (m := re.match(r"step +(\d+)/12 \| checkpoint ", line))] == [4, 8, 12]
   assert sum(line.startswith(("new run", "training ", "done: ")) for line in out) == 3
-  assert len(out) == 2 + 1 + 6 + 2 + 3 + 3   # start, log file, training; progress, eval, saves; done (3 lines)
+  assert [int(m[1]) for line in out if (m := re.match(r"step +(\d+)/12 \| tasks: ", line))] == [6, 12]
+  assert len(out) == 2 + 1 + 6 + 2 + 2 + 3 + 3   # start, log file, training; progress, eval, tasks, saves; done (3)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ run is finished, and its config, record and parameters read back as written."""
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, SMALL, initial_params
+from helpers import REPO, SMALL, initial_params, trained_run_config
 
 from tokenformer_jax import sharding
 from tokenformer_jax.config import MeshConfig, load_config
@@ -76,7 +76,7 @@ def test_a_written_run_reads_back_its_config_record_and_parameters(tmp_path):
 def test_a_trained_run(trained_run):
   run = RunDir(trained_run)
   assert run.is_training_run() and run.finished(12) and not run.finished(13) and run.step() == 12
-  assert run.config() == run.written_config() == TEST_RUN
+  assert run.config() == run.written_config() == trained_run_config()
   assert run.record() is None and run.tokenizer().vocab_size == 2048
   metrics = run.metrics()
   assert sorted(metrics["train/loss"]) == list(range(1, 13)) and sorted(metrics["eval/loss"]) == [6, 12]
