@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import TEST_RUN, WANDB_OFFLINE, assert_fails_with_one_line, losses, run_cli, run_params, text_batch, wandb_runs
+from helpers import (TEST_RUN, WANDB_OFFLINE, assert_fails_with_one_line, losses, run_cli, run_params, text_batch,
+                     wandb_runs)
 from test_model import trained_looking
 from test_robustness import data_file, flip_bytes
 from tokenformer_jax import sharding

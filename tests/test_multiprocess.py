@@ -139,7 +139,8 @@ def test_tasks_during_a_two_process_job_equal_one_process_on_its_checkpoint(refe
   perplexity sharded like the validation loss — logged what one process computes on the final checkpoint."""
   from tokenformer_jax.inference import eval_stream, evaluate, load_model
   from tokenformer_jax.inference.lm_eval_adapter import TokenFormerLM
-  (row,) = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines() if "task/seconds" in line]
+  lines = (reference / "metrics.jsonl").read_text().splitlines()
+  (row,) = [json.loads(line) for line in lines if "task/seconds" in line]
   model = load_model(str(reference))
   assert row["step"] == model.step == STEPS
   assert row["task/tokenformer_local_mc/acc"] == pytest.approx(local_mc_accuracy(TokenFormerLM(model=model)), abs=1e-9)

@@ -8,9 +8,10 @@ rewrites itself; into a file or a pipe every progress line is a line of its own.
 
 The W&B run (WandbSink) gets the run's config, where its starting checkpoint came from (config key "init_from":
 a grown checkpoint's provenance or an imported one's source) and every metric written here. Its id is kept in
-RUN/tracker.json, so running the same command again (a resume, on any job shape) continues the same W&B run;
-W&B keeps the first value it got for a step, so the steps a resume re-runs (equal ones: resume is exact) are not
-doubled. logging.wandb_mode=offline writes it under RUN/wandb only, for `wandb sync` later.
+RUN/tracker.json, so running the same command again (a resume, on any job shape) continues the same W&B run.
+The steps a resume re-runs are logged again with equal values (resume is exact): online, W&B ignores steps below
+the run's current one; offline, the new file holds them again. logging.wandb_mode=offline writes under RUN/wandb
+only, for `wandb sync` later.
 """
 from __future__ import annotations
 

@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
 
   train_batches, eval_batches = make_batches(cfg)
   tasks = evals.Evals(cfg, Tokenizer.load(cfg.data.tokenizer), process_index=jax.process_index(),
-                process_count=jax.process_count()) if cfg.eval.tasks else None   # eval.tasks: their data ready
+                      process_count=jax.process_count()) if cfg.eval.tasks else None   # eval.tasks: data ready
   checkpoints = RunCheckpoints(workdir, keep=cfg.keep_checkpoints)
   local = LocalTier(cfg.local_checkpoint_dir, workdir, every=cfg.local_checkpoint_every,
                     keep=cfg.keep_local_checkpoints) if cfg.local_checkpoint_dir else None
