@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from helpers import CORPUS, run_cli, run_main
+from helpers import CORPUS, run_cli
 from test_neox import EOT, neox_state_dict, tiny_config, write_checkpoint
 from tokenformer_jax.growth import read_provenance
 
@@ -64,6 +64,8 @@ def consoles(trained_run, tmp_path_factory):
       "export_neox": run("tokenformer_jax.cli.export_neox", f"--checkpoint={imported}/0", f"--dst={tmp / 'new'}"),
       "grow": run("tokenformer_jax.cli.grow", f"--checkpoint={trained_run}/8", GROWN_TARGET,
                   f"--dst={tmp / 'grown_new'}"),
+      "old export_neox": run("tokenformer_jax.cli.export_neox", f"--src={imported}", "--step=0",
+                             f"--dst={tmp / 'old'}"),
       "old grow": run("tokenformer_jax.cli.grow", f"--src={trained_run}", "--step=8", GROWN_TARGET,
                       f"--dst={tmp / 'grown_old'}"),
   }, tmp
@@ -100,21 +102,15 @@ def test_no_libtpu_probe_without_a_tpu_and_the_plan_still_describes_one(consoles
 
 
 @pytest.mark.slow
-def test_checkpoint_is_the_one_spelling_and_the_old_one_warns(consoles, trained_run, capsys):
-  """The old spellings (--src, --step): export_neox's in this process (a process start fewer; the tools'
-  consoles are checked above with the new spellings; grow's flags would clash with export_neox's here)."""
-  from tokenformer_jax.cli import export_neox
+def test_checkpoint_is_the_one_spelling_and_the_old_one_warns(consoles, trained_run):
   results, tmp = consoles
-  old_grow = results["old grow"]
-  olds = {"export_neox": run_main(export_neox, capsys, f"--src={tmp / 'imported'}", "--step=0", f"--dst={tmp / 'old'}"),
-          "grow": (old_grow.returncode, old_grow.stdout, old_grow.stderr)}
-  for tool, (code, _, stderr) in olds.items():
-    assert code == 0, stderr[-3000:]
-    assert not [line for line in console_lines(results[tool]) if "old spelling" in line]
-    warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "is the old spelling of --checkpoint=" in warnings[0], stderr[-2000:]
+  for tool in ("grow", "export_neox"):
+    new, old = results[tool], results[f"old {tool}"]
+    assert not [line for line in console_lines(new) if "old spelling" in line]
+    warnings = [line for line in old.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "is the old spelling of --checkpoint=" in warnings[0], old.stderr[-2000:]
   said = f"warning: --src={trained_run} --step=8 is the old spelling of --checkpoint={trained_run}/8"
-  assert said in olds["grow"][2].splitlines()
+  assert said in results["old grow"].stderr.splitlines()
   # Both spellings read the same checkpoint and write the same result.
   assert read_provenance(tmp / "grown_new") == read_provenance(tmp / "grown_old")
   assert read_provenance(tmp / "grown_new").source_step == 8
