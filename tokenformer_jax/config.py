@@ -481,15 +481,16 @@ def task_name(task: str) -> str:
   kind, _, what = task.partition(":")
   if kind == "lm_eval":
     return what
+  from tokenformer_jax.data.sources import SUPPORTED_SUFFIXES   # pylint: disable=g-import-not-at-top (a cycle)
   stem = pathlib.PurePosixPath(what.rstrip("/")).name
-  for suffix in (".gz", ".jsonl", ".txt", ".json"):
+  for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):   # .jsonl.gz before .jsonl
     stem = stem.removesuffix(suffix)
   return stem.replace("*", "all")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-  """Where metrics go besides the console, TensorBoard and metrics.jsonl (train/tracker.py)."""
+  """Where metrics go besides the console, TensorBoard and metrics.jsonl (train/logger.py)."""
   wandb: str = ""            # a Weights & Biases run: "project" or "project/entity"; "" = none
   wandb_mode: str = "online"   # "offline": written under RUN/wandb only (`wandb sync` uploads it later)
 

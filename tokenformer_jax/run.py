@@ -29,6 +29,7 @@ from tokenformer_jax.config import TrainConfig, from_dict, to_dict
 from tokenformer_jax.data.errors import DataError
 
 CHECKPOINTS, CONFIG, METRICS, LOGS, TENSORBOARD = "checkpoints", "config.json", "metrics.jsonl", "logs", "tensorboard"
+TRACKER = "tracker.json"                # the W&B run's id (train/logger.py)
 GROWN = "_grown"                        # LADDER/<stage>_grown: the grown start of a ladder's stage
 COMMIT_MARKER = "commit_success.txt"    # what Orbax writes last into a step on GCS (locally it renames the step)
 
@@ -163,7 +164,7 @@ class RunDir:
   @property
   def tracker_file(self) -> epath.Path:
     """The W&B run this run writes to (train/logger.py), so that a resumed run continues it."""
-    return self.path / "tracker.json"
+    return self.path / TRACKER
 
   # What is there ---------------------------------------------------------------------------------------------
   def has_checkpoints(self) -> bool:

@@ -43,6 +43,11 @@ def _has_glob(text: str) -> bool:
   return any(c in text for c in _GLOB_CHARS)
 
 
+def names_files(path: str) -> bool:
+  """Whether `path` names corpus files (a glob, or a file of a supported suffix) rather than a directory."""
+  return _has_glob(path) or path.endswith(SUPPORTED_SUFFIXES)
+
+
 def expand_patterns(patterns: Sequence[str], *, what: str = "DataConfig.train_files") -> list[epath.Path]:
   """Files matching the globs, each pattern's matches sorted, duplicates dropped, directories skipped.
 

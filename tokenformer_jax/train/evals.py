@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import time
 from collections.abc import Callable
 
 from tokenformer_jax.config import TrainConfig, task_name
 from tokenformer_jax.data import pipeline
-from tokenformer_jax.data.sources import SUPPORTED_SUFFIXES
+from tokenformer_jax.data.sources import names_files
 
 
 class Evals:
@@ -39,7 +38,7 @@ class Evals:
     for task in cfg.eval.tasks:
       kind, _, path = task.partition(":")
       if kind == "ppl":
-        is_files = "*" in path or path.endswith(SUPPORTED_SUFFIXES)
+        is_files = names_files(path)
         data, split = eval_data(cfg.data, files=(path,) if is_files else (), store="" if is_files else path)
         self.corpora[task_name(task)] = pipeline.make_eval_batches(
             data, tokenizer, global_batch=cfg.global_batch, max_batches=cfg.eval.batches or cfg.eval_batches,
@@ -47,15 +46,15 @@ class Evals:
     self.task_manager = lm_eval_task_manager(self.lm_tasks, cfg.eval.include_path) if self.lm_tasks else None
 
   def due(self, step: int) -> bool:
-    return bool(self.cfg.eval.tasks) and (step % self.every == 0 or step == self.cfg.steps)
+    return step % self.every == 0 or step == self.cfg.steps
 
   def run(self, run, params, step: int, loss_of: Callable[[list], dict]) -> dict[str, float]:
     """{task/<name>/<metric>: value, task/seconds: s} at `step`; `loss_of(batches)`: the validation loss's
     metrics of those batches (train.loop.evaluate)."""
     started, metrics = time.time(), {}
     for name, batches in self.corpora.items():
-      loss = loss_of(batches)["eval/loss"]
-      metrics.update({f"task/{name}/loss": loss, f"task/{name}/perplexity": math.exp(min(loss, 50.0))})
+      result = loss_of(batches)
+      metrics.update({f"task/{name}/loss": result["eval/loss"], f"task/{name}/perplexity": result["eval/perplexity"]})
     if self.lm_tasks:
       metrics.update(self.lm_eval(run, params, step))
     metrics["task/seconds"] = time.time() - started
