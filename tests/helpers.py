@@ -1,5 +1,7 @@
 """Shared test helpers: the shipped corpus as bytes, a small model config, jitted init / forward / loss and a tiny
 training step (compiled once per config and shared between tests), relative errors, and running the CLIs."""
+import atexit
+import dataclasses
 import functools
 import gzip
 import json
@@ -158,9 +160,12 @@ def wandb_runs(workdir) -> list[dict]:
 
 
 def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] | None = None, timeout: int = 600,
-            env: dict | None = None):
+            env: dict | None = None, fresh: bool = False):
   """Run `python -m module args` (or `python script... args`) from the repository root, as a user would, on
-  `devices` CPU devices; `env` adds to (a value of None: removes from) the environment."""
+  `devices` CPU devices; `env` adds to (a value of None: removes from) the environment. The command runs in a
+  child of this worker's fork server (tests/fork_server.py: its imports are paid once), or in a process of its
+  own with `fresh=True` (what a console check needs: the imports' own output) or when `env` changes a JAX_*
+  variable, which jax reads as it is imported."""
   full = {**os.environ, "JAX_PLATFORMS": "cpu",
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
   for name, value in (env or {}).items():
@@ -169,7 +174,37 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
     else:
       full[name] = value
   command = [sys.executable, *(script or ("-m", module)), *args]
-  return subprocess.run(command, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
+  server = None if fresh else _fork_server()
+  if server is None or _jax_env(full) != _jax_env(server.env):
+    return subprocess.run(command, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
+  target = script[0] if script else module
+  server.process.stdin.write(json.dumps({"target": target, "args": [*script[1:], *args] if script else list(args),
+                                         "env": full, "timeout": timeout}) + "\n")
+  server.process.stdin.flush()
+  reply = json.loads(server.process.stdout.readline())
+  if reply["timed_out"]:
+    raise subprocess.TimeoutExpired(command, timeout, reply["stdout"], reply["stderr"])
+  return subprocess.CompletedProcess(command, reply["rc"], reply["stdout"], reply["stderr"])
+
+
+def _jax_env(env: dict) -> dict:
+  return {name: value for name, value in env.items() if name.startswith("JAX_")}
+
+
+@dataclasses.dataclass
+class _Server:
+  process: subprocess.Popen
+  env: dict
+
+
+@functools.cache
+def _fork_server() -> _Server | None:
+  """This worker's tests/fork_server.py, started on first use (it is this process's child: it ends with it)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  process = subprocess.Popen([sys.executable, "tests/fork_server.py"], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+  atexit.register(process.kill)
+  return _Server(process, env)
 
 
 def run_main(module, capsys, *args: str) -> tuple[int, str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ import runpy
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -111,9 +113,11 @@ def preload() -> None:
 @dataclasses.dataclass
 class Outcome:
   rc: int
-  output: str
+  output: str          # stdout and stderr together, or stdout alone with in_child(..., separate_stderr=True)
   data: Any = None
   seconds: float = 0.0
+  stderr: str = ""
+  timed_out: bool = False
 
   @property
   def last_line(self) -> str:
@@ -138,40 +142,47 @@ def target_source(target: str) -> pathlib.Path | None:
 
 
 def run_main(target: str, args: list[str], *, mode: str, env: dict[str, str] | None = None,
-             on_parsed: Callable[[Any], None] | None = None, timeout: float = 120.0) -> Outcome:
+             on_parsed: Callable[[Any], None] | None = None, timeout: float = 120.0,
+             separate_stderr: bool = False) -> Outcome:
   """Run `python -m TARGET ARGS` (TARGET a module) or `python TARGET ARGS` (a .py path) in a forked child.
 
   `on_parsed(parsed)` (parse mode) gets absl's FLAGS or argparse's Namespace after a successful parse and may
   raise to fail the check (the error becomes the child's last output line, exit code 1)."""
   assert mode in ("run", "parse", "describe"), mode
-  return in_child(lambda data_path: _child(target, args, mode, env or {}, on_parsed, data_path), timeout=timeout)
+  return in_child(lambda data_path: _child(target, args, mode, env or {}, on_parsed, data_path), timeout=timeout,
+                  separate_stderr=separate_stderr)
 
 
-def in_child(function: Callable[[str], int], *, timeout: float = 120.0) -> Outcome:
-  """`function(data_path)` in a forked child with its stdout and stderr captured; it returns an exit code and may
-  write JSON to data_path (the Outcome's data)."""
+def in_child(function: Callable[[str], int], *, timeout: float = 120.0, separate_stderr: bool = False) -> Outcome:
+  """`function(data_path)` in a forked child with its stdout and stderr captured (into one text, or two); it
+  returns an exit code and may write JSON to data_path (the Outcome's data). The child ends as an interpreter
+  does: it waits for the threads it started that are not daemons, runs the exit handlers it registered (not the
+  parent's), flushes."""
   start = time.monotonic()
   with tempfile.TemporaryDirectory(prefix="tools-") as tmp:
-    out_path, data_path = os.path.join(tmp, "out"), os.path.join(tmp, "data.json")
+    out_path, err_path, data_path = (os.path.join(tmp, name) for name in ("out", "err", "data.json"))
     open(out_path, "w").close()
+    open(err_path, "w").close()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:   # the child: never returns
       code = 1
       try:
-        fd = os.open(out_path, os.O_WRONLY)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        os.dup2(os.open(out_path, os.O_WRONLY), 1)
+        os.dup2(os.open(err_path, os.O_WRONLY) if separate_stderr else 1, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.setpgid(0, 0)   # its own process group: a timeout kills what it started too
-        code = function(data_path)
-      except SystemExit as error:
-        code = _exit_code(error.code)
-      except BaseException:  # noqa: BLE001  (anything: report it, as a process would)
-        traceback.print_exc()
-        code = 1
+        atexit._clear()  # pylint: disable=protected-access  (the parent's exit handlers are the parent's)
+        try:
+          code = function(data_path)
+        except SystemExit as error:
+          code = _exit_code(error.code)
+        except BaseException:  # noqa: BLE001  (anything: report it, as a process would)
+          traceback.print_exc()
+          code = 1
+        threading._shutdown()  # pylint: disable=protected-access  (what the interpreter does at exit)
+        atexit._run_exitfuncs()  # pylint: disable=protected-access
       finally:
         try:
           sys.stdout.flush()
@@ -180,11 +191,14 @@ def in_child(function: Callable[[str], int], *, timeout: float = 120.0) -> Outco
           os._exit(code)
     rc = _wait(pid, timeout)
     output = pathlib.Path(out_path).read_text(encoding="utf-8", errors="replace")
-    if rc is None:
-      output += f"\n(timed out after {timeout:.0f} s)"
+    stderr = pathlib.Path(err_path).read_text(encoding="utf-8", errors="replace")
+    timed_out = rc is None
+    if timed_out:
+      note = f"\n(timed out after {timeout:.0f} s)"
+      output, stderr = (output, stderr + note) if separate_stderr else (output + note, stderr)
       rc = -9
     data = json.loads(pathlib.Path(data_path).read_text()) if os.path.exists(data_path) else None
-    return Outcome(rc, output, data, time.monotonic() - start)
+    return Outcome(rc, output, data, time.monotonic() - start, stderr, timed_out)
 
 
 def _wait(pid: int, timeout: float) -> int | None:
