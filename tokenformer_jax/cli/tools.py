@@ -38,7 +38,9 @@ MAIN_DIRS = ("tokenformer_jax", "launch", "experiments")
 # What every child needs anyway, imported once in the parent: the heavy libraries (none of them defines an absl
 # flag of this repository's; `preload` checks that no repository flag came with them).
 PRELOAD = ("numpy", "jax", "flax.linen", "optax", "orbax.checkpoint", "grain", "etils.epath", "sentencepiece",
-           "tokenizers", "absl.app", "absl.flags", "absl.logging", "tokenformer_jax.config")
+           "tokenizers", "absl.app", "absl.flags", "absl.logging", "matplotlib.pyplot", "tokenformer_jax.config",
+           "tokenformer_jax.train.loop", "tokenformer_jax.inference.evaluate", "tokenformer_jax.interop.neox",
+           "tokenformer_jax.report", "tokenformer_jax.ladder", "tokenformer_jax.plan")
 # Mains whose command line another library parses with argparse (lm_eval's own): they can be parsed, not described.
 PARSED_ELSEWHERE = ("tokenformer_jax.cli.lm_eval",)
 
