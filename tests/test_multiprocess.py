@@ -302,3 +302,35 @@ def test_the_launcher_streams_forwards_sigterm_and_kills_the_rest_after_a_failur
   assert launcher.wait(timeout=60) == 0, out
   assert exit_codes(subprocess.CompletedProcess([], 0, out, "")) == {0: 0, 1: 0, 2: 0}
   assert all(f"[{i}] stopping {i}" in out for i in range(3))
+
+
+CACHE_PROBE = """
+import jax, numpy as np
+from jax._src import compiler
+from tokenformer_jax import sharding
+sharding.initialize_distributed()
+compiles, xla_compile = [], compiler.backend_compile_and_load   # XLA's compilations in this process (not the
+compiler.backend_compile_and_load = lambda *a, **k: compiles.append(1) or xla_compile(*a, **k)   # programs read)
+mesh = jax.make_mesh((jax.device_count(),), ("d",))
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+x = jax.make_array_from_callback((8, 3), rows, lambda index: np.ones((8, 3), np.float32)[index])
+total = jax.jit(lambda a: (a * 3).sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+print("sum", float(total(x)), "compiles", len(compiles), flush=True)
+"""
+
+
+def test_a_cpu_job_compiles_each_program_once_and_every_process_reads_it_from_the_cache(tmp_path):
+  """sharding.initialize_distributed keys a CPU job's programs by their devices, the same in every process: in a
+  first job only process 0 compiles (the others get its program), and a second job finds it in the persistent
+  cache in each of its processes. (jax alone keys them by a fingerprint each CPU process reports differently:
+  only process 0 ever hit, and every other process compiled every program at every start.)"""
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  jobs = []
+  for _ in range(2):
+    result = launch_local(2, 2, "-c", CACHE_PROBE, env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if " sum " in line)
+    assert [line.split(" compiles ")[0] for line in lines] == ["[0] sum 72.0", "[1] sum 72.0"], lines
+    jobs.append([int(line.split(" compiles ")[1]) for line in lines])
+  assert jobs[0][0] >= 1 and jobs[0][1] == 0, jobs   # process 0 compiled the job's programs, process 1 none
+  assert jobs[1] == [0, 0], jobs                     # and the next job read them, in both processes
