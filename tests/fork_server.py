@@ -25,7 +25,8 @@ for line in sys.stdin:
   def child(data_path, request=request, env=env):
     os.environ.clear()
     os.environ.update(env)
-    return tools._child(request["target"], request["args"], "run", {}, None, data_path)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access  (the runner's own child, in its "run" mode)
+    return tools._child(request["target"], request["args"], "run", {}, None, data_path)
 
   outcome = tools.in_child(child, timeout=request["timeout"], separate_stderr=True)
   replies.write(json.dumps({"rc": outcome.rc, "stdout": outcome.output, "stderr": outcome.stderr,

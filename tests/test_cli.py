@@ -21,8 +21,9 @@ GROWN_TARGET = "--config=experiments/demo.py:test_run_grown"
 
 
 def run(*args):
-  """`python -m args` from the repository root as a user runs it here: JAX_PLATFORMS not set, one CPU device."""
-  return run_cli(*args, env={"JAX_PLATFORMS": None, "HF_DATASETS_OFFLINE": "1"})
+  """`python -m args` from the repository root as a user runs it here: a process of its own (its console shows
+  what its imports print), JAX_PLATFORMS not set, one CPU device."""
+  return run_cli(*args, env={"JAX_PLATFORMS": None, "HF_DATASETS_OFFLINE": "1"}, fresh=True)
 
 
 def console_lines(result) -> list[str]:
