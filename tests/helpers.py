@@ -175,13 +175,16 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
       full[name] = value
   command = [sys.executable, *(script or ("-m", module)), *args]
   server = None if fresh else _fork_server()
-  if server is None or _jax_env(full) != _jax_env(server.env):
+  if server is None or _jax_env(full) != _jax_env(server.env) or server.process.poll() is not None:
     return subprocess.run(command, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
   target = script[0] if script else module
   server.process.stdin.write(json.dumps({"target": target, "args": [*script[1:], *args] if script else list(args),
                                          "env": full, "timeout": timeout}) + "\n")
   server.process.stdin.flush()
-  reply = json.loads(server.process.stdout.readline())
+  line = server.process.stdout.readline()
+  if not line:
+    raise RuntimeError(f"tests/fork_server.py died (exit {server.process.wait()}) while running {command}")
+  reply = json.loads(line)
   if reply["timed_out"]:
     raise subprocess.TimeoutExpired(command, timeout, reply["stdout"], reply["stderr"])
   return subprocess.CompletedProcess(command, reply["rc"], reply["stdout"], reply["stderr"])
@@ -198,7 +201,7 @@ class _Server:
 
 
 @functools.cache
-def _fork_server() -> _Server | None:
+def _fork_server() -> _Server:
   """This worker's tests/fork_server.py, started on first use (it is this process's child: it ends with it)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   process = subprocess.Popen([sys.executable, "tests/fork_server.py"], cwd=REPO, env=env, stdin=subprocess.PIPE,
