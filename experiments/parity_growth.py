@@ -218,5 +218,6 @@ def plot(done: dict[str, dict], grown: list[dict], twins: dict, path: pathlib.Pa
         ax.plot(np.asarray(t["curve"]["tokens"]) * t["flops"] / t["tokens"], t["curve"]["val_loss"], "k--",
                 alpha=0.3 + 0.3 * stage, label=f"scratch stage {stage}")
     ax.set(xscale="log", xlabel="cumulative training FLOPs", ylabel="validation loss", title=FAMILY_LABELS[family])
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:   # a family with no run yet (a partial study) has nothing to name
+      ax.legend(fontsize=7)
   report.save_figure(fig, path)
