@@ -166,13 +166,7 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
   child of this worker's fork server (tests/fork_server.py: its imports are paid once), or in a process of its
   own with `fresh=True` (what a console check needs: the imports' own output) or when `env` changes a JAX_*
   variable, which jax reads as it is imported."""
-  full = {**os.environ, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
-  for name, value in (env or {}).items():
-    if value is None:
-      full.pop(name, None)
-    else:
-      full[name] = value
+  full = _cli_env(devices, env)
   command = [sys.executable, *(script or ("-m", module)), *args]
   server = None if fresh else _fork_server()
   if server is None or _jax_env(full) != _jax_env(server.env) or server.process.poll() is not None:
@@ -190,6 +184,18 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
   return subprocess.CompletedProcess(command, reply["rc"], reply["stdout"], reply["stderr"])
 
 
+def _cli_env(devices: int = 1, env: dict | None = None) -> dict:
+  """This process's environment for a command on `devices` CPU devices, with `env` added (None: removed)."""
+  full = {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+  for name, value in (env or {}).items():
+    if value is None:
+      full.pop(name, None)
+    else:
+      full[name] = value
+  return full
+
+
 def _jax_env(env: dict) -> dict:
   return {name: value for name, value in env.items() if name.startswith("JAX_")}
 
@@ -203,7 +209,7 @@ class _Server:
 @functools.cache
 def _fork_server() -> _Server:
   """This worker's tests/fork_server.py, started on first use (it is this process's child: it ends with it)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = _cli_env()   # what a one-device command gets (its JAX_* variables are the ones jax was imported with)
   process = subprocess.Popen([sys.executable, "tests/fork_server.py"], cwd=REPO, env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
   atexit.register(process.kill)
