@@ -18,6 +18,8 @@ token counts are Base†'s ratios to d, 0.75·d and 3·d, so its blocks hold exa
 `digits_vit` (its dense twin, the same recipe), `digits_grown` (`digits` with Base's ratios, d and 4·d: the
 Base† → Base step), and `digits_test` (seconds: what the tests train).
 """
+import dataclasses
+
 from tokenformer_jax.config import DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig, VisionConfig
 
 IMAGENET = VisionConfig(image_size=224, patch_size=16, channels=3, num_classes=1000, pooling="cls")
@@ -70,3 +72,44 @@ digits_test = digits.replace(
     steps=8, global_batch=32, eval_every=4, eval_batches=12, log_every=2, checkpoint_every=4)
 digits_test_grown = digits_test.replace(
     model=digits_test.model.replace(name="digits_test_grown", param_tokens=ParamTokens(20, 13, 17, 9, 61)))
+
+# ImageNet-1K with the recipe of the paper's Table 2, He et al. (2022)'s supervised training from scratch (MAE
+# Table 11, as we read it): AdamW β = (0.9, 0.95), weight decay 0.3, batch 4096 at lr = 1e-4 × 4096 / 256,
+# 20 warm-up epochs then cosine decay to 0, 300 epochs for Base and 200 for Large, RandAugment (9, 0.5), label
+# smoothing 0.1, mixup 0.8, cutmix 1.0, no gradient clipping. Not yet here: the recipe's drop path (0.1 Base,
+# 0.2 Large) and EMA of the weights (0.9999); docs/vision.md says so. The data: tfds:imagenet2012 prepared in
+# array_record under data.tfds_data_dir (data/tfds_images.py), e.g.
+#   --set data.tfds_data_dir=gs://BUCKET/tensorflow_datasets
+IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_BATCH = 4096
+STEPS_PER_EPOCH = -(-IMAGENET_TRAIN_IMAGES // IMAGENET_BATCH)   # 313 (the last batch of an epoch is padded)
+IMAGENET_DATA = DataConfig(image_source="tfds:imagenet2012", image_flip=True, image_randaugment_ops=2,
+                           image_randaugment_magnitude=9.0, image_randaugment_std=0.5, image_mixup=0.8,
+                           image_cutmix=1.0, image_label_smoothing=0.1, worker_count=16)
+
+
+def _imagenet(model: ModelConfig, epochs: int) -> TrainConfig:
+  return TrainConfig(
+      model=model.replace(dtype="bfloat16", remat="full"), data=IMAGENET_DATA,
+      optim=OptimConfig(learning_rate=1e-4 * IMAGENET_BATCH / 256, warmup_steps=20 * STEPS_PER_EPOCH,
+                        min_lr_ratio=0.0, weight_decay=0.3, b1=0.9, b2=0.95, grad_clip=0.0),
+      steps=epochs * STEPS_PER_EPOCH, global_batch=IMAGENET_BATCH, eval_every=10 * STEPS_PER_EPOCH,
+      eval_batches=13, log_every=50, checkpoint_every=STEPS_PER_EPOCH, keep_checkpoints=3)
+
+
+imagenet_base = _imagenet(tokenformer_base, 300)
+imagenet_base_matched = _imagenet(tokenformer_base_matched, 300)
+imagenet_large = _imagenet(tokenformer_large, 200)
+imagenet_large_matched = _imagenet(tokenformer_large_matched, 200)
+imagenet_vit_b16 = _imagenet(vit_b16, 300)
+imagenet_vit_l16 = _imagenet(vit_l16, 200)
+
+# Base shrunk to seconds, the same pipeline and recipe (tests/test_imagenet.py, under tfds.testing.mock_data):
+# 32² images in 16² patches, d 32, one layer, ImageNet's 1000 classes.
+imagenet_test = imagenet_base.replace(
+    model=tokenformer_base.replace(name="imagenet_test", d_model=32, n_layers=1, n_heads=2,
+                                   vision=dataclasses.replace(IMAGENET, image_size=32),
+                                   param_tokens=ParamTokens.uniform(24, 48), token_multiple=8),
+    data=IMAGENET_DATA.replace(worker_count=0),
+    optim=imagenet_base.optim.replace(warmup_steps=1),
+    steps=4, global_batch=8, eval_every=2, eval_batches=2, log_every=1, checkpoint_every=2, keep_checkpoints=3)

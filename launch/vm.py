@@ -337,6 +337,10 @@ def data_urls(cfg) -> list[tuple[str, str]]:
   """The gs:// inputs a config reads: tokenizer, the stores of a mixture, TFDS folder, training and validation
   files."""
   data = cfg.data
+  if cfg.model.vision is not None:   # an image classifier reads no tokenizer
+    name = data.image_source.removeprefix("tfds:").split(":")[0]
+    urls = [("TFDS image dataset", f"{data.tfds_data_dir.rstrip('/')}/{name}")] if data.tfds_data_dir else []
+    return [(what, url) for what, url in urls if fileio.on_gcs(url)]
   urls = [("tokenizer", data.tokenizer)]
   if data.mixture:
     from tokenformer_jax.data.mixture import parse_sources
@@ -355,6 +359,11 @@ def check_tpu_data(cfg, what: str) -> None:
   """Workers read data and the tokenizer from GCS: catch a config still pointing at this machine's files."""
   from tokenformer_jax.config import SHIPPED_TOKENIZER
   data, model = cfg.data, cfg.model
+  if model.vision is not None:
+    if data.image_source.startswith("tfds:") and not fileio.on_gcs(data.tfds_data_dir):
+      raise ValueError(f"{what} reads {data.image_source!r}: add --set data.tfds_data_dir=gs://BUCKET/DIR (the "
+                       "dataset prepared as array_record there)")
+    return
   if data.tokenizer == str(SHIPPED_TOKENIZER) and model.vocab_size != 2048:
     raise ValueError(f"{what}: model.vocab_size={model.vocab_size} but data.tokenizer is the shipped 2048-piece "
                      "one; add --set data.tokenizer=gs://BUCKET/TOKENIZER.model")

@@ -649,6 +649,21 @@ def test_bad_flags_fail_before_any_gcloud_call(fake, tmp_path, module, args, phr
 
 
 @pytest.mark.slow
+def test_a_vision_config_launches_like_any_other_and_its_image_data_are_checked_first(fake):
+  from launch.vm import data_urls
+  from tokenformer_jax.config import apply_overrides, load_config
+  base = ["train", "--name=tf-vit", "--project=p", "--zone=us-central2-b", "--accelerator=v4-32",
+          "--config=experiments/vision.py:imagenet_base", "--workdir=gs://b/base"]
+  assert_one_error_line(run_cli("launch.tpu", *base), "reads 'tfds:imagenet2012': add --set data.tfds_data_dir=gs://")
+  result = run_cli("launch.tpu", *base, "--set=data.tfds_data_dir=gs://b/tfds", "--dry_run")
+  assert result.returncode == 0 and fake.calls() == [], result.stderr[-2000:]
+  assert ("tokenformer_jax.cli.train --config=experiments/vision.py:imagenet_base --workdir=gs://b/base "
+          "--set=data.tfds_data_dir=gs://b/tfds") in result.stdout
+  cfg = apply_overrides(load_config("experiments/vision.py:imagenet_base"), ["data.tfds_data_dir=gs://b/tfds"])
+  assert data_urls(cfg) == [("TFDS image dataset", "gs://b/tfds/imagenet2012")]   # what preflight lists
+
+
+@pytest.mark.slow
 def test_the_paper_ladder_dry_run_prints_every_command_in_order(fake):
   result = run_cli("launch.ladder", *PAPER_TPU, "--provisioning=spot", "--env=LIBTPU_INIT_ARGS=--xla_x=1",
                    "--valid_until=12h", "--dry_run")

@@ -319,10 +319,22 @@ class DataConfig:
   mixture_stages: tuple[str, ...] = ()
   mixture_exhausted: str = "repeat"
   # Images instead of text (data/images.py; an image classifier's data): a source name ("digits": scikit-learn's
-  # 8×8 digits, `pip install -e '.[vision]'`), with its fixed split; the text fields above then play no part.
+  # 8×8 digits, `pip install -e '.[vision]'`), with its fixed split, or "tfds:NAME" (data/tfds_images.py: a TFDS
+  # image classification dataset such as tfds:imagenet2012, prepared in array_record under data.tfds_data_dir,
+  # its splits data.tfds_train_split / data.tfds_validation_split); the text fields above then play no part.
   image_source: str = ""
-  image_crop_padding: int = 0                              # random crops: pad by this many pixels, crop back
+  image_crop_padding: int = 0                              # digits: pad by this many pixels, crop back at random
   image_flip: bool = False                                 # random horizontal flips
+  # tfds sources' training views: a random-resized crop, then RandAugment with this many operations per image
+  # (0: none) at this magnitude (0-10) and its per-operation spread (data/augment.py).
+  image_randaugment_ops: int = 0
+  image_randaugment_magnitude: float = 9.0
+  image_randaugment_std: float = 0.5
+  # Whole-batch mixing in the train step (train/mixing.py), any image source: Beta(α, α) for mixup and for cutmix
+  # (0: off; both: one or the other per batch), and label smoothing ε.
+  image_mixup: float = 0.0
+  image_cutmix: float = 0.0
+  image_label_smoothing: float = 0.0
 
   def replace(self, **changes: Any) -> DataConfig:
     return dataclasses.replace(self, **changes)
@@ -332,6 +344,12 @@ class DataConfig:
     check_int("data.shuffle_seed", self.shuffle_seed, 0)
     check_int("data.worker_count", self.worker_count, 0)
     check_int("data.image_crop_padding", self.image_crop_padding, 0)
+    check_int("data.image_randaugment_ops", self.image_randaugment_ops, 0)
+    check_float("data.image_randaugment_magnitude", self.image_randaugment_magnitude, 0.0, 10.0)
+    check_float("data.image_randaugment_std", self.image_randaugment_std, 0.0)
+    check_float("data.image_mixup", self.image_mixup, 0.0)
+    check_float("data.image_cutmix", self.image_cutmix, 0.0)
+    check_float("data.image_label_smoothing", self.image_label_smoothing, 0.0, 1.0, high_open=True)
     if self.image_source:
       return   # images: the text fields below play no part
     if self.mixture or self.mixture_stages:

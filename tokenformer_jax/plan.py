@@ -241,12 +241,12 @@ def plan(cfg: TrainConfig, topology: str | Topology, *, cost: bool = True) -> Pl
   topology = parse_topology(topology) if isinstance(topology, str) else topology
   devices = topology_devices(topology)
   step, abstract, batch, mesh = _step_and_inputs(cfg, devices)
-  tokens = cfg.global_batch * cfg.data.seq_len
+  tokens = cfg.global_batch * cfg.example_tokens   # an image: its patches (and class token)
   result = Plan(config=cfg.model.name, topology=topology.name, chips=len(devices), mesh=dict(mesh.shape),
                 preset=cfg.mesh.preset, remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=tokens,
                 fits=False, hbm={"params": _bytes_per_chip(abstract.params),
                                  "optimizer": _bytes_per_chip(abstract.opt_state), "limit": float(HBM_USABLE)},
-                model_flops_per_step=float(flops_per_token(cfg.model, cfg.data.seq_len) * tokens),
+                model_flops_per_step=float(flops_per_token(cfg.model, cfg.example_tokens) * tokens),
                 kernel=cfg.model.pattention_kernel)
   try:
     compiled = step.lower(abstract, batch).compile()
@@ -285,7 +285,7 @@ def plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
     except concurrent.futures.process.BrokenProcessPool:
       topo = parse_topology(topology)
       return Plan(config=cfg.model.name, topology=topology, chips=topo.chips, mesh={}, preset=cfg.mesh.preset,
-                  remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=cfg.global_batch * cfg.data.seq_len,
+                  remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=cfg.global_batch * cfg.example_tokens,
                   fits=False, hbm={}, model_flops_per_step=0.0, error="the TPU compiler crashed",
                   kernel=cfg.model.pattention_kernel)
 

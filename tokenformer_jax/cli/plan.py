@@ -37,7 +37,8 @@ from tokenformer_jax.config import ModelConfig, TrainConfig, apply_overrides, lo
 from tokenformer_jax.ladder import Option, cheapest_within, load_ladder, write_choice  # noqa: E402
 
 TOPOLOGY = flags.DEFINE_string("topology", "v4-32", "A TPU v4 slice: v4-N (N cores = N/2 chips), v4:XxYxZ, Sxv4-N.")
-TOKENS = flags.DEFINE_float("tokens", 30e9, "Token budget for the days and chip-hours (single config).")
+TOKENS = flags.DEFINE_float("tokens", None, "Token budget for the days and chip-hours (single config); default 30e9, "
+                            "and for an image classifier its own recipe: steps × images × tokens per image.")
 LADDER = flags.DEFINE_string("ladder", None, "Plan the stages of this ladder (paper, tiny, or FILE.py:NAME), "
                              "each on its slice with its recipe, exactly as launch.ladder runs them.")
 STAGES = flags.DEFINE_list("stages", [], "--ladder: only these stages, e.g. paper_1_4b.")
@@ -253,8 +254,11 @@ def main(argv):
     raise plan.PlanError(reason)
   if not CONFIG.value:
     raise ValueError("--config is required (or --ladder), e.g. --config=experiments/paper.py:ladder_1_4b")
-  result = plan.plan(train_config(CONFIG.value, OVERRIDES.value), TOPOLOGY.value)
-  print(plan.describe(result, TOKENS.value))
+  cfg = train_config(CONFIG.value, OVERRIDES.value)
+  tokens = TOKENS.value
+  if tokens is None:
+    tokens = cfg.steps * cfg.global_batch * cfg.example_tokens if cfg.model.vision is not None else 30e9
+  print(plan.describe(plan.plan(cfg, TOPOLOGY.value), tokens))
 
 
 if __name__ == "__main__":

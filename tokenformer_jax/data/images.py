@@ -24,6 +24,7 @@ import functools
 import numpy as np
 
 from tokenformer_jax.config import DataConfig, VisionConfig
+from tokenformer_jax.data import tfds_images
 from tokenformer_jax.data.errors import DataError
 from tokenformer_jax.data.pipeline import TrainIterator
 
@@ -73,7 +74,8 @@ SOURCES = {"digits": _digits}
 def load(name: str) -> ImageData:
   """The source `name`, split (stratified 80/20, seed 0) and with its normalisation; read once per process."""
   if name not in SOURCES:
-    raise DataError(f"unknown data.image_source {name!r}; the image sources are: {', '.join(SOURCES)}")
+    raise DataError(f"unknown data.image_source {name!r}; the image sources are: {', '.join(SOURCES)}, "
+                    f"{tfds_images.PREFIX}NAME (a prepared TFDS dataset, e.g. {tfds_images.PREFIX}imagenet2012)")
   images, labels = SOURCES[name]()
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
   train, test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels,
@@ -167,20 +169,26 @@ def make_train_iterator(data: DataConfig, vision: VisionConfig, *, global_batch:
   if global_batch < 1 or global_batch % process_count:
     raise DataError(f"global_batch={global_batch} must be a positive multiple of the number of hosts ({process_count})")
   seed = data.shuffle_seed if seed is None else seed
-  images = load_checked(data, vision, model_name)
-  examples = ImageExamples(images, "train", length=_round_up(len(images.train.labels), global_batch),
-                           crop_padding=data.image_crop_padding, flip=data.image_flip, seed=seed)
+  if tfds_images.is_tfds(data.image_source):
+    examples = tfds_images.train_examples(data, vision, global_batch=global_batch, model_name=model_name, seed=seed)
+  else:
+    images = load_checked(data, vision, model_name)
+    examples = ImageExamples(images, "train", length=_round_up(len(images.train.labels), global_batch),
+                             crop_padding=data.image_crop_padding, flip=data.image_flip, seed=seed)
   return TrainIterator(examples, seed=seed, global_batch=global_batch, process_index=process_index,
                        process_count=process_count, worker_count=data.worker_count)
 
 
 def eval_batches(data: DataConfig, vision: VisionConfig, *, global_batch: int, max_batches: int | None = None,
                  split: str = "test", model_name: str = "model", process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """`split` ("test": the held-out 20%, or "train") in order and unaugmented, as at most `max_batches` host batches
+                 process_count: int = 1):
+  """`split` ("test": the held-out 20% / a tfds source's validation split, or "train") in order and unaugmented, as at most `max_batches` host batches
   (default: all of it), the last completed with mask-0 rows; rows spread over hosts as in training."""
   if split not in SPLITS:
     raise DataError(f"an image source's splits are {', '.join(SPLITS)}; got {split!r}")
+  if tfds_images.is_tfds(data.image_source):   # read lazily: ImageNet's 50,000 are 30 GB as float32
+    return tfds_images.eval_batches(data, vision, global_batch=global_batch, max_batches=max_batches, split=split,
+                                    model_name=model_name, process_index=process_index, process_count=process_count)
   local_batch = global_batch // process_count
   examples = ImageExamples(load_checked(data, vision, model_name), split)
   num_batches = -(-examples.num_real // global_batch)

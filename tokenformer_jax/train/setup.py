@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from tokenformer_jax import sharding
 from tokenformer_jax.config import MeshConfig, TrainConfig
 from tokenformer_jax.train import steps
+from tokenformer_jax.train.mixing import Mixing
 from tokenformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -123,5 +124,6 @@ def build_run(cfg: TrainConfig, devices=None, *, trainable_rows=None, processes:
   abstract, shardings = steps.state_shardings(cfg.model, tx, mesh, cfg.mesh.preset)
   return Run(config=cfg, mesh=mesh, tx=tx, schedule=schedule, abstract=abstract, shardings=shardings,
              train_step=steps.make_train_step(cfg.model, tx, schedule, shardings, mesh, cfg.grad_accum,
-                                              guarded=cfg.optim.spike_guard),
+                                              guarded=cfg.optim.spike_guard,
+                                              mixing=Mixing.of(cfg.data) if cfg.model.vision else None),
              eval_step=steps.make_eval_step(cfg.model, shardings, mesh))

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from tokenformer_jax import sharding
 from tokenformer_jax.config import ModelConfig
 from tokenformer_jax.model import LanguageModel, VisionModel, init_params, logical_axes
+from tokenformer_jax.train.mixing import Mixing, mix
 from tokenformer_jax.train.optimizer import with_moments
 
 
@@ -60,10 +61,15 @@ def loss_sums(cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array):
 
 def classification_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Array, dict]:
   """An image classifier on {"images" [b, H, W, C], "labels" [b], "mask" [b]}: (Σ cross-entropy over the real
-  examples, {"targets": their number, "top1", "top5": how many have their label first, among the first five})."""
+  examples, {"targets": their number, "top1", "top5": how many have their label first, among the first five}).
+  With batch["targets"] [b, classes] (soft labels) the cross-entropy is against them; accuracy stays against
+  "labels" (for a mixed image: the label of the image mixed in with weight λ)."""
   logits = VisionModel(cfg).apply({"params": params}, batch["images"])
   labels, mask = batch["labels"], batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if "targets" in batch:   # soft targets of a mixed or smoothed training batch (train/mixing.py)
+    losses = optax.softmax_cross_entropy(logits, batch["targets"])
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   top = jax.lax.top_k(logits, min(5, cfg.vision.num_classes))[1]   # ties: the lower class first, as argmax
   hits = top == labels[:, None]
   return jnp.sum(losses * mask), {"targets": jnp.sum(mask), "top1": jnp.sum(hits[:, 0] * mask),
@@ -86,7 +92,7 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
 
 
 def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh: Mesh, grad_accum: int = 1,
-                    guarded: bool = False):
+                    guarded: bool = False, mixing: Mixing | None = None):
   """jit(state, batch) → (state, metrics); gradients averaged over the real targets of all micro-batches.
 
   The state keeps `shardings` (the preset's); activations are laid out by `sharding.activation_sharding`,
@@ -97,10 +103,15 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
   loss exceeds `threshold` keeps the parameters and the optimizer state (moments and schedule count) as they
   were, only the step counter moves on (metrics["skipped"] = 1); every update is multiplied by `lr_scale`, which
   for AdamW with decoupled weight decay is exactly a learning rate × lr_scale.
+
+  `mixing` (an image classifier's mixup / cutmix / label smoothing, train/mixing.py) mixes the whole global batch
+  at the step's draws before it is cut into micro-batches.
   """
   value_and_grad = jax.value_and_grad(functools.partial(batch_sums, cfg), has_aux=True)
 
   def step(state: TrainState, batch: dict, threshold=None, lr_scale=None):
+    if mixing is not None:
+      batch = mix(mixing, batch, state.step, cfg.vision.num_classes)
     def accumulate(carry, micro):
       grads, loss_sum, sums = carry
       (micro_loss, micro_sums), micro_grads = value_and_grad(state.params, micro)
