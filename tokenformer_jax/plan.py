@@ -219,6 +219,9 @@ def _splits(cfg: TrainConfig, splits: int, devices) -> bool:
 def _cost_of_micro_steps(cfg: TrainConfig, splits: int, devices) -> tuple[float | None, float | None]:
   depths = [d for d in (2, 3) if d <= cfg.model.n_layers] or [cfg.model.n_layers]
   micro = cfg.replace(global_batch=cfg.global_batch // splits, grad_accum=1)
+  # Mixup / cutmix draw λ by jax.random.beta, a rejection loop: costed without them (a few elementwise passes over
+  # the images, next to the model's matmuls; the memory compile above keeps them).
+  micro = micro.replace(data=micro.data.replace(image_mixup=0.0, image_cutmix=0.0))
   measured = []
   for depth in depths:
     model = cfg.model.replace(n_layers=depth, unroll_layers=True)

@@ -25,7 +25,7 @@ is checked as cheaply as it can be, never by running it for real when that takes
   appears in its source;
 - a ```python block: it compiles and its import lines work (the rest needs a trained run); one opened as
   ```python file=PATH is a file the guide has the reader write, and a `--config=PATH:NAME` must be defined in it;
-- `python3 -m venv`, `tensorboard`, `huggingface-cli`, `gcloud` (programs not of this repository): not run.
+- `python3 -m venv`, `tensorboard`, `huggingface-cli`, `gcloud`, `tfds` (programs not of this repository): not run.
 
 A module, script or program that does not exist fails, as does a flag its tool does not define. The mains run
 in children forked from this process (`tools.run_main`), so the whole check takes seconds per guide, not a
@@ -56,7 +56,7 @@ from tokenformer_jax.cli import tools
 REPO = tools.REPO
 DEFAULT_FILES = ("README.md", "docs/*.md")
 EXTERNAL = {"tensorboard": "TensorBoard's viewer", "huggingface-cli": "the Hugging Face hub's CLI",
-            "gcloud": "the Google Cloud CLI"}
+            "gcloud": "the Google Cloud CLI", "tfds": "TensorFlow Datasets' CLI (it needs TensorFlow)"}
 SETUP_MODULES = {"venv": "creates the virtual environment (.ci/run does it)"}
 PYTEST_OPTIONS = {"-q", "-x", "-v", "-s", "-m", "-k", "--durations", "--co", "--collect-only", "-p", "-rs", "--lf",
                   "--ff", "-n"}
