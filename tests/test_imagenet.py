@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from helpers import losses, run_main
-from tokenformer_jax.config import apply_overrides, load_config
+from tokenformer_jax.config import OptimConfig, apply_overrides, load_config
 from tokenformer_jax.data import DataError, augment, images, tfds_images
 from tokenformer_jax.train.mixing import Mixing, cut_box, mix
 
@@ -127,7 +127,7 @@ def test_the_train_iterator_resumes_the_same_augmented_batches_on_two_hosts(data
 
 
 @pytest.mark.slow
-def test_imagenet_test_trains_evaluates_and_a_resumed_run_continues_with_the_same_batches(data_dir, mock_imagenet,
+def test_imagenet_test_trains_evaluates_with_its_ema_and_a_resumed_run_continues_the_same(data_dir, mock_imagenet,
                                                                                          tmp_path, capsys):
   from tokenformer_jax.cli import train as cli_train
   args = ("--config=experiments/vision.py:imagenet_test", f"--set=data.tfds_data_dir={data_dir}")
@@ -135,15 +135,17 @@ def test_imagenet_test_trains_evaluates_and_a_resumed_run_continues_with_the_sam
   code, out, err = run_main(cli_train, capsys, *args, f"--workdir={whole}")
   assert code == 0, err[-3000:]
   assert sorted(losses(whole)) == [1, 2, 3, 4] and sorted(losses(whole, "eval/top1")) == [2, 4]
-  assert all(np.isfinite(v) for v in losses(whole).values()) and "top-1" in out
+  assert all(np.isfinite(v) for v in losses(whole).values()) and "top-1" in out and "EMA weights: test loss" in out
+  ema, plain = losses(whole, "eval_ema/loss"), losses(whole, "eval/loss")   # optim.ema_decay=0.5: both evaluated
+  assert sorted(ema) == [2, 4] and ema[4] != plain[4]
   shutil.copytree(whole, resumed)                            # as if killed after step 2's checkpoint
   shutil.rmtree(resumed / "checkpoints" / "4")
   metrics = (resumed / "metrics.jsonl").read_text().splitlines()
   (resumed / "metrics.jsonl").write_text("".join(f"{m}\n" for m in metrics if json.loads(m).get("step", 0) <= 2))
   code, out, err = run_main(cli_train, capsys, *args, f"--workdir={resumed}")
   assert code == 0 and "at step 2" in out, err[-3000:]
-  for key in ("train/loss", "train/top1", "eval/loss"):
-    assert losses(resumed, key) == losses(whole, key)      # bitwise: decoding, augmentation and mixing included
+  for key in ("train/loss", "train/top1", "eval/loss", "eval_ema/loss"):
+    assert losses(resumed, key) == losses(whole, key)   # bitwise: decoding, augmentation, mixing and the EMA
 
 
 @pytest.mark.parametrize("change,prepare,phrase", [
@@ -175,3 +177,21 @@ def test_images_of_another_size_than_the_model_are_refused(tmp_path, mock_imagen
                                       r"model.vision.image_size=64: set --set model.vision.image_size=32"):
     images.make_train_iterator(data_of(data_dir, image_source="tfds:cifar10"), cfg.model.vision, global_batch=4,
                                model_name="imagenet_test")
+
+
+def test_the_ema_of_the_weights_follows_its_definition_and_is_off_by_default():
+  from tokenformer_jax.train.optimizer import ema_params, make_optimizer
+  import optax
+  params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  tx = make_optimizer(TEST.optim.replace(ema_decay=0.9, warmup_steps=0), total_steps=10)
+  state, ema, steps = tx.init(params), params, []
+  for i in range(3):
+    grads = {"w": jnp.array([0.3, -0.1]) * (i + 1), "b": jnp.array(0.2)}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params)   # the definition, step by step
+    steps.append(jax.tree.map(np.asarray, ema_params(state)))
+  for key in params:
+    np.testing.assert_allclose(steps[-1][key], ema[key], rtol=1e-6)
+  assert ema_params(make_optimizer(OptimConfig(), 10).init(params)) is None   # off by default
+

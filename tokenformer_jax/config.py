@@ -392,6 +392,9 @@ class OptimConfig:
   spike_factor: float = 2.0
   spike_window: int = 20
   spike_patience: int = 3
+  # An exponential moving average of the weights (train/optimizer.py), 0 off: the trainer evaluates it beside the
+  # weights (eval_ema/...); kept in the optimizer state, so in every checkpoint.
+  ema_decay: float = 0.0
 
   def replace(self, **changes: Any) -> OptimConfig:
     return dataclasses.replace(self, **changes)
@@ -409,6 +412,7 @@ class OptimConfig:
     check_float("optim.spike_factor", self.spike_factor, 1.0, low_open=True)
     check_int("optim.spike_window", self.spike_window, 1)
     check_int("optim.spike_patience", self.spike_patience, 1)
+    check_float("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)

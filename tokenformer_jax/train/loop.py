@@ -29,7 +29,7 @@ from tokenformer_jax.train import evals, steps
 from tokenformer_jax.train.events import RunEvents
 from tokenformer_jax.train.guard import SpikeGuard
 from tokenformer_jax.train.logger import MetricsLogger, WandbSink, format_duration, peak_flops_per_device
-from tokenformer_jax.train.optimizer import adam_moments
+from tokenformer_jax.train.optimizer import adam_moments, ema_params
 from tokenformer_jax.train.setup import Run, build_run, fit_to_job
 
 
@@ -364,6 +364,10 @@ def train(cfg: TrainConfig, workdir: str, *, init_from: str | None = None) -> di
         final = evaluate(run, state.params, eval_batches, weights())
         log.write(step, final)
         log.say(f"step {step:>7}/{cfg.steps} | {describe_eval(final)}")
+        if (ema := ema_params(state.opt_state)) is not None:   # optim.ema_decay: the averaged weights too
+          averaged = evaluate(run, ema, eval_batches, weights())
+          log.write(step, {k.replace("eval/", "eval_ema/", 1): v for k, v in averaged.items()})
+          log.say(f"step {step:>7}/{cfg.steps} | EMA weights: {describe_eval(averaged)}")
       if tasks_due:
         events.begin("eval", step, tasks=len(cfg.eval.tasks))
         results = tasks.run(run, state.params, step, lambda batches: evaluate(run, state.params, batches))

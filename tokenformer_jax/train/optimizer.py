@@ -1,6 +1,8 @@
 """AdamW with global-norm clipping, linear warmup and cosine decay to a floor (paper App. D/F)."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,6 +48,31 @@ def only_rows(rows: dict[str, tuple[int, int]]) -> optax.GradientTransformation:
       lambda updates, state, params=None: (jax.tree_util.tree_map_with_path(keep, updates), state))
 
 
+class EmaState(NamedTuple):
+  ema: Any   # the running average of the parameters, shaped (and sharded) like them
+
+
+def ema_of_params(decay: float) -> optax.GradientTransformation:
+  """The last link of the chain: keeps ema ← decay·ema + (1 - decay)·(params + updates), the parameters this step
+  produces (optim.ema_decay; timm's ModelEmaV2, no warm-up). It lives in the optimizer state, so checkpoints, the
+  sharding table and a resume carry it like AdamW's moments; it starts as the initial parameters."""
+  def update(updates, state, params):
+    ema = jax.tree.map(lambda e, p, u: decay * e + (1 - decay) * (p + u), state.ema, params, updates)
+    return updates, EmaState(ema)
+
+  return optax.GradientTransformation(lambda params: EmaState(params), update)
+
+
+def ema_params(opt_state):
+  """The EMA of the parameters in `opt_state` (optim.ema_decay > 0), None without one."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_ema) if _is_ema(s)]
+  return found[0].ema if found else None
+
+
+def _is_ema(x) -> bool:
+  return isinstance(x, EmaState)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int,
                    trainable_rows: dict[str, tuple[int, int]] | None = None) -> optax.GradientTransformation:
   """AdamW (+ clipping); with `trainable_rows`, only those parameter-token rows are updated."""
@@ -54,6 +81,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
   if trainable_rows is not None:
     parts.append(only_rows(trainable_rows))
+  if cfg.ema_decay:
+    parts.append(ema_of_params(cfg.ema_decay))
   return optax.chain(*parts)
 
 
