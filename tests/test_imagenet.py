@@ -195,3 +195,30 @@ def test_the_ema_of_the_weights_follows_its_definition_and_is_off_by_default():
     np.testing.assert_allclose(steps[-1][key], ema[key], rtol=1e-6)
   assert ema_params(make_optimizer(OptimConfig(), 10).init(params)) is None   # off by default
 
+
+
+def test_drop_path_drops_whole_examples_at_its_rate_and_never_in_evaluation():
+  import flax.linen as nn
+  from tokenformer_jax.model import VisionModel, init_params
+  from tokenformer_jax.model.layers import drop_path
+
+  class Branch(nn.Module):
+    @nn.compact
+    def __call__(self, x, rate):
+      return drop_path(self, x, rate)
+
+  ones = jnp.ones((4000, 3, 2))
+  out = np.asarray(Branch().apply({}, ones, jnp.float32(0.3), rngs={"drop_path": jax.random.key(0)}))
+  dropped = (out == 0).all(axis=(1, 2))
+  assert abs(dropped.mean() - 0.3) < 5 * np.sqrt(0.3 * 0.7 / 4000)          # whole examples, at the rate
+  np.testing.assert_allclose(out[~dropped], 1 / 0.7, rtol=1e-6)              # the kept ones scaled by 1/(1-p)
+  np.testing.assert_array_equal(Branch().apply({}, ones, jnp.float32(0.3)), ones)   # no rng: evaluation
+  cfg = TEST.model.replace(n_layers=3, drop_path=0.5)
+  params = init_params(cfg, jax.random.key(0))
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)   # not zero
+  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+  apply = lambda model, **rngs: jax.jit(lambda p, x: model.apply({"params": p}, x, rngs=rngs))(params, images)
+  plain = apply(VisionModel(cfg.replace(drop_path=0.0)))
+  np.testing.assert_array_equal(apply(VisionModel(cfg)), plain)
+  trained = apply(VisionModel(cfg), drop_path=jax.random.key(3))
+  assert float(jnp.abs(trained - plain).max()) > 0.1

@@ -182,6 +182,10 @@ class ModelConfig:
   # "pallas": tokens per block (0: the kernel's default, 512). On TPU both blocks are rounded up to the 128 tile and
   # halved until each pass fits v4's VMEM (pattention_pallas.fitted_blocks); elsewhere they are used as given.
   pattention_token_block: int = 0
+  # Stochastic depth (an image classifier's recipe, model/layers.drop_path): each residual branch of block i is
+  # dropped for a whole example with probability drop_path·i/(n_layers-1) in training (timm's linear rule), the
+  # kept ones scaled by 1/(1-p); evaluation keeps every branch. 0: off.
+  drop_path: float = 0.0
   # Unroll the scan over layers: slower to compile, but the compiler's cost analysis then covers every layer
   # (it counts a loop body once); the TPU plan sets it.
   unroll_layers: bool = False
@@ -211,6 +215,7 @@ class ModelConfig:
     need(self.positions in ("none", "rotary"), f"positions must be 'none' or 'rotary', got {self.positions!r}")
     need(self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     need(self.remat in REMAT, f"remat must be one of {'|'.join(REMAT)}, got {self.remat!r}")
+    need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path!r}")
     need(self.pattention_impl in ("auto", "shard_map"),
          f"pattention_impl must be 'auto' or 'shard_map', got {self.pattention_impl!r}")
     need(self.pattention_kernel in PATTENTION_KERNELS,

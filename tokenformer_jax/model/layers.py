@@ -51,6 +51,17 @@ class LayerNorm(nn.Module):
     return layer_norm(x, self.eps, scale, bias)
 
 
+def drop_path(module: nn.Module, branch: jax.Array, rate) -> jax.Array:
+  """A residual branch [batch, ...] dropped per example with probability `rate` (a traced scalar: this layer's
+  share of cfg.drop_path) and the kept ones scaled by 1/(1 - rate); unchanged without a "drop_path" rng (every
+  evaluation) or a rate."""
+  if rate is None or not module.has_rng("drop_path"):
+    return branch
+  keep = 1.0 - rate
+  kept = jax.random.bernoulli(module.make_rng("drop_path"), keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+  return branch * (kept / keep).astype(branch.dtype)
+
+
 def block_norm(cfg: ModelConfig, name: str):
   """One of a block's LayerNorms, as cfg.norm_params says (paper Table 5): non-parametric, β only, or γ and β."""
   if cfg.norm_params == "none":

@@ -38,7 +38,8 @@ def block_stack(cfg: ModelConfig) -> nn.Module:
     # Inside a scan the loop keeps XLA from merging the recomputation back into the forward pass; unrolled,
     # prevent_cse must.
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=cfg.unroll_layers)
-  layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
+  layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "drop_path": True},
+                   length=cfg.n_layers,
                    unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
   return layers(cfg, name="layers")
 

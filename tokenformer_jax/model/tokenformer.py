@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention
+from tokenformer_jax.model.layers import (ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention,
+                                          drop_path)
 from tokenformer_jax.model.pattention import Pattention, pattention
 from tokenformer_jax.model.pattention_lean import lean_pattention
 from tokenformer_jax.model.pattention_pallas import DEFAULT_TOKEN_BLOCK, pallas_pattention
@@ -65,8 +66,9 @@ class TokenFormerBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
-    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
+  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None, drop_rate=None):
+    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache).
+    `drop_rate`: this layer's stochastic depth (layers.drop_path; training an image classifier)."""
     cfg = self.cfg
     h = block_norm(cfg, "attention_norm")(x)
     q, k, v = (make_pattention(cfg, p)(h) for p in ("query", "key", "value"))
@@ -74,6 +76,6 @@ class TokenFormerBlock(nn.Module):
       attended = causal_self_attention(q, k, v, cfg)
     else:
       attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
-    x = x + make_pattention(cfg, "output")(attended)
-    x = x + make_pattention(cfg, "ffn")(block_norm(cfg, "ffn_norm")(x))
+    x = x + drop_path(self, make_pattention(cfg, "output")(attended), drop_rate)
+    x = x + drop_path(self, make_pattention(cfg, "ffn")(block_norm(cfg, "ffn_norm")(x)), drop_rate)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache

@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model.layers import ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention
+from tokenformer_jax.model.layers import (ACTIVATION_AXES, block_norm, cached_self_attention, causal_self_attention,
+                                          drop_path)
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float = 0.02) -> nn.Dense:
@@ -21,8 +22,9 @@ class TransformerBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None):
-    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache)."""
+  def __call__(self, x: jax.Array, cache: dict | None = None, start: jax.Array | None = None, drop_rate=None):
+    """x → (x, None); decoding (layers.cached_self_attention): x, this layer's KV cache, start → (x, cache).
+    `drop_rate`: this layer's stochastic depth (layers.drop_path; training an image classifier)."""
     cfg = self.cfg
     d, hidden = cfg.d_model, cfg.mlp_hidden
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)   # GPT-2's scaled init of residual projections
@@ -32,12 +34,12 @@ class TransformerBlock(nn.Module):
       attended = causal_self_attention(q, k, v, cfg)
     else:
       attended, cache = cached_self_attention(q, k, v, cfg, cache, start)
-    x = x + dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended)
+    x = x + drop_path(self, dense(cfg, d, ("heads", "embed"), "output", residual_std)(attended), drop_rate)
     h = block_norm(cfg, "mlp_norm")(x)
     up = dense(cfg, hidden, ("embed", "mlp"), "mlp_in")(h)
     if cfg.mlp == "swiglu":
       h = jax.nn.silu(dense(cfg, hidden, ("embed", "mlp"), "mlp_gate")(h)) * up
     else:
       h = jax.nn.gelu(up, approximate=False)
-    x = x + dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h)
+    x = x + drop_path(self, dense(cfg, d, ("mlp", "embed"), "mlp_out", residual_std)(h), drop_rate)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache

@@ -62,7 +62,10 @@ class VisionModel(nn.Module):
                            (v.sequence_length, d), jnp.float32)
     x = nn.with_logical_constraint(x + positions.astype(x.dtype), ACTIVATION_AXES)
 
-    x, _ = block_stack(cfg)(x)
+    # Stochastic depth: layer i's rate drop_path·i/(L-1), scanned with the layers; active only with a
+    # "drop_path" rng (the train step's).
+    rates = jnp.linspace(0.0, cfg.drop_path, cfg.n_layers) if cfg.drop_path else None
+    x, _ = block_stack(cfg)(x, None, None, rates)
     x = final_norm(cfg, x)
     pooled = x[:, 0] if v.pooling == "cls" else jnp.mean(x, axis=1)
     # A zero head (as big_vision): every class starts equally likely, the loss at ln(num_classes).

@@ -17,6 +17,9 @@ from tokenformer_jax.train.mixing import Mixing, mix
 from tokenformer_jax.train.optimizer import with_moments
 
 
+DROP_PATH_SEED = 0x5D   # the stochastic-depth key, folded with each step
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array        # optimizer steps taken
@@ -59,12 +62,13 @@ def loss_sums(cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array):
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def classification_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Array, dict]:
+def classification_sums(cfg: ModelConfig, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
   """An image classifier on {"images" [b, H, W, C], "labels" [b], "mask" [b]}: (Σ cross-entropy over the real
   examples, {"targets": their number, "top1", "top5": how many have their label first, among the first five}).
   With batch["targets"] [b, classes] (soft labels) the cross-entropy is against them; accuracy stays against
   "labels" (for a mixed image: the label of the image mixed in with weight λ)."""
-  logits = VisionModel(cfg).apply({"params": params}, batch["images"])
+  rngs = {} if rng is None else {"drop_path": rng}   # training with model.drop_path
+  logits = VisionModel(cfg).apply({"params": params}, batch["images"], rngs=rngs)
   labels, mask = batch["labels"], batch["mask"]
   if "targets" in batch:   # soft targets of a mixed or smoothed training batch (train/mixing.py)
     losses = optax.softmax_cross_entropy(logits, batch["targets"])
@@ -76,11 +80,12 @@ def classification_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Arra
                                   "top5": jnp.sum(jnp.any(hits, axis=1) * mask)}
 
 
-def batch_sums(cfg: ModelConfig, params, batch: dict) -> tuple[jax.Array, dict]:
+def batch_sums(cfg: ModelConfig, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
   """(Σ loss, {"targets": how many terms, and for an image classifier "top1", "top5": correct counts}) of one
-  batch: next-token prediction for a language model, classification for an image classifier."""
+  batch: next-token prediction for a language model, classification for an image classifier (`rng`: its
+  stochastic depth's draws, in training)."""
   if cfg.vision is not None:
-    return classification_sums(cfg, params, batch)
+    return classification_sums(cfg, params, batch, rng)
   loss_sum, targets = loss_sums(cfg, params, batch["tokens"], batch["mask"])
   return loss_sum, {"targets": targets}
 
@@ -112,19 +117,25 @@ def make_train_step(cfg: ModelConfig, tx, schedule, shardings: TrainState, mesh:
   def step(state: TrainState, batch: dict, threshold=None, lr_scale=None):
     if mixing is not None:
       batch = mix(mixing, batch, state.step, cfg.vision.num_classes)
-    def accumulate(carry, micro):
+    # Stochastic depth's draws: of (the step, the micro-batch), so a resumed run drops what the first one did.
+    drops = cfg.vision is not None and cfg.drop_path > 0
+    step_key = jax.random.fold_in(jax.random.key(DROP_PATH_SEED), state.step) if drops else None
+    micro_key = lambda i: None if step_key is None else jax.random.fold_in(step_key, i)
+
+    def accumulate(carry, micro_and_index):
       grads, loss_sum, sums = carry
-      (micro_loss, micro_sums), micro_grads = value_and_grad(state.params, micro)
+      micro, index = micro_and_index
+      (micro_loss, micro_sums), micro_grads = value_and_grad(state.params, micro, micro_key(index))
       return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss,
               jax.tree.map(jnp.add, sums, micro_sums)), None
 
     if grad_accum == 1:   # no loop: the compiler's cost analysis counts a loop body once
-      (loss_sum, sums), grads = value_and_grad(state.params, batch)
+      (loss_sum, sums), grads = value_and_grad(state.params, batch, micro_key(0))
     else:
       micro = jax.tree.map(functools.partial(_micro_batches, count=grad_accum), batch)
       zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: value_and_grad(state.params, batch)[0][1]))
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), zero_sums)
-      (grads, loss_sum, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+      (grads, loss_sum, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
     count = jnp.maximum(sums["targets"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
