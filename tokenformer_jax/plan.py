@@ -288,7 +288,8 @@ def plan_in_child(cfg: TrainConfig, topology: str, cost: bool) -> Plan:
     except concurrent.futures.process.BrokenProcessPool:
       topo = parse_topology(topology)
       return Plan(config=cfg.model.name, topology=topology, chips=topo.chips, mesh={}, preset=cfg.mesh.preset,
-                  remat=cfg.model.remat, grad_accum=cfg.grad_accum, tokens_per_step=cfg.global_batch * cfg.example_tokens,
+                  remat=cfg.model.remat, grad_accum=cfg.grad_accum,
+                  tokens_per_step=cfg.global_batch * cfg.example_tokens,
                   fits=False, hbm={}, model_flops_per_step=0.0, error="the TPU compiler crashed",
                   kernel=cfg.model.pattention_kernel)
 

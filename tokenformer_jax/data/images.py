@@ -7,6 +7,9 @@ The split is fixed: stratified, 80% train / 20% test, seed 0 (sklearn's train_te
 never seen in training and every run, seed and tool (cli.train's evaluation, cli.eval, cli.grow --verify) uses
 the same ones. Pixels are scaled to [0, 1] and standardised by one mean and std over the training pixels.
 
+`data.image_source="tfds:NAME"` (ImageNet-1K: tfds:imagenet2012) reads a prepared TFDS dataset instead:
+data/tfds_images.py, with the photographs' augmentation of data/augment.py.
+
 The examples go through the same grain pipeline as text windows (pipeline.TrainIterator): an epoch is the train
 split padded with mask-0 examples to a whole number of global batches, shuffled per epoch, split over hosts by
 global position. Augmentation (data.image_crop_padding: pad with background and crop back at a random offset;
@@ -182,8 +185,9 @@ def make_train_iterator(data: DataConfig, vision: VisionConfig, *, global_batch:
 def eval_batches(data: DataConfig, vision: VisionConfig, *, global_batch: int, max_batches: int | None = None,
                  split: str = "test", model_name: str = "model", process_index: int = 0,
                  process_count: int = 1):
-  """`split` ("test": the held-out 20% / a tfds source's validation split, or "train") in order and unaugmented, as at most `max_batches` host batches
-  (default: all of it), the last completed with mask-0 rows; rows spread over hosts as in training."""
+  """`split` ("test": the held-out 20% / a tfds source's validation split, or "train") in order and unaugmented,
+  as at most `max_batches` host batches (default: all of it), the last completed with mask-0 rows; rows spread
+  over hosts as in training. A tfds source's are read lazily (tfds_images.EvalBatches), the rest is a list."""
   if split not in SPLITS:
     raise DataError(f"an image source's splits are {', '.join(SPLITS)}; got {split!r}")
   if tfds_images.is_tfds(data.image_source):   # read lazily: ImageNet's 50,000 are 30 GB as float32
