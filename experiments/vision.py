@@ -21,6 +21,7 @@ Base† → Base step), and `digits_test` (seconds: what the tests train).
 import dataclasses
 
 from tokenformer_jax.config import DataConfig, ModelConfig, OptimConfig, ParamTokens, TrainConfig, VisionConfig
+from tokenformer_jax.ladder import stage
 
 IMAGENET = VisionConfig(image_size=224, patch_size=16, channels=3, num_classes=1000, pooling="cls")
 TOKEN_MULTIPLE = 64
@@ -113,3 +114,18 @@ imagenet_test = imagenet_base.replace(
     data=IMAGENET_DATA.replace(worker_count=0),
     optim=imagenet_base.optim.replace(warmup_steps=1, ema_decay=0.5),   # an EMA that moves in 4 steps
     steps=4, global_batch=8, eval_every=2, eval_batches=2, log_every=1, checkpoint_every=2, keep_checkpoints=3)
+
+# A vision ladder (launch.ladder --ladder=experiments/vision.py:VISION_LADDER): Base† trained from scratch with the
+# recipe, then grown into Base (576 → 768 attention tokens, 2304 → 3072 FFN tokens, zero keys) and trained 100
+# epochs more, both on a v4-32; the grown stage keeps Base†'s norm scale, so growth keeps its function.
+def _epochs(epochs: int) -> int:
+  return epochs * STEPS_PER_EPOCH * IMAGENET_BATCH * IMAGENET.sequence_length   # tokens through the blocks
+
+
+VISION_LADDER = (
+    stage("vision_base_matched", imagenet_base_matched, imagenet_base_matched.model,
+          first=imagenet_base_matched.model, tokens=_epochs(300), accelerator="v4-32", init="scratch"),
+    stage("vision_base", imagenet_base, imagenet_base.model, first=imagenet_base_matched.model,
+          tokens=_epochs(100), accelerator="v4-32", init="zero_keys"),
+)
+vision_base_matched, vision_base = (s.config for s in VISION_LADDER)

@@ -661,6 +661,14 @@ def test_a_vision_config_launches_like_any_other_and_its_image_data_are_checked_
           "--set=data.tfds_data_dir=gs://b/tfds") in result.stdout
   cfg = apply_overrides(load_config("experiments/vision.py:imagenet_base"), ["data.tfds_data_dir=gs://b/tfds"])
   assert data_urls(cfg) == [("TFDS image dataset", "gs://b/tfds/imagenet2012")]   # what preflight lists
+  ladder = run_cli("launch.ladder", "--ladder=experiments/vision.py:VISION_LADDER", "--backend=tpu",
+                   "--workdir=gs://b/vl", "--project=p", "--zone=us-central2-b", "--set=data.tfds_data_dir=gs://b/tfds",
+                   "--dry_run")
+  assert ladder.returncode == 0 and fake.calls() == [], ladder.stderr[-2000:]
+  steps = 300 * 313   # Base†'s 300 epochs of 313 steps
+  assert (f"tokenformer_jax.cli.grow --checkpoint=gs://b/vl/vision_base_matched/{steps} --config=experiments/"
+          "vision.py:vision_base --dst=gs://b/vl/vision_base_grown --init=zero_keys") in ladder.stdout
+  assert f"# stage vision_base: {100 * 313:,} steps" in ladder.stdout
 
 
 @pytest.mark.slow

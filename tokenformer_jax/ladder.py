@@ -58,7 +58,7 @@ class Stage:
 
 
 def steps_for(tokens: int, cfg: TrainConfig) -> int:
-  return math.ceil(tokens / (cfg.global_batch * cfg.data.seq_len))
+  return math.ceil(tokens / (cfg.global_batch * cfg.example_tokens))   # (an image: its patches and class token)
 
 
 def stage(name: str, base: TrainConfig, model: ModelConfig, *, first: ModelConfig, tokens: int, accelerator: str,
