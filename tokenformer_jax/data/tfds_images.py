@@ -72,10 +72,10 @@ def open_dataset(source: str, data_dir: str) -> Dataset:
   if not data_dir:
     raise DataError(f"data.image_source={source!r} needs data.tfds_data_dir: the directory (local or gs://) where "
                     f"{name} is prepared")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise DataError(f"TFDS has no dataset {name!r} (data.image_source={source!r})") from None
+  # (asked first: tfds.builder logs its whole catalogue before it raises for an unknown name)
+  if name.split(":")[0] not in tfds.list_builders(with_community_datasets=False):
+    raise DataError(f"TFDS has no dataset {name!r} (data.image_source={source!r})")
+  builder = tfds.builder(name, data_dir=data_dir)
   info_file = epath.Path(data_dir) / builder.name / str(builder.version) / "dataset_info.json"
   prepare = (f"prepare it once with: tfds build {builder.name} --data_dir={data_dir} --file_format=array_record"
              f" (with --manual_dir=DIR holding the archives you downloaded, for datasets such as imagenet2012)")
