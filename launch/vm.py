@@ -338,9 +338,12 @@ def data_urls(cfg) -> list[tuple[str, str]]:
   files."""
   data = cfg.data
   if cfg.model.vision is not None:   # an image classifier reads no tokenizer
-    name = data.image_source.removeprefix("tfds:").split(":")[0]
-    urls = [("TFDS image dataset", f"{data.tfds_data_dir.rstrip('/')}/{name}")] if data.tfds_data_dir else []
-    return [(what, url) for what, url in urls if fileio.on_gcs(url)]
+    from tokenformer_jax.data import tfds_images
+    if not tfds_images.is_tfds(data.image_source):   # (digits: inside scikit-learn)
+      return []
+    name = data.image_source.removeprefix(tfds_images.PREFIX).split(":")[0]
+    url = f"{data.tfds_data_dir.rstrip('/')}/{name}"
+    return [("TFDS image dataset", url)] if fileio.on_gcs(url) else []
   urls = [("tokenizer", data.tokenizer)]
   if data.mixture:
     from tokenformer_jax.data.mixture import parse_sources
@@ -360,7 +363,8 @@ def check_tpu_data(cfg, what: str) -> None:
   from tokenformer_jax.config import SHIPPED_TOKENIZER
   data, model = cfg.data, cfg.model
   if model.vision is not None:
-    if data.image_source.startswith("tfds:") and not fileio.on_gcs(data.tfds_data_dir):
+    from tokenformer_jax.data import tfds_images
+    if tfds_images.is_tfds(data.image_source) and not fileio.on_gcs(data.tfds_data_dir):
       raise ValueError(f"{what} reads {data.image_source!r}: add --set data.tfds_data_dir=gs://BUCKET/DIR (the "
                        "dataset prepared as array_record there)")
     return

@@ -115,12 +115,14 @@ class Examples:
   [i] is the evaluation view of record i, at_position(i, position) the training view drawn for `position`;
   indices past the split's `num_real` records are mask-0 padding."""
 
-  def __init__(self, ds: Dataset, split: str, data: DataConfig, size: int, *, length: int | None = None,
-               train: bool = False, seed: int = 0):
+  def __init__(self, ds: Dataset, split: str, data: DataConfig, size: int, *, global_batch: int,
+               max_batches: int | None = None, train: bool = False, seed: int = 0):
+    """The split padded to whole global batches: at most `max_batches` of them (default: all)."""
     self.ds, self.split, self.size, self.train, self.seed = ds, split, size, train, seed
     self.records = ds.split(split)
     self.num_real = len(self.records)
-    self._length = self.num_real if length is None else length
+    batches = -(-self.num_real // global_batch)
+    self._length = global_batch * (batches if max_batches is None else min(batches, max_batches))
     self.flip = data.image_flip
     self.randaugment = dict(randaugment_ops=data.image_randaugment_ops, magnitude=data.image_randaugment_magnitude,
                             magnitude_std=data.image_randaugment_std)
@@ -180,10 +182,6 @@ class EvalBatches:
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=EVAL_THREADS, prefetch_buffer_size=EVAL_THREADS)))
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def opened(data: DataConfig, vision: VisionConfig, model_name: str) -> Dataset:
   ds = open_dataset(data.image_source, data.tfds_data_dir)
   check_model(ds, vision, model_name)
@@ -193,18 +191,14 @@ def opened(data: DataConfig, vision: VisionConfig, model_name: str) -> Dataset:
 def train_examples(data: DataConfig, vision: VisionConfig, *, global_batch: int, model_name: str,
                    seed: int) -> Examples:
   """The training split's augmented examples, padded to a whole number of global batches."""
-  ds = opened(data, vision, model_name)
-  length = _round_up(len(ds.split(data.tfds_train_split)), global_batch)
-  return Examples(ds, data.tfds_train_split, data, vision.image_size, length=length, train=True, seed=seed)
+  return Examples(opened(data, vision, model_name), data.tfds_train_split, data, vision.image_size,
+                  global_batch=global_batch, train=True, seed=seed)
 
 
 def eval_batches(data: DataConfig, vision: VisionConfig, *, global_batch: int, max_batches: int | None, split: str,
                  model_name: str, process_index: int, process_count: int) -> EvalBatches:
   """`split` ("test": data.tfds_validation_split, or "train"), at most `max_batches` global batches of it."""
-  ds = opened(data, vision, model_name)
   name = {"test": data.tfds_validation_split, "train": data.tfds_train_split}[split]
-  num_batches = -(-len(ds.split(name)) // global_batch)
-  if max_batches is not None:
-    num_batches = min(num_batches, max_batches)
-  examples = Examples(ds, name, data, vision.image_size, length=num_batches * global_batch)
+  examples = Examples(opened(data, vision, model_name), name, data, vision.image_size, global_batch=global_batch,
+                      max_batches=max_batches)
   return EvalBatches(examples, global_batch=global_batch, process_index=process_index, process_count=process_count)

@@ -59,7 +59,6 @@ def mix(mixing: Mixing, batch: dict, step: jax.Array, num_classes: int) -> dict:
     key = jax.random.fold_in(jax.random.key(mixing.seed), step)
     k_choice, k_mixup, k_cutmix, k_box = jax.random.split(key, 4)
     other = images[::-1]
-    mixed, lam = images, jnp.ones((), jnp.float32)
     if mixing.mixup:
       lam_mixup = jax.random.beta(k_mixup, mixing.mixup, mixing.mixup)
       mixed_up = (lam_mixup * images + (1 - lam_mixup) * other).astype(images.dtype)
