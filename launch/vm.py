@@ -341,8 +341,7 @@ def data_urls(cfg) -> list[tuple[str, str]]:
     from tokenformer_jax.data import tfds_images
     if not tfds_images.is_tfds(data.image_source):   # (digits: inside scikit-learn)
       return []
-    name = data.image_source.removeprefix(tfds_images.PREFIX).split(":")[0]
-    url = f"{data.tfds_data_dir.rstrip('/')}/{name}"
+    url = f"{data.tfds_data_dir.rstrip('/')}/{tfds_images.dataset_name(data.image_source)}"
     return [("TFDS image dataset", url)] if fileio.on_gcs(url) else []
   urls = [("tokenizer", data.tokenizer)]
   if data.mixture:

@@ -63,7 +63,8 @@ def fast_compiles():
 # miniature): `-n 2` starts them first, so that they run beside the rest instead of forming a tail. A new test over
 # a minute puts its file here.
 LONGEST_FIRST = ("test_launch.py", "test_multiprocess.py", "test_report.py", "test_parity.py", "test_train.py",
-                 "test_pattention_pallas.py", "test_vision.py", "test_goodput.py", "test_fast_tier.py", "test_imagenet.py")
+                 "test_pattention_pallas.py", "test_vision.py", "test_goodput.py", "test_fast_tier.py",
+                 "test_imagenet.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -44,6 +44,11 @@ def is_tfds(source: str) -> bool:
   return source.startswith(PREFIX)
 
 
+def dataset_name(source: str) -> str:
+  """NAME of a source "tfds:NAME[:VERSION]": the dataset's directory under data.tfds_data_dir."""
+  return source[len(PREFIX):].split(":")[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A prepared TFDS image dataset: its splits (name → examples), classes and declared image shape."""
@@ -73,7 +78,7 @@ def open_dataset(source: str, data_dir: str) -> Dataset:
     raise DataError(f"data.image_source={source!r} needs data.tfds_data_dir: the directory (local or gs://) where "
                     f"{name} is prepared")
   # (asked first: tfds.builder logs its whole catalogue before it raises for an unknown name)
-  if name.split(":")[0] not in tfds.list_builders(with_community_datasets=False):
+  if dataset_name(source) not in tfds.list_builders(with_community_datasets=False):
     raise DataError(f"TFDS has no dataset {name!r} (data.image_source={source!r})")
   builder = tfds.builder(name, data_dir=data_dir)
   info_file = epath.Path(data_dir) / builder.name / str(builder.version) / "dataset_info.json"
