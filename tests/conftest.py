@@ -5,15 +5,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The 8 devices' in-process collectives wait for each other; on 2 loaded cores a device thread can be starved for
 # a while, so XLA waits 5 minutes before it calls a collective stuck and aborts (a real deadlock, such as several
 # independent collective programs in flight at once, still ends the run instead of hanging it).
-# The suite's programs are tiny, and XLA:CPU's compiler, not running them, is most of its time: LLVM at -O0 without
-# its expensive passes makes a cold-cache cli.train of test_run (4 steps) cost 10.5 s of CPU instead of 17.3, with
-# the same losses (a TPU plan compiles as before). Every process of the suite gets them (helpers.xla_flags).
-# (Not --xla_cpu_use_fusion_emitters=false, 6.4 s: with it, programs that agree bitwise by default — a guarded and a
-# plain train step, growth on 1 device and on 8 — differ in the last bits.)
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
-                                                             " --xla_cpu_collective_call_terminate_timeout_seconds=300"
-                                                             " --xla_backend_optimization_level=0"
-                                                             " --xla_llvm_disable_expensive_passes=true")
+                                                             " --xla_cpu_collective_call_terminate_timeout_seconds=300")
 # Token stores the pipeline prepares from test corpora go to one temporary cache per session (shared with the
 # CLI subprocesses), not ~/.cache.
 if "TOKENFORMER_JAX_CACHE" not in os.environ:

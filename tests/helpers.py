@@ -186,20 +186,14 @@ def run_cli(module: str, *args: str, devices: int = 1, script: tuple[str, ...] |
 
 def _cli_env(devices: int = 1, env: dict | None = None) -> dict:
   """This process's environment for a command on `devices` CPU devices, with `env` added (None: removed)."""
-  full = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
+  full = {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
   for name, value in (env or {}).items():
     if value is None:
       full.pop(name, None)
     else:
       full[name] = value
   return full
-
-
-def xla_flags(devices: int = 1) -> str:
-  """The XLA_FLAGS of a process of the suite on `devices` fake CPU devices: conftest's (its compiler settings)."""
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"] * (devices > 1))
 
 
 def _jax_env(env: dict) -> dict:
@@ -268,7 +262,8 @@ def assert_fails_with_one_line(result, *phrases):
 def launch_local(processes: int, devices: int, *command: str, env: dict | None = None, timeout: int = 600):
   """`python -m launch.local`: `command` (after "python") as one JAX job of `processes` processes with `devices`
   fake CPU devices each, from the repository root; `env` adds to the environment."""
-  full = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}   # launch.local sets each process's device count
+  full = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  full.pop("XLA_FLAGS", None)
   argv = [sys.executable, "-m", "launch.local", f"--processes={processes}", f"--devices_per_process={devices}",
           "--heartbeat_seconds=15", "--grace_seconds=120", "--", "python", *command]
   return subprocess.run(argv, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
