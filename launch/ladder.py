@@ -34,7 +34,7 @@ from launch.tpu import define_tpu_flags, job_env, make_spec, make_vm, worker_set
 from launch.vm import (REPO, SHIPPED, Job, TpuVm, check_tpu_data, checkpoint_url, committed, data_urls, ledger_budgets,
                        preflight)
 from tokenformer_jax import fileio
-from tokenformer_jax.cli import common
+from tokenformer_jax.cli import common, tools
 from tokenformer_jax.growth import check_growable
 from tokenformer_jax.ladder import LADDER_FILE, Stage, apply_choice, check_fits, load_ladder
 from tokenformer_jax.report import ladder_report
@@ -149,7 +149,8 @@ def amount(tokens: int) -> str:
 
 
 class LocalBackend:
-  """Runs the stage commands as subprocesses on this machine; checks checkpoints on the local disk."""
+  """Runs the stage commands as processes forked from this one (tools.Forked) on this machine; checks checkpoints
+  on the local disk."""
 
   def __init__(self, workdir: str, runner: Runner):
     self.workdir, self.runner = workdir, runner
@@ -182,8 +183,10 @@ class LocalBackend:
     log_path = pathlib.Path(self.workdir) / "logs" / f"{stage.name}.{kind}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     self.runner.say(f"$ {' '.join(argv)}  (log: {log_path})")
-    with open(log_path, "a") as log:
-      child = subprocess.Popen([sys.executable, *argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "a") as log:   # forked where it can be: this process imported jax and the rest (in its
+      main = tools.forkable(argv)     # group, so that a kill of the launcher's group stops the child too)
+      child = (tools.Forked(main, dict(os.environ), output=log.fileno(), new_session=False) if main else
+               subprocess.Popen([sys.executable, *argv[1:]], stdout=log, stderr=subprocess.STDOUT))
       try:
         code = child.wait()
       finally:   # the launcher was interrupted: stop the child too (SIGTERM: the trainer saves and exits)

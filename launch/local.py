@@ -8,6 +8,11 @@ Each process gets the coordinator's address (a free port here), the process coun
 `--devices_per_process` fake CPU devices, and JAX's CPU collectives (gloo): together they form one job of
 N × devices devices, exactly as the hosts of a TPU slice do. Their output is streamed with a `[i]` prefix.
 
+A Python command (`python -m MODULE ...` or `python SCRIPT.py ...`) is started as a fork of the launcher, which
+imported jax, flax, Orbax and grain once (tokenformer_jax.cli.tools.preload) before any of them touched a device:
+each process then builds its own JAX runtime, as a fresh interpreter would, without paying 2-3 s of imports
+(`--nofork`: fresh interpreters; any other command always gets one).
+
 SIGTERM or Ctrl-C to the launcher is forwarded to every process as SIGTERM (the trainer saves and exits 0). When
 a process fails, the others get `--grace_seconds` to notice on their own (a dead peer stops sending heartbeats;
 after TOKENFORMER_HEARTBEAT_SECONDS = `--heartbeat_seconds` the JAX runtime ends them) and are then killed. The
@@ -25,6 +30,7 @@ import time
 
 from absl import app, flags
 
+from tokenformer_jax.cli import tools
 from tokenformer_jax.cli.common import one_line_errors
 
 PROCESSES = flags.DEFINE_integer("processes", 2, "How many processes (hosts) the job has.")
@@ -33,6 +39,8 @@ PORT = flags.DEFINE_integer("port", 0, "The coordinator's port on 127.0.0.1 (0: 
 HEARTBEAT = flags.DEFINE_integer("heartbeat_seconds", 10, "A process silent this long is dead; the others stop.")
 GRACE = flags.DEFINE_float("grace_seconds", 60, "After a process fails, how long the others get to stop on "
                            "their own before they are killed.")
+FORK = flags.DEFINE_bool("fork", True, "Start a Python command's processes as forks of this one, which imported "
+                         "the libraries once (--nofork: a fresh interpreter each).")
 
 
 def free_port() -> int:
@@ -61,17 +69,25 @@ def exit_code(returncode: int) -> int:
 class Job:
   """The N processes: started, streamed, signalled, waited for."""
 
-  def __init__(self, command: list[str], processes: int, devices: int, port: int, heartbeat: int, out=sys.stdout):
+  def __init__(self, command: list[str], processes: int, devices: int, port: int, heartbeat: int, out=sys.stdout,
+               fork: bool = False):
     if command and command[0] in ("python", "python3"):
       command = [sys.executable, *command[1:]]   # the same interpreter (and virtual environment) as the launcher
     self.out, self.lock = out, threading.Lock()
+    main = tools.forkable(command) if fork else None
+    if main:
+      os.environ["JAX_PLATFORMS"] = "cpu"   # what jax reads as it is imported: the children's (child_env)
+      tools.preload()
     self.children, self.threads = [], []
     for i in range(processes):
-      child = subprocess.Popen(command, env=child_env(i, processes, port, devices, heartbeat), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+      env = child_env(i, processes, port, devices, heartbeat)
+      child = tools.Forked(main, env) if main else subprocess.Popen(
+          command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+          start_new_session=True)
       self.children.append(child)
       self.say(f"launch.local: process {i} of {processes} is pid {child.pid}")
-      thread = threading.Thread(target=self._stream, args=(i, child), daemon=True)
+    for i, child in enumerate(self.children):   # after the forks: a child forked while a thread held a lock
+      thread = threading.Thread(target=self._stream, args=(i, child), daemon=True)   # (stdout's) would hang on it
       thread.start()
       self.threads.append(thread)
 
@@ -123,7 +139,7 @@ def main(argv: list[str]) -> None:
   if PROCESSES.value < 1 or DEVICES.value < 1:
     raise ValueError("--processes and --devices_per_process must be at least 1")
   port = PORT.value or free_port()
-  job = Job(command, PROCESSES.value, DEVICES.value, port, HEARTBEAT.value)
+  job = Job(command, PROCESSES.value, DEVICES.value, port, HEARTBEAT.value, fork=FORK.value)
   forward = lambda signum, frame: job.signal_all(signal.SIGTERM)   # noqa: E731
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)

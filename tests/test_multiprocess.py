@@ -275,22 +275,35 @@ def test_grow_on_two_processes_overwrites_once_and_equals_growth_here(elastic_ru
 # The launcher itself, with plain Python children (no JAX): fast --------------------------------------------------
 CHILD = """
 import os, signal, sys, time
-i = os.environ["JAX_PROCESS_ID"]
-signal.signal(signal.SIGTERM, lambda *_: (print("stopping", i, flush=True), sys.exit(0)))
-print("process", i, "of", os.environ["JAX_NUM_PROCESSES"], "at", os.environ["JAX_COORDINATOR_ADDRESS"], flush=True)
-if i == sys.argv[1]:
-  sys.exit(3)
-time.sleep(600)
+from absl import app, flags
+PORT = flags.DEFINE_integer("port", 0, "launch.local has a --port too: a forked child defines its own")
+imported = "jax" in sys.modules   # before anything here imports it: a fork of the launcher, which did
+
+def main(argv):
+  i = os.environ["JAX_PROCESS_ID"]
+  signal.signal(signal.SIGTERM, lambda *_: (print("stopping", i, flush=True), sys.exit(0)))
+  print("process", i, "of", os.environ["JAX_NUM_PROCESSES"], "at", os.environ["JAX_COORDINATOR_ADDRESS"], "port",
+        PORT.value, "forked" if imported else "fresh", flush=True)
+  if i == argv[1]:
+    sys.exit(3)
+  time.sleep(600)
+
+app.run(main)
 """
 
 
-def test_the_launcher_streams_forwards_sigterm_and_kills_the_rest_after_a_failure():
-  command = [sys.executable, "-m", "launch.local", "--processes=3", "--grace_seconds=0.5", "--", "python", "-c", CHILD]
-  failed = subprocess.run(command + ["1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("how", ["forked", "fresh"])
+def test_the_launcher_streams_forwards_sigterm_and_kills_the_rest_after_a_failure(how, tmp_path):
+  """A Python script's processes are forks of the launcher (which imported jax; `python -c` gets a fresh
+  interpreter each): either way each has its own flags, environment and signal handlers."""
+  (tmp_path / "child.py").write_text(CHILD)
+  child = [str(tmp_path / "child.py")] if how == "forked" else ["-c", CHILD]
+  command = [sys.executable, "-m", "launch.local", "--processes=3", "--grace_seconds=0.5", "--", "python", *child]
+  failed = subprocess.run(command + ["1", "--port=9"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert failed.returncode == 3, failed.stdout
   port = failed.stdout.split("at 127.0.0.1:")[1].split()[0]
   for i in range(3):
-    assert f"[{i}] process {i} of 3 at 127.0.0.1:{port}" in failed.stdout
+    assert f"[{i}] process {i} of 3 at 127.0.0.1:{port} port 9 {how}" in failed.stdout, failed.stdout
   assert exit_codes(failed)[1] == 3 and "killing process 0" in failed.stdout and "killing process 2" in failed.stdout
 
   launcher = subprocess.Popen(command + ["none"], cwd=REPO, stdout=subprocess.PIPE, text=True)

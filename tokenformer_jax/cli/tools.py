@@ -10,7 +10,10 @@ Orbax, grain) are paid once by the parent and each command costs a fraction of a
   `app.run`, argparse's `parse_args`), then `on_parsed` may check what they refer to, and the main is never called;
 - "describe": nothing is parsed; the child reports the flags the tool defines (`docs/cli.md` is made from that).
 
-The parent must not have imported any module that defines absl flags (tokenformer_jax.cli.config_flags and the
+`Forked(main, env)` starts `python -m MODULE ARGS` (or a script) for real in a forked child that runs beside its
+parent, as subprocess.Popen would (launch.local's processes, the local ladder's stages), without the imports.
+
+The parent of run_main must not have imported any module that defines absl flags (tokenformer_jax.cli.config_flags and the
 mains): each child defines them afresh, as a real process would. `python -m tokenformer_jax.cli.doccheck` and
 `python -m tokenformer_jax.cli.reference` are such parents.
 """
@@ -31,7 +34,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MAIN_DIRS = ("tokenformer_jax", "launch", "experiments")
@@ -169,28 +172,11 @@ def in_child(function: Callable[[str], int], *, timeout: float = 120.0, separate
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:   # the child: never returns
-      code = 1
-      try:
+      def setup():
         os.dup2(os.open(out_path, os.O_WRONLY), 1)
         os.dup2(os.open(err_path, os.O_WRONLY) if separate_stderr else 1, 2)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.setpgid(0, 0)   # its own process group: a timeout kills what it started too
-        atexit._clear()  # pylint: disable=protected-access  (the parent's exit handlers are the parent's)
-        try:
-          code = function(data_path)
-        except SystemExit as error:
-          code = _exit_code(error.code)
-        except BaseException:  # noqa: BLE001  (anything: report it, as a process would)
-          traceback.print_exc()
-          code = 1
-        threading._shutdown()  # pylint: disable=protected-access  (what the interpreter does at exit)
-        atexit._run_exitfuncs()  # pylint: disable=protected-access
-      finally:
-        try:
-          sys.stdout.flush()
-          sys.stderr.flush()
-        finally:
-          os._exit(code)
+      end_as_a_process(lambda: function(data_path), setup)
     rc = _wait(pid, timeout)
     output = pathlib.Path(out_path).read_text(encoding="utf-8", errors="replace")
     stderr = pathlib.Path(err_path).read_text(encoding="utf-8", errors="replace")
@@ -201,6 +187,124 @@ def in_child(function: Callable[[str], int], *, timeout: float = 120.0, separate
       rc = -9
     data = json.loads(pathlib.Path(data_path).read_text()) if os.path.exists(data_path) else None
     return Outcome(rc, output, data, time.monotonic() - start, stderr, timed_out)
+
+
+def end_as_a_process(function: Callable[[], int], setup: Callable[[], None] = lambda: None, *,
+                     parents_exit_handlers: bool = False) -> NoReturn:
+  """In a child just forked: `setup()` (its output files), then `function()` as an interpreter runs a main (its
+  exit code: what it returns, a SystemExit's, or 1 and the traceback for any other exception), then what the
+  interpreter does at exit (wait for the threads it started that are not daemons, run the exit handlers it
+  registered, and the parent's only if `parents_exit_handlers`; flush), and exit. (The parent's include those of
+  the libraries it imported, such as jax's, which shuts jax.distributed down: a child that joins a job needs it.)"""
+  code = 1
+  try:
+    setup()
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if not parents_exit_handlers:
+      atexit._clear()  # pylint: disable=protected-access
+    try:
+      code = function()
+    except SystemExit as error:
+      code = _exit_code(error.code)
+    except BaseException:  # noqa: BLE001  (anything: report it, as a process would)
+      traceback.print_exc()
+      code = 1
+    threading._shutdown()  # pylint: disable=protected-access
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  finally:
+    try:
+      sys.stdout.flush()
+      sys.stderr.flush()
+    finally:
+      os._exit(code)
+
+
+class Forked:
+  """`python -m MODULE ARGS` / `python SCRIPT.py ARGS` (`main`: (MODULE or SCRIPT.py, ARGS)) with environment `env`,
+  in a child forked from this process that imported the libraries (`preload`) and touched no device: what
+  subprocess.Popen(..., start_new_session=True) runs, less 2-3 s of imports. Its stdout and stderr go to the file
+  descriptor `output`, or to a pipe this process reads as `.stdout`; `new_session=False` keeps it in this
+  process's group (a signal to the group reaches it). The child defines its flags as a fresh
+  interpreter would: this process's main's own absl flags are removed there first and the rest unparsed. The
+  exit handlers this process registered (its libraries': jax's shuts jax.distributed down, with a barrier that
+  lets every process of a job finish) are the child's too; the caller registers none of its own."""
+
+  def __init__(self, main: tuple[str, list[str]], env: dict[str, str], output: int | None = None,
+               new_session: bool = True):
+    read, write = os.pipe() if output is None else (None, output)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    self.pid, self.returncode = os.fork(), None
+    if self.pid == 0:   # the child: never returns
+      def setup():
+        if new_session:
+          os.setsid()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.stdout.reconfigure(line_buffering=True)   # as PYTHONUNBUFFERED does for a fresh interpreter
+        _forget_main_flags()
+      end_as_a_process(lambda: _run_python(*main), setup, parents_exit_handlers=True)
+    if read is not None:
+      os.close(write)
+      self.stdout = os.fdopen(read, encoding="utf-8", errors="replace")
+
+  def poll(self) -> int | None:
+    if self.returncode is None:
+      done, status = os.waitpid(self.pid, os.WNOHANG)
+      if done:
+        self.returncode = os.waitstatus_to_exitcode(status)
+    return self.returncode
+
+  def wait(self) -> int:
+    while self.poll() is None:
+      time.sleep(0.05)
+    return self.returncode
+
+  def send_signal(self, signum: int) -> None:
+    if self.poll() is None:
+      os.kill(self.pid, signum)
+
+  def terminate(self) -> None:
+    self.send_signal(signal.SIGTERM)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+
+def forkable(command: list[str]) -> tuple[str, list[str]] | None:
+  """(MODULE or SCRIPT.py, its arguments) of `python -m MODULE ARGS` or `python SCRIPT.py ARGS`, what Forked runs;
+  None for any other command, or once this process has started a JAX backend (a child would inherit a runtime
+  whose threads did not survive the fork)."""
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  if bridge is not None and bridge.backends_are_initialized():
+    return None
+  if len(command) < 2 or command[0] not in ("python", "python3", sys.executable):
+    return None
+  if command[1] == "-m" and len(command) > 2:
+    return command[2], command[3:]
+  return (command[1], command[2:]) if command[1].endswith(".py") else None
+
+
+def _forget_main_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for flag in flags.FLAGS.get_flags_for_module(sys.argv[0]):   # absl files __main__'s flags under argv[0]
+    delattr(flags.FLAGS, flag.name)
+  flags.FLAGS.unparse_flags()
+
+
+def _run_python(target: str, args: list[str]) -> int:
+  sys.argv = [target, *args]
+  if target.endswith(".py"):
+    sys.path[0] = os.path.dirname(os.path.abspath(target))
+    runpy.run_path(target, run_name="__main__")
+  else:
+    sys.path[0] = os.getcwd()
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+  return 0
 
 
 def _wait(pid: int, timeout: float) -> int | None:
