@@ -13,9 +13,9 @@ Orbax, grain) are paid once by the parent and each command costs a fraction of a
 `Forked(main, env)` starts `python -m MODULE ARGS` (or a script) for real in a forked child that runs beside its
 parent, as subprocess.Popen would (launch.local's processes, the local ladder's stages), without the imports.
 
-The parent of run_main must not have imported any module that defines absl flags (tokenformer_jax.cli.config_flags and the
-mains): each child defines them afresh, as a real process would. `python -m tokenformer_jax.cli.doccheck` and
-`python -m tokenformer_jax.cli.reference` are such parents.
+The parent of run_main must not have imported any module that defines absl flags (tokenformer_jax.cli.config_flags
+and the mains): each child defines them afresh, as a real process would. `python -m tokenformer_jax.cli.doccheck`
+and `python -m tokenformer_jax.cli.reference` are such parents.
 """
 from __future__ import annotations
 
