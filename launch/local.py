@@ -139,10 +139,18 @@ def main(argv: list[str]) -> None:
   if PROCESSES.value < 1 or DEVICES.value < 1:
     raise ValueError("--processes and --devices_per_process must be at least 1")
   port = PORT.value or free_port()
-  job = Job(command, PROCESSES.value, DEVICES.value, port, HEARTBEAT.value, fork=FORK.value)
-  forward = lambda signum, frame: job.signal_all(signal.SIGTERM)   # noqa: E731
+  job, stopped = None, []
+
+  def forward(signum, frame):   # a SIGTERM or Ctrl-C that comes while the processes start is forwarded once they have
+    stopped.append(signum)
+    if job is not None:
+      job.signal_all(signal.SIGTERM)
+
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
+  job = Job(command, PROCESSES.value, DEVICES.value, port, HEARTBEAT.value, fork=FORK.value)
+  if stopped:
+    job.signal_all(signal.SIGTERM)
   sys.exit(job.wait(GRACE.value))
 
 
