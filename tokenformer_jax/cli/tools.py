@@ -297,10 +297,12 @@ def _forget_main_flags() -> None:
 
 
 def _run_python(target: str, args: list[str]) -> int:
+  """`python TARGET ARGS` (a script, relative to the working directory) or `python -m TARGET ARGS` in this process:
+  sys.argv, sys.path[0] and the main module as the interpreter sets them."""
   sys.argv = [target, *args]
   if target.endswith(".py"):
     sys.path[0] = os.path.dirname(os.path.abspath(target))
-    runpy.run_path(target, run_name="__main__")
+    runpy.run_path(os.path.abspath(target), run_name="__main__")
   else:
     sys.path[0] = os.getcwd()
     runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -343,14 +345,7 @@ def _child(target, args, mode, env, on_parsed, data_path) -> int:
     return 2
   _patch(mode, on_parsed, data_path)
   try:
-    if target.endswith(".py"):
-      sys.argv = [target, *args]
-      sys.path[0] = str((REPO / target).parent)
-      runpy.run_path(str(REPO / target), run_name="__main__")
-    else:
-      sys.argv = [str(source or target), *args]
-      sys.path[0] = str(REPO)
-      runpy.run_module(target, run_name="__main__", alter_sys=True)
+    _run_python(target, args)   # from the repository root, where the target's path is relative to
   except _Stop as stop:
     return stop.code
   if mode != "run":
