@@ -23,6 +23,11 @@ if "TOKENFORMER_JAX_CACHE" not in os.environ:
 # environment above, so they share both.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["TOKENFORMER_JAX_CACHE"], "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The suite is compile-bound (small programs, run a few steps), in this process and in every one it starts: jax
+# compiles at XLA:CPU's LLVM -O0, without its expensive passes (jax_disable_most_optimizations; a flag of each
+# program's compile options, so its own cache key). The rare test that trains hundreds of steps takes the
+# `optimized_compiles` fixture (test_learning: 39 s of CPU at the defaults, 74 at -O0).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 import pytest  # noqa: E402  (after the environment above, which must precede any jax import)
@@ -51,12 +56,13 @@ def trained_run(trained_run_console):
 
 
 @pytest.fixture
-def fast_compiles():
-  """Smoke runs are all compile time: XLA's optimisations off, as long as the test runs."""
+def optimized_compiles():
+  """XLA's optimisations back on, as long as the test runs: for a test that trains hundreds of steps (the rest of
+  the suite compiles at -O0, above)."""
   import jax
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
   jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
 # The files whose tests each take over a minute (long runs of several processes, whole ladders and studies in
@@ -84,9 +90,3 @@ def pytest_configure(config):
     config.option.dist, config.option.loadscopereorder = "loadfile", False
   config.addinivalue_line("markers", "slow: starts a subprocess, compiles for a TPU or trains a run; the inner loop "
                           "is `pytest -m 'not slow'`")
-  # The inner loop is compile-bound (small programs, run a few times): XLA:CPU compiles them at LLVM -O0, without
-  # its expensive passes (241 tests: 127 → 104 s). Not the full suite: there the tests that train hundreds of steps
-  # run slower at -O0 (808 s against 749). Set before any test module imports jax; XLA reads it as the CPU backend
-  # starts. (The suite itself, as CI runs it, is the arbiter: these programs' last bits may differ from its.)
-  if config.option.markexpr.strip() == "not slow":
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -47,7 +47,7 @@ def tree_digest(path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [(0, 1), (1, 2), (0, 2)])
-def test_zero_keys_keep_the_logits_on_real_text_only_with_the_kept_scale(stages, fast_compiles):
+def test_zero_keys_keep_the_logits_on_real_text_only_with_the_kept_scale(stages):
   old = TINY_LADDER[stages[0]]
   params = trained_looking(old)
   tokens = text_batch(4, 64, offset=40000)
@@ -231,7 +231,7 @@ def test_training_only_the_new_tokens_leaves_everything_else_untouched(trained_r
 # Net2Net -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", [2, 3])
-def test_net2net_widening_keeps_the_logits(factor, fast_compiles):
+def test_net2net_widening_keeps_the_logits(factor):
   old = load_config("experiments/tiny.py:tiny_transformer").replace(positions="rotary")
   new = old.replace(d_model=old.d_model * factor, n_heads=old.n_heads * factor)
   params = trained_looking(old)

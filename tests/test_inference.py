@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import HELDOUT, NOT_RUN, REPO, local_mc_accuracy, run_main
+from helpers import HELDOUT, REPO, local_mc_accuracy, run_main
 
 from tokenformer_jax.config import ModelConfig, ParamTokens, load_config
 from tokenformer_jax.growth import grow, grown_config
@@ -82,7 +82,7 @@ def decode_step_memory(cfg: ModelConfig, batch: int, slots: int):
   cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, slots))
   rows, key = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))
   sampling = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.float32, jnp.int32, jnp.float32)]
-  return step.lower(params, cache, rows, rows, key, *sampling).compile(NOT_RUN).memory_analysis()
+  return step.lower(params, cache, rows, rows, key, *sampling).compile().memory_analysis()
 
 
 # The step must write its new rows into the donated cache in place and read the cache where it lies. What may grow

@@ -10,7 +10,7 @@ from tokenformer_jax.model import init_params
 
 
 @pytest.mark.slow
-def test_tokenformer_learns_real_text():
+def test_tokenformer_learns_real_text(optimized_compiles):
   cfg = load_config("experiments/tiny.py:tiny_tokenformer")
   data = corpus_bytes()
   split = int(0.95 * len(data))

@@ -90,7 +90,7 @@ def unpad(params, cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
-def test_padding_rows_stay_zero_and_never_change_the_loss(normalization, fast_compiles):
+def test_padding_rows_stay_zero_and_never_change_the_loss(normalization):
   padded_cfg = TINY.replace(param_tokens=ParamTokens(37, 30, 29, 33, 141), token_multiple=16,
                             normalization=normalization)
   plain_cfg = padded_cfg.replace(token_multiple=1)

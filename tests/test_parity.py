@@ -97,7 +97,7 @@ def test_a_run_is_named_by_its_non_default_settings():
   assert from_dict(TrainConfig, non_defaults(digits)) == digits and "vision" in non_defaults(digits)["model"]
 
 @pytest.mark.slow
-def test_study_records_runs_skips_them_and_a_command_reproduces_its_loss(tmp_path, capsys, fast_compiles):
+def test_study_records_runs_skips_them_and_a_command_reproduces_its_loss(tmp_path, capsys):
   """A smoke sweep of one architecture: every run recorded with the issue's fields, a second start trains
   nothing, and the recorded command (in a fresh workdir) reproduces the final loss to 1e-4."""
   args = [f"--corpus={CORPUS}", "--smoke", "--archs=transformer", "--phase=sweep", f"--out={tmp_path / 'out'}"]
@@ -158,7 +158,7 @@ def test_growth_names_parents_and_compute_ratios():
 
 
 @pytest.mark.slow
-def test_growth_phase_records_a_chain_that_starts_where_its_parent_ended(tmp_path, fast_compiles):
+def test_growth_phase_records_a_chain_that_starts_where_its_parent_ended(tmp_path):
   """The smoke ladder with one recipe: each grown record names its parent, adds its FLOPs to the parent's, and
   (zero_keys, norm scale kept) starts at exactly the parent's final validation loss, moments carried or not."""
   args = parity.argparse.Namespace(corpus=str(CORPUS), smoke=True, out=str(tmp_path / "out"),

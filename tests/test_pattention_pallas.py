@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import NOT_RUN, SMALL, assert_relative_close, initial_params, make_train_step, relative_error, text_batch
+from helpers import SMALL, assert_relative_close, initial_params, make_train_step, relative_error, text_batch
 from test_pattention_lean import output_and_grads, problem
 from tokenformer_jax import plan, sharding
 from tokenformer_jax.config import DataConfig, MeshConfig, ParamTokens, TrainConfig
@@ -22,27 +22,6 @@ from tokenformer_jax.model import LanguageModel, pattention_pallas
 from tokenformer_jax.model.pattention import pattention
 from tokenformer_jax.model.pattention_pallas import fitted_blocks, pallas_pattention, vmem_bytes
 from tokenformer_jax.model.pattention_parallel import tensor_parallel_pattention
-
-# Every program here compiles at LLVM optimisation level 0 (test_sharding's FAST_COMPILE): the interpreted kernels are
-# loops whose machine code level 0 builds in half the time, and these tiny shapes run as fast either way.
-FAST_COMPILE = NOT_RUN
-
-
-def fast(jitted):
-  """A jitted function compiled with FAST_COMPILE, once per argument shapes and dtypes."""
-  compiled = {}
-
-  def call(*args):
-    key = tuple((np.shape(a), getattr(a, "dtype", None)) for a in jax.tree.leaves(args))
-    if key not in compiled:
-      compiled[key] = jitted.lower(*args).compile(FAST_COMPILE)
-    return compiled[key](*args)
-  return call
-
-
-def grads_of(f):
-  return fast(output_and_grads(f))
-
 
 N, N_VALID = 45, 40        # 45 stored rows, 5 of them storage padding
 BLOCK, TOKEN_BLOCK = 16, 6  # 3 parameter blocks (the last one filled) and, over 15 tokens, 3 token blocks
@@ -56,8 +35,8 @@ def test_pallas_equals_plain_in_float32(normalization, approximate, d_in):
   x, keys, values, cotangent = problem(d_in=d_in)   # x [3, 5, d_in]: 15 tokens
   assert (N >= pattention_pallas.GRAM_MIN_RATIO * d_in) == (d_in == 4)
   kwargs = dict(normalization=normalization, n_scale=N_VALID, n_valid=N_VALID, approximate_gelu=approximate)
-  plain = grads_of(functools.partial(pattention, **kwargs))
-  fused = grads_of(functools.partial(pallas_pattention, block=BLOCK, token_block=TOKEN_BLOCK, **kwargs))
+  plain = output_and_grads(functools.partial(pattention, **kwargs))
+  fused = output_and_grads(functools.partial(pallas_pattention, block=BLOCK, token_block=TOKEN_BLOCK, **kwargs))
   want, got = plain(x, keys, values, cotangent), fused(x, keys, values, cotangent)
   for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
     assert relative_error(g, w) <= 1e-5, name
@@ -78,11 +57,11 @@ def test_pallas_in_bfloat16_is_as_close_to_float32_as_plain(normalization):
   # plain's own bf16 error.
   x, keys, values, cotangent = problem(seed=1, n=200, n_valid=200, batch=(2, 8))   # 4 blocks of 64, 3 of 6 tokens
   kwargs = dict(normalization=normalization)
-  plain_kernel = grads_of(functools.partial(pattention, **kwargs))
+  plain_kernel = output_and_grads(functools.partial(pattention, **kwargs))
   exact = plain_kernel(x, keys, values, cotangent)
   x16 = jnp.asarray(x, jnp.bfloat16)
   plain = plain_kernel(x16, keys, values, cotangent)
-  fused = grads_of(functools.partial(pallas_pattention, block=64, token_block=TOKEN_BLOCK, **kwargs))(
+  fused = output_and_grads(functools.partial(pallas_pattention, block=64, token_block=TOKEN_BLOCK, **kwargs))(
       x16, keys, values, cotangent)
   assert fused[0].dtype == jnp.bfloat16 and fused[1].dtype == jnp.bfloat16 and fused[2].dtype == jnp.float32
   for name, g, p, w in zip(("output", "dx", "dK_P", "dV_P"), fused, plain, exact):
@@ -103,8 +82,8 @@ def test_pallas_under_shard_map_tensor_parallelism(normalization):
                                                                 **kwargs),
                      in_shardings=(NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("tensor")),
                                    NamedSharding(mesh, P("tensor"))))
-  want = grads_of(functools.partial(pattention, **kwargs))(x, keys, values, cotangent)
-  got = grads_of(explicit)(x, keys, values, cotangent)
+  want = output_and_grads(functools.partial(pattention, **kwargs))(x, keys, values, cotangent)
+  got = output_and_grads(explicit)(x, keys, values, cotangent)
   for name, g, w in zip(("output", "dx", "dK_P", "dV_P"), got, want):
     assert relative_error(g, w) <= 1e-5, name
 
@@ -164,7 +143,7 @@ def test_a_bfloat16_training_run_tracks_plain():
     cfg = TINY.replace(pattention_kernel=kernel, remat=remat, dtype="bfloat16")
     tx = optax.adamw(3e-3)
     params = initial_params(cfg)
-    opt_state, step, run = tx.init(params), fast(make_train_step(cfg, tx)), []
+    opt_state, step, run = tx.init(params), make_train_step(cfg, tx), []
     for i in range(6):
       params, opt_state, loss = step(params, opt_state, text_batch(2, 33, offset=i * 2 * 33))
       run.append(float(loss))
@@ -181,8 +160,8 @@ def test_a_grown_model_computes_the_same_function_with_the_kernel():
   params = initial_params(old)
   grown = grow(params, old, new, init="zero_keys", rng=jax.random.key(1))
   tokens = text_batch(2, 16)
-  before = fast(jax.jit(LanguageModel(old).apply))({"params": params}, tokens)
-  after = fast(jax.jit(LanguageModel(new).apply))({"params": grown}, tokens)
+  before = jax.jit(LanguageModel(old).apply)({"params": params}, tokens)
+  after = jax.jit(LanguageModel(new).apply)({"params": grown}, tokens)
   assert relative_error(after, before) <= 1e-5
 
 

@@ -67,7 +67,7 @@ def test_ladder_directory_chains_stages_and_the_cli_draws_it(trained_run, tmp_pa
 
 
 @pytest.mark.slow
-def test_every_experiment_runs_in_smoke_mode(tmp_path, fast_compiles):
+def test_every_experiment_runs_in_smoke_mode(tmp_path):
   from experiments import continued_training, growth_pays, theta_ablation, token_cost
   runs, out = tmp_path / "runs", tmp_path / "results"
   growth = growth_pays.run(str(runs), str(out), smoke=True)

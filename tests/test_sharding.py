@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import NOT_RUN, SMALL, assert_relative_close
+from helpers import SMALL, assert_relative_close
 from tokenformer_jax import sharding
 from tokenformer_jax.config import DataConfig, MeshConfig, ParamTokens, TrainConfig
 from tokenformer_jax.model.pattention import pattention
@@ -49,12 +49,6 @@ def mesh_of(shape, preset="dp"):
   return sharding.make_mesh(MeshConfig(*shape, preset=preset), jax.devices()[:int(np.prod(shape))])
 
 
-# The trainer's jitted step, lowered as it is (the same HLO, partitioned by the same SPMD passes), its CPU machine
-# code built at LLVM optimisation level 0, the single-device reference's too: compiling is most of this file's
-# time, level 0 halves it, and one tiny step runs in milliseconds either way.
-FAST_COMPILE = NOT_RUN
-
-
 def run_step(cfg, shape, preset, tx, state=None):
   """One train step of `cfg` on a mesh of `shape`; returns (state before, state after, metrics)."""
   mesh = mesh_of(shape, preset)
@@ -63,7 +57,7 @@ def run_step(cfg, shape, preset, tx, state=None):
   step = steps.make_train_step(cfg, tx, lambda s: 1e-3, shardings, mesh)
   before = jax.device_get(state)
   inputs = batch()
-  new_state, metrics = step.lower(state, inputs).compile(FAST_COMPILE)(state, inputs)
+  new_state, metrics = step.lower(state, inputs).compile()(state, inputs)
   return before, new_state, jax.device_get(metrics)
 
 
@@ -130,7 +124,7 @@ def compiled_peak_bytes(preset, shape=(1, 8, 1)):
   aliased to them + temporaries."""
   cfg = TrainConfig(model=CFG, data=DataConfig(seq_len=16), mesh=MeshConfig(*shape, preset=preset), global_batch=8)
   run = build_run(cfg, jax.devices()[:int(np.prod(shape))])
-  memory = run.train_step.lower(run.abstract, run.abstract_batch()).compile(NOT_RUN).memory_analysis()
+  memory = run.train_step.lower(run.abstract, run.abstract_batch()).compile().memory_analysis()
   return (memory.argument_size_in_bytes, memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
 
@@ -174,8 +168,8 @@ def tp_functions(normalization, reduce="psum"):
 
 
 def collectives(jitted, *args) -> dict[str, int]:
-  """The collectives of the compiled (never run) program; the SPMD partitioner's, whatever NOT_RUN's level."""
-  return dict(collections.Counter(re.findall(COLLECTIVES, jitted.lower(*args).compile(NOT_RUN).as_text())))
+  """The collectives of the compiled (never run) program; the SPMD partitioner's, at whatever optimisation level."""
+  return dict(collections.Counter(re.findall(COLLECTIVES, jitted.lower(*args).compile().as_text())))
 
 
 @pytest.mark.parametrize("normalization", ["l2_norm_gelu", "gelu_l2_norm"])

@@ -81,7 +81,7 @@ def trained_looking():
 
 
 @pytest.mark.parametrize("pooling", ["cls", "gap"])
-def test_attention_is_bidirectional(trained_looking, pooling, fast_compiles):
+def test_attention_is_bidirectional(trained_looking, pooling):
   # The class token comes first: with a causal mask it would see nothing of the image. Changing only the last
   # patch changes every image's logits.
   cfg, params, x = trained_looking
@@ -296,7 +296,7 @@ def test_image_evaluation_equals_numpy_over_the_models_logits(vision_run):
 
 
 @pytest.mark.slow
-def test_grow_verify_eval_and_continue(vision_run, tmp_path, fast_compiles):
+def test_grow_verify_eval_and_continue(vision_run, tmp_path):
   from tokenformer_jax.cli.grow import grow_checkpoint, verify
   from tokenformer_jax.inference import evaluate_images, load_model
   from tokenformer_jax.train.loop import train
