@@ -4,6 +4,8 @@ classifier around them (`network(cfg)` picks the one a config describes: model.v
 The pure functions `pattention` and `normalize_scores` live in `tokenformer_jax.model.pattention` and are not
 re-exported here, so that name keeps meaning the submodule.
 """
+import functools
+
 import flax.linen as nn
 import jax
 
@@ -31,10 +33,17 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 def abstract_params(cfg: ModelConfig) -> dict:
   """Shapes and dtypes of the parameters, computed without allocating them (works for any size)."""
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  return nn.meta.unbox(_boxed_shapes(cfg))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
   """The logical axis names of every parameter, as a tree of PartitionSpecs."""
+  return nn.get_partition_spec(_boxed_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _boxed_shapes(cfg: ModelConfig) -> dict:
+  """The parameters' shapes with their logical axes, from one abstract trace of `init` per config (a run's set-up
+  asks for both, several times; each trace of the model costs a few tenths of a second)."""
   module, example = network(cfg)
-  return nn.get_partition_spec(jax.eval_shape(lambda: module.init(jax.random.key(0), example)))["params"]
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), example))["params"]

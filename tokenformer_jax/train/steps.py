@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from tokenformer_jax import sharding
 from tokenformer_jax.config import ModelConfig
-from tokenformer_jax.model import LanguageModel, VisionModel, init_params, logical_axes
+from tokenformer_jax.model import LanguageModel, VisionModel, abstract_params, init_params, logical_axes
 from tokenformer_jax.train.mixing import Mixing, mix
 from tokenformer_jax.train.optimizer import with_moments
 
@@ -30,13 +30,13 @@ class TrainState:
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, preset: str):
   """(abstract TrainState, TrainState of NamedShardings): parameters and their optimizer moments alike."""
   param_specs = logical_axes(cfg)
-  abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  params = abstract_params(cfg)
+  abstract_opt = jax.eval_shape(tx.init, params)
   opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
                                     transform_non_params=lambda _: P(),
                                     is_leaf=lambda x: isinstance(x, P))
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=abstract_opt)
   return sharding.place_tree(abstract, specs, mesh, preset, cfg)
 
 
