@@ -60,9 +60,10 @@ def optimized_compiles():
   """XLA's optimisations back on, as long as the test runs: for a test that trains hundreds of steps (the rest of
   the suite compiles at -O0, above)."""
   import jax
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   yield
-  jax.config.update("jax_disable_most_optimizations", True)
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 # The files whose tests each take over a minute (long runs of several processes, whole ladders and studies in
